@@ -1,0 +1,164 @@
+"""The Python entry points: generate an image latent on a cluster, or on one process."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .cluster import ClusterSpec
+from .errors import PlanError
+from .models.spec import ModelSpec, batched_conditioning, build_model, make_conditioning
+from .planner import Plan, make_plan
+from .report import RunReport
+from .runtime.messages import GenerateJob, MeasureJob
+from .runtime.pool import get_pool
+from .sampling.band_loop import LoopSchedule, run_band
+from .sampling.noise import FullLatentNoise
+from .sampling.samplers import make_sampler
+from .sampling.schedule import DiscreteSchedule
+
+LATENT_CHANNELS = 4
+
+
+@dataclass
+class GenerateResult:
+    latent: torch.Tensor  # (B, C, H, W), the stitched bands
+    report: RunReport
+
+
+def _as_cluster(cluster: ClusterSpec | str | None) -> ClusterSpec:
+    if cluster is None:
+        return ClusterSpec.parse("cuda*%d" % torch.cuda.device_count()) if torch.cuda.device_count() else ClusterSpec.cpu(2)
+    if isinstance(cluster, str):
+        return ClusterSpec.parse(cluster)
+    return cluster
+
+
+def _model_info(spec: ModelSpec):
+    """Alignment and conditioning need the model's config, not its weights on a device."""
+    model = build_model(spec, "cpu")
+    return model, spec.adapter.alignment(model)
+
+
+def plan_for(spec: ModelSpec, cluster: ClusterSpec, *, height: int, steps: int, sampler: str,
+             mode: str, warmup: int, strides, align: int | None = None) -> Plan:
+    model, model_align = _model_info(spec)
+    cluster.validate_available()
+    active = cluster.active()
+    return make_plan(height, [d.planning_speed() for d in active], devices=[d.name for d in active],
+                     align=align or model_align, steps=steps, warmup=warmup, mode=mode, strides=strides,
+                     sampler=sampler)
+
+
+def generate(
+    model: ModelSpec | None = None,
+    cluster: ClusterSpec | str | None = None,
+    *,
+    height: int = 32,
+    width: int = 32,
+    batch: int = 1,
+    steps: int = 8,
+    sampler: str = "euler",
+    scheduler: str = "karras",
+    cfg: float = 5.0,
+    seed: int = 0,
+    mode: str = "displaced",
+    warmup: int = 2,
+    strides: str | Sequence[int] = "auto",
+    align: int | None = None,
+    stall_timeout_s: float = 60.0,
+    on_step: Callable[[int, dict], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> GenerateResult:
+    """Denoise a ``batch x 4 x height x width`` latent with one band per active device.
+
+    ``height``/``width`` are latent rows/columns (image pixels / 8). Bands are sized by each
+    device's planning speed (measured capability, manual override, or emulated slowdown).
+    """
+    spec = model or ModelSpec()
+    cluster = _as_cluster(cluster)
+    make_sampler(sampler)  # unknown samplers fail before any process starts
+    ref_model, model_align = _model_info(spec)
+    if width % (align or model_align):
+        raise PlanError(f"latent width {width} is not a multiple of {align or model_align}: "
+                        f"use an image width that is a multiple of {8 * (align or model_align)} px")
+    plan = plan_for(spec, cluster, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
+                    strides=strides, align=align)
+    sigmas = DiscreteSchedule().sigmas_for(scheduler, steps)
+    conditioning = make_conditioning(spec, ref_model, batch, seed)
+    del ref_model
+    by_name = {d.name: d for d in cluster.active()}
+    devices = [b.device for b in plan.bands]
+    pool = get_pool(devices, cluster.resolved_backend())
+    shape = (batch, LATENT_CHANNELS, height, width)
+    cond_np = {part: {k: v.numpy() for k, v in d.items()} for part, d in conditioning.items()}
+
+    def make_job(job_id: int, rank: int | None = None) -> GenerateJob:
+        return GenerateJob(job_id=job_id, model=spec.to_dict(), plan=plan.to_dict(), sampler=sampler,
+                           sigmas=sigmas, cfg=cfg, seed=seed, latent_shape=shape, conditioning=cond_np)
+
+    slowdowns = [by_name[d].slowdown for d in devices]
+    t0 = time.perf_counter()
+    results = pool.run(lambda job_id: make_job(job_id), stall_timeout_s=stall_timeout_s, on_step=on_step,
+                       should_cancel=should_cancel, per_rank=lambda job, rank: _with_slowdown(job, slowdowns[rank]))
+    wall = time.perf_counter() - t0
+    bands = [torch.from_numpy(results[r].band) for r in range(plan.world_size)]
+    checksums = {r: results[r].info.get("weights_checksum") for r in results}
+    report = RunReport.from_results(plan, [results[r].timings for r in range(plan.world_size)], wall,
+                                    slowdowns=slowdowns, pool_pids=pool.pids(), checksums=checksums)
+    return GenerateResult(torch.cat(bands, dim=2), report)
+
+
+def _with_slowdown(job, slowdown: float):
+    job.slowdown = slowdown
+    return job
+
+
+def reference_generate(
+    model: ModelSpec | None = None,
+    *,
+    height: int = 32,
+    width: int = 32,
+    batch: int = 1,
+    steps: int = 8,
+    sampler: str = "euler",
+    scheduler: str = "karras",
+    cfg: float = 5.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The single-process result with the unmodified model: the oracle exact mode must match."""
+    spec = model or ModelSpec()
+    net_model = build_model(spec, "cpu")
+    conditioning = make_conditioning(spec, net_model, batch, seed)
+    cond = batched_conditioning(conditioning, cfg, "cpu", torch.float32)
+    forward = spec.adapter.forward
+
+    def network(x_in, t, phase):
+        ts = torch.full((x_in.shape[0],), t, dtype=torch.float32)
+        return forward(net_model, x_in, ts, cond)
+
+    with torch.inference_mode():
+        x, _ = run_band(network, sigmas=DiscreteSchedule().sigmas_for(scheduler, steps), sampler=sampler, cfg=cfg,
+                        noise=FullLatentNoise(seed, (batch, LATENT_CHANNELS, height, width)), rows=slice(None),
+                        schedule=LoopSchedule(steps=steps), sigma_to_t=DiscreteSchedule().sigma_to_t)
+    return x
+
+
+def profile(model: ModelSpec | None, cluster: ClusterSpec | str | None, *, rows: int, width: int, batch: int = 1,
+            repeats: int = 3) -> ClusterSpec:
+    """Measure each device's capability (rows/s of one network call on a ``rows``-row band)."""
+    spec = model or ModelSpec()
+    cluster = _as_cluster(cluster)
+    cluster.validate_available()
+    active = cluster.active()
+    devices = [d.name for d in active]
+    pool = get_pool(devices, cluster.resolved_backend())
+    slowdowns = [d.slowdown for d in active]
+    results = pool.run(lambda job_id: MeasureJob(job_id, spec.to_dict(), rows, width, batch, repeats),
+                       per_rank=lambda job, rank: _with_slowdown(job, slowdowns[rank]))
+    caps = {devices[r]: res.rows / res.seconds_per_eval for r, res in results.items()}
+    return cluster.with_capabilities(caps)

@@ -1,0 +1,117 @@
+"""What model to run, in a form that crosses process boundaries, and the family registry.
+
+A worker rebuilds the model from its ``ModelSpec``: a named tiny config or a config
+dict initialised from a seed (tests, the default demo), or a local diffusers folder.
+Adding a family is one module with ``build / alignment / forward / patch_attention``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from types import ModuleType
+
+import torch
+
+from ..errors import UnsupportedError
+from . import diffusers_unet
+
+FAMILIES: dict[str, ModuleType] = {diffusers_unet.FAMILY: diffusers_unet}
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str = diffusers_unet.FAMILY
+    config: str | dict = "tiny-sd15"  # a name from the family's TINY_CONFIGS or a config dict
+    seed: int = 0  # initialisation seed for random-weight models
+    path: str | None = None  # a local diffusers model folder; overrides config/seed
+    dtype: str = "float32"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise UnsupportedError(f"unknown model family {self.family!r}: known are {', '.join(FAMILIES)}")
+        if self.dtype not in DTYPES:
+            raise UnsupportedError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if isinstance(self.config, str) and self.path is None:
+            tiny = getattr(FAMILIES[self.family], "TINY_CONFIGS", {})
+            if self.config not in tiny:
+                raise UnsupportedError(f"unknown model config {self.config!r}: use one of {', '.join(tiny)}")
+
+    def key(self) -> str:
+        """Identity for caching a built model in a warm worker."""
+        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        return cls(**d)
+
+    @property
+    def adapter(self) -> ModuleType:
+        return FAMILIES[self.family]
+
+    def resolved_config(self) -> dict:
+        if isinstance(self.config, dict):
+            return dict(self.config)
+        return dict(self.adapter.TINY_CONFIGS[self.config])
+
+
+def family_adapter(spec: ModelSpec) -> ModuleType:
+    return spec.adapter
+
+
+def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model in eval mode on ``device``; identical weights in every process for a seed."""
+    adapter = spec.adapter
+    if spec.path is not None:
+        model = adapter.load(spec.path)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            model = adapter.build(spec.resolved_config())
+    return model.to(device=device, dtype=DTYPES[spec.dtype]).eval().requires_grad_(False)
+
+
+def weights_checksum(model: torch.nn.Module) -> float:
+    """A cheap fingerprint to confirm every rank built the same weights."""
+    total = 0.0
+    for i, p in enumerate(model.state_dict().values()):
+        if p.is_floating_point():
+            total += float(p.double().sum()) * (1 + (i % 7))
+    return total
+
+
+def make_conditioning(spec: ModelSpec, model: torch.nn.Module, batch: int, seed: int, tokens: int = 8) -> dict:
+    """Deterministic stand-in prompt embeddings (cond, uncond) for text-encoder-free runs.
+
+    The tiny default models have no text encoder; their "prompt" is a fixed random
+    embedding drawn from ``seed`` so runs are reproducible and CFG is exercised.
+    """
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed)
+    ctx_dim = cfg.cross_attention_dim
+    cond = {"context": torch.randn(batch, tokens, ctx_dim, generator=gen)}
+    uncond = {"context": torch.randn(batch, tokens, ctx_dim, generator=gen) * 0.1}
+    pooled = spec.adapter.added_cond_dim(model)
+    if pooled is not None:
+        size = [float(cfg.sample_size * 8)] * 2
+        time_ids = torch.tensor([size + [0.0, 0.0] + size] * batch)
+        cond.update(text_embeds=torch.randn(batch, pooled, generator=gen), time_ids=time_ids)
+        uncond.update(text_embeds=torch.zeros(batch, pooled), time_ids=time_ids)
+    return {"cond": cond, "uncond": uncond}
+
+
+def batched_conditioning(conditioning: dict, cfg: float, device, dtype) -> dict:
+    """[uncond; cond] concatenated as the network sees it under CFG (cond alone at cfg 1)."""
+    cond, uncond = conditioning["cond"], conditioning["uncond"]
+    keys = cond.keys()
+    if cfg == 1.0:
+        return {k: cond[k].to(device=device, dtype=dtype) for k in keys}
+    return {k: torch.cat([uncond[k], cond[k]]).to(device=device, dtype=dtype) for k in keys}

@@ -1,0 +1,214 @@
+"""The exchange manager shared by every patch-parallel layer of one rank.
+
+Layers hand it their fresh local data and get back the whole image's context.
+How fresh that context is depends on the phase of the current network call:
+
+* ``FRESH``   – a blocking all-gather: every band is current (exact mode, warmup,
+  the first call after a plan change).
+* ``REFRESH`` – displaced sync step: the layer gets the stored (stale) context of
+  the other bands at once, and an asynchronous all-gather of the fresh data is
+  started; it becomes the stored context when the call ends.
+* ``STALE``   – displaced non-sync step: the stored context, no communication.
+
+The manager keeps the math out of the communication and the communication out of
+the math, as distrifuser's PatchParallelismCommManager does, but allows unequal
+bands: all-gathers are padded to the largest band and trimmed.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UnsupportedError, WorkerTimeout
+
+
+class Phase(enum.Enum):
+    FRESH = "fresh"
+    REFRESH = "refresh"
+    STALE = "stale"
+
+
+@dataclass
+class _Pending:
+    key: tuple
+    work: object
+    gathered: list
+    sizes: list
+    dim: int
+
+
+@dataclass
+class CallStats:
+    """What one network call spent waiting on other ranks."""
+
+    comm_wait_s: float = 0.0
+    exchanges: int = 0
+    bytes_sent: int = 0
+
+
+class BandContext:
+    """Per-rank view of the band layout plus the context buffers of every layer."""
+
+    def __init__(
+        self,
+        rows: Sequence[int],
+        rank: int,
+        group=None,
+        timeout_s: float = 120.0,
+    ):
+        self.rows = list(rows)
+        self.rank = rank
+        self.world_size = len(self.rows)
+        self.group = group
+        self.timeout = timedelta(seconds=timeout_s)
+        self.phase = Phase.FRESH
+        self._buffers: dict[tuple, list[torch.Tensor]] = {}
+        self._pending: list[_Pending] = []
+        self._calls_seen: dict[int, int] = {}
+        self.stats = CallStats()
+        self.local_only = False  # measure a band alone: no exchange, image-border context
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside a world of {self.world_size}")
+
+    # -- lifecycle of one network call -------------------------------------------------
+    def begin_call(self, phase: Phase) -> None:
+        if phase is not Phase.FRESH and not self._buffers and self.world_size > 1:
+            raise RuntimeError("displaced context used before any synchronous step filled it")
+        self.phase = phase
+        self._calls_seen.clear()
+        self.stats = CallStats()
+
+    def end_call(self) -> CallStats:
+        """Wait for the asynchronous refreshes of this call and store them."""
+        t0 = time.perf_counter()
+        for p in self._pending:
+            _wait(p.work, self.timeout)
+            self._buffers[p.key] = _trim(p.gathered, p.sizes, p.dim)
+        self._pending.clear()
+        self.stats.comm_wait_s += time.perf_counter() - t0
+        return self.stats
+
+    def reset(self, rows: Sequence[int] | None = None) -> None:
+        """Forget every buffer (a new plan or a new run)."""
+        if self._pending:
+            self.end_call()
+        if rows is not None:
+            if len(rows) != self.world_size:
+                raise ValueError("a re-plan cannot change the number of ranks")
+            self.rows = list(rows)
+        self._buffers.clear()
+
+    # -- geometry ----------------------------------------------------------------------
+    def sizes_like(self, local_size: int) -> list[int]:
+        """Every rank's extent along a band-proportional dimension, from ours."""
+        mine = self.rows[self.rank]
+        sizes = []
+        for r in self.rows:
+            num = local_size * r
+            if num % mine:
+                raise UnsupportedError(
+                    f"band of {mine} latent rows maps to {local_size} rows/tokens at some layer, "
+                    f"which does not divide evenly between bands of {self.rows}: "
+                    "the model downsamples more than the plan's row alignment allows"
+                )
+            sizes.append(num // mine)
+        return sizes
+
+    # -- the one exchange primitive ------------------------------------------------------
+    def exchange(self, layer_id: int, local: torch.Tensor, dim: int, sizes: Sequence[int]) -> list[torch.Tensor]:
+        """All ranks' tensors along ``dim`` (rank order), ours always fresh."""
+        if self.world_size == 1 or self.local_only:
+            return [local]
+        n = self._calls_seen.get(layer_id, 0)
+        self._calls_seen[layer_id] = n + 1
+        key = (layer_id, n)
+        if self.phase is Phase.FRESH:
+            t0 = time.perf_counter()
+            gathered = self._all_gather(local, dim, sizes, async_op=False)[0]
+            self.stats.comm_wait_s += time.perf_counter() - t0
+            parts = _trim(gathered, sizes, dim)
+            self._buffers[key] = parts
+            return parts
+        stored = self._buffers.get(key)
+        if stored is None:
+            raise RuntimeError(f"no stored context for layer {layer_id}: the displaced schedule is out of step")
+        parts = list(stored)
+        parts[self.rank] = local
+        if self.phase is Phase.REFRESH:
+            gathered, work = self._all_gather(local, dim, sizes, async_op=True)
+            self._pending.append(_Pending(key, work, gathered, list(sizes), dim))
+        return parts
+
+    def _all_gather(self, local: torch.Tensor, dim: int, sizes: Sequence[int], async_op: bool):
+        biggest = max(sizes)
+        send = local.detach()
+        if send.shape[dim] != biggest:
+            pad_shape = list(send.shape)
+            pad_shape[dim] = biggest - send.shape[dim]
+            send = torch.cat([send, send.new_zeros(pad_shape)], dim=dim)
+        send = send.contiguous()
+        gathered = [torch.empty_like(send) for _ in range(self.world_size)]
+        self.stats.exchanges += 1
+        self.stats.bytes_sent += send.numel() * send.element_size()
+        work = dist.all_gather(gathered, send, group=self.group, async_op=async_op)
+        return gathered, work
+
+    # -- helpers the layers use ------------------------------------------------------------
+    def halo(self, layer_id: int, x: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``pad`` above and below our band (zeros at the image border), from the neighbours."""
+        if x.shape[2] < pad:
+            raise UnsupportedError(f"band of {x.shape[2]} rows is thinner than a {pad}-row halo")
+        zeros = x.new_zeros(x.shape[0], x.shape[1], pad, x.shape[3])
+        if self.world_size == 1 or self.local_only:
+            return zeros, zeros
+        edge = torch.cat([x[:, :, :pad], x[:, :, -pad:]], dim=2)
+        parts = self.exchange(layer_id, edge, 2, [2 * pad] * self.world_size)
+        top = parts[self.rank - 1][:, :, pad:] if self.rank > 0 else zeros
+        bottom = parts[self.rank + 1][:, :, :pad] if self.rank < self.world_size - 1 else zeros
+        return top.to(x.dtype), bottom.to(x.dtype)
+
+    def whole_tokens(self, layer_id: int, tokens: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Concatenate every band's tokens (row-major bands are contiguous token runs)."""
+        if self.world_size == 1 or self.local_only:
+            return tokens
+        sizes = self.sizes_like(tokens.shape[dim])
+        return torch.cat(self.exchange(layer_id, tokens, dim, sizes), dim=dim)
+
+    def group_moments(self, layer_id: int, mean: torch.Tensor, m2: torch.Tensor, count: int):
+        """Global (mean, biased variance) per group from every band's local moments.
+
+        Chan's parallel merge: each band contributes its count, mean and sum of squared
+        deviations, so bands of different heights are weighted by their rows and the
+        result equals the whole-image statistics up to float rounding.
+        """
+        if self.world_size == 1 or self.local_only:
+            return mean, m2 / count
+        parts = self.exchange(layer_id, torch.stack([mean, m2]), 0, [2] * self.world_size)
+        counts = self.sizes_like(count)
+        total = float(sum(counts))
+        means = torch.stack([p[0] for p in parts])
+        m2s = torch.stack([p[1] for p in parts])
+        w = torch.tensor(counts, dtype=means.dtype, device=means.device).view(-1, *([1] * mean.dim()))
+        g_mean = (means * w).sum(0) / total
+        g_m2 = (m2s + w * (means - g_mean) ** 2).sum(0)
+        return g_mean, g_m2 / total
+
+
+def _trim(gathered: list[torch.Tensor], sizes: Sequence[int], dim: int) -> list[torch.Tensor]:
+    return [g.narrow(dim, 0, s) for g, s in zip(gathered, sizes)]
+
+
+def _wait(work, timeout: timedelta) -> None:
+    try:
+        ok = work.wait(timeout)
+    except RuntimeError as exc:  # gloo raises on timeout or on a dead peer
+        raise WorkerTimeout(f"context exchange with another rank failed: {exc}") from exc
+    if ok is False:
+        raise WorkerTimeout(f"context exchange did not finish within {timeout.total_seconds():.0f} s")

@@ -1,0 +1,35 @@
+"""Turn a model into its patch-parallel form, in place, on a copy the caller owns."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+from .context import BandContext
+from .layers import PatchConv2d, PatchGroupNorm
+
+# An attention adapter patches a family's self-attention modules; it gets the model,
+# the context and a function handing out fresh layer ids, and returns how many it patched.
+AttentionAdapter = Callable[[nn.Module, BandContext, Callable[[], int]], int]
+
+
+def make_patch_parallel(model: nn.Module, ctx: BandContext, attention: AttentionAdapter | None = None) -> dict:
+    """Wrap every context-needing layer of ``model``; returns counts per layer kind.
+
+    Convs whose kernel is 1 row tall and per-token layers need no context and stay.
+    """
+    counter = iter(range(1 << 30))
+    next_id = lambda: next(counter)  # noqa: E731 - a tiny id source shared with adapters
+    counts = {"conv": 0, "groupnorm": 0, "attention": 0}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Conv2d) and child.kernel_size[0] > 1:
+                setattr(parent, name, PatchConv2d(child, ctx, next_id()))
+                counts["conv"] += 1
+            elif isinstance(child, nn.GroupNorm):
+                setattr(parent, name, PatchGroupNorm(child, ctx, next_id()))
+                counts["groupnorm"] += 1
+    if attention is not None:
+        counts["attention"] = attention(model, ctx, next_id)
+    return counts

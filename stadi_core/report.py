@@ -1,0 +1,71 @@
+"""What a run did and what it cost, per rank: the data behind the balance tables and the UI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .planner import Plan
+
+
+@dataclass
+class RankSummary:
+    rank: int
+    device: str
+    rows: int
+    stride: int
+    evals: int
+    busy_s: float  # network compute (with any emulated pad), excluding waits on other ranks
+    comm_s: float  # blocked in exchanges
+    wall_s: float  # the rank's whole loop
+
+    @property
+    def idle_pct(self) -> float:
+        """Share of the run this rank was not computing (waiting, or done early)."""
+        return 100.0 * max(0.0, 1.0 - self.busy_s / self.wall_s) if self.wall_s > 0 else 0.0
+
+
+@dataclass
+class RunReport:
+    plan: dict
+    wall_s: float
+    ranks: list[RankSummary]
+    steps: list[list[dict]] = field(default_factory=list)  # per rank, per step StepTiming dicts
+    notes: list[str] = field(default_factory=list)
+    slowdowns: list[float] = field(default_factory=list)
+    pool_pids: list[int] = field(default_factory=list)
+    checksums: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_results(cls, plan: Plan, timings: list[list[dict]], wall_s: float, *, slowdowns=(), pool_pids=(),
+                     checksums=None) -> "RunReport":
+        ranks = []
+        for band, steps in zip(plan.bands, timings):
+            ranks.append(RankSummary(
+                rank=band.rank, device=band.device, rows=band.rows, stride=band.stride,
+                evals=sum(1 for s in steps if s["computed"]),
+                busy_s=sum(s["busy_s"] for s in steps), comm_s=sum(s["comm_s"] for s in steps),
+                wall_s=wall_s,
+            ))
+        notes = list(plan.notes)
+        if any(s > 1 for s in slowdowns):
+            notes.append("slowdowns are emulated (compute padded to budget): " +
+                         ", ".join(f"{b.device} x{s:g}" for b, s in zip(plan.bands, slowdowns)))
+        return cls(plan=plan.to_dict(), wall_s=wall_s, ranks=ranks, steps=timings, notes=notes,
+                   slowdowns=list(slowdowns), pool_pids=list(pool_pids), checksums=dict(checksums or {}))
+
+    def to_dict(self) -> dict:
+        return {
+            "plan": self.plan, "wall_s": self.wall_s, "notes": self.notes, "slowdowns": self.slowdowns,
+            "ranks": [dict(r.__dict__, idle_pct=r.idle_pct) for r in self.ranks],
+            "steps": self.steps,
+        }
+
+    def table(self) -> str:
+        lines = [f"{'rank':>4} {'device':<8} {'rows':>5} {'stride':>6} {'evals':>5} {'busy s':>8} "
+                 f"{'comm s':>8} {'idle %':>7}"]
+        for r in self.ranks:
+            lines.append(f"{r.rank:>4} {r.device:<8} {r.rows:>5} {r.stride:>6} {r.evals:>5} {r.busy_s:>8.3f} "
+                         f"{r.comm_s:>8.3f} {r.idle_pct:>7.1f}")
+        lines.append(f"wall {self.wall_s:.3f} s")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""Types for everything that crosses the coordinator <-> worker boundary.
+
+Plain dataclasses of builtins and numpy arrays, so they pickle the same over a pipe,
+a TCPStore or a socket to another machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class WorkerInit:
+    rank: int
+    world_size: int
+    device: str  # "cpu:N" or "cuda:N" as the coordinator sees it
+    backend: str
+    store_host: str
+    store_port: int
+    store_prefix: str
+    parent_pid: int
+    threads: int
+    timeout_s: float
+    heartbeat_s: float = 1.0
+
+
+@dataclass
+class Ready:
+    rank: int
+    pid: int
+    device_name: str
+
+
+@dataclass
+class GenerateJob:
+    """Denoise one band: everything a rank needs, the same object sent to every rank."""
+
+    job_id: int
+    model: dict  # ModelSpec.to_dict()
+    plan: dict  # Plan.to_dict()
+    sampler: str
+    sigmas: list
+    cfg: float
+    seed: int
+    latent_shape: tuple  # (B, C, H, W) of the whole latent
+    conditioning: dict  # {"cond": {name: ndarray}, "uncond": {...}}
+    slowdown: float = 1.0
+
+
+@dataclass
+class MeasureJob:
+    """Time the network on a band of ``rows`` rows, alone (no exchange)."""
+
+    job_id: int
+    model: dict
+    rows: int
+    width: int
+    batch: int
+    repeats: int = 3
+    slowdown: float = 1.0
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+@dataclass
+class Heartbeat:
+    rank: int
+    job_id: int | None
+
+
+@dataclass
+class StepReport:
+    job_id: int
+    rank: int
+    timing: dict  # StepTiming.to_dict()
+
+
+@dataclass
+class BandResult:
+    job_id: int
+    rank: int
+    band: np.ndarray
+    timings: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class MeasureResult:
+    job_id: int
+    rank: int
+    seconds_per_eval: float
+    rows: int
+
+
+@dataclass
+class Cancelled:
+    job_id: int
+    rank: int
+    step: int
+
+
+@dataclass
+class WorkerFailure:
+    job_id: int | None
+    rank: int
+    message: str
+    traceback: str

@@ -1,0 +1,116 @@
+"""One rank's denoising loop over its band, with stride reuse.
+
+The same loop runs the single-process reference (one band = the whole latent), so the
+only difference between the two is the network call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..parallel.context import Phase
+from .noise import FullLatentNoise
+from .samplers import make_sampler
+
+# network(x_scaled, t, phase) -> raw output for the rows of x (batch doubled under CFG)
+Network = Callable[[torch.Tensor, float, Phase], torch.Tensor]
+
+
+@dataclass
+class StepTiming:
+    """What one base step cost this rank (seconds)."""
+
+    step: int
+    computed: bool
+    phase: str
+    busy_s: float
+    comm_s: float
+    wall_s: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class LoopSchedule:
+    """When this rank evaluates the network and how fresh the context is then."""
+
+    steps: int
+    warmup: int = 0
+    stride: int = 1
+    sync_period: int = 1
+    exact: bool = True
+
+    def computes(self, t: int) -> bool:
+        return t < self.warmup or (t - self.warmup) % self.stride == 0
+
+    def phase(self, t: int) -> Phase:
+        if self.exact or t < self.warmup:
+            return Phase.FRESH
+        if (t - self.warmup) % self.sync_period == 0:
+            return Phase.REFRESH
+        return Phase.STALE
+
+
+def cfg_combine(raw: torch.Tensor, cfg: float, batch: int) -> torch.Tensor:
+    """Raw output for [uncond; cond] (or cond alone when cfg == 1) -> guided epsilon."""
+    if raw.shape[0] == batch:
+        return raw
+    uncond, cond = raw[:batch], raw[batch:]
+    return uncond + cfg * (cond - uncond)
+
+
+def run_band(
+    network: Network,
+    *,
+    sigmas: list[float],
+    sampler: str,
+    cfg: float,
+    noise: FullLatentNoise,
+    rows: slice,
+    schedule: LoopSchedule,
+    sigma_to_t: Callable[[float], float],
+    on_step: Callable[[StepTiming], None] | None = None,
+    before_sync_step: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, list[StepTiming]]:
+    """Denoise rows ``rows`` of the latent from noise; returns (band latent, per-step timings)."""
+    solver = make_sampler(sampler)
+    batch = noise.shape[0]
+    x = noise.initial(rows) * sigmas[0]
+    use_cfg = cfg != 1.0
+    last_raw = None
+    timings: list[StepTiming] = []
+    for i in range(len(sigmas) - 1):
+        t0 = time.perf_counter()
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        if before_sync_step is not None and schedule.phase(i) is not Phase.STALE:
+            before_sync_step(i)  # every rank reaches sync steps, so they can agree on a cancel here
+        computed = schedule.computes(i) or last_raw is None
+        phase = schedule.phase(i)
+        busy = comm = 0.0
+        if computed:
+            x_in = x / (sigma**2 + 1) ** 0.5
+            if use_cfg:
+                x_in = torch.cat([x_in, x_in])
+            c0 = time.perf_counter()
+            last_raw, comm = _timed_call(network, x_in, sigma_to_t(sigma), phase)
+            busy = time.perf_counter() - c0 - comm
+        eps = cfg_combine(last_raw.float(), cfg, batch)
+        denoised = x - eps * sigma
+        x = solver.step(i, x, denoised, sigma, sigma_next, lambda k: noise.step(k, rows))
+        timing = StepTiming(i, computed, phase.value, busy, comm, time.perf_counter() - t0)
+        timings.append(timing)
+        if on_step is not None:
+            on_step(timing)
+    return x, timings
+
+
+def _timed_call(network: Network, x_in, t, phase):
+    out = network(x_in, t, phase)
+    if isinstance(out, tuple):  # (raw, comm seconds) from a parallel network
+        return out
+    return out, 0.0
