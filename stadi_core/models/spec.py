@@ -76,7 +76,10 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> torch.nn
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             model = adapter.build(spec.resolved_config())
-    return model.to(device=device, dtype=DTYPES[spec.dtype]).eval().requires_grad_(False)
+    model = model.to(device=device)
+    if DTYPES[spec.dtype] is not torch.float32:
+        model = model.to(dtype=DTYPES[spec.dtype])
+    return model.eval().requires_grad_(False)
 
 
 def weights_checksum(model: torch.nn.Module) -> float:

@@ -237,8 +237,9 @@ def get_pool(devices: Sequence[str], backend: str, **kw) -> WorkerPool:
             return pool
         if pool is not None:
             pool.close(force=True)
-        for other_key in [k for k, p in _POOLS.items() if set(k[0]) & set(devices)]:
-            _POOLS.pop(other_key).close()  # a device belongs to one pool at a time
+        gpus = {d for d in devices if d.startswith("cuda")}
+        for other_key in [k for k in _POOLS if gpus & set(k[0])]:
+            _POOLS.pop(other_key).close()  # a GPU belongs to one pool at a time (its memory)
         pool = WorkerPool(devices, backend, **kw).start()
         _POOLS[key] = pool
         return pool

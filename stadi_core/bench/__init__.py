@@ -1,0 +1,1 @@
+"""Benchmark scripts: they print tables; nothing here is a test."""

@@ -1,0 +1,155 @@
+"""Workers that die, hang or get interrupted, and input that cannot be planned.
+
+Every failure must surface as a clear error within its deadline, never a hang, and
+the next run must work.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from helpers import cpu_cluster
+from stadi_core.api import generate
+from stadi_core.errors import PlanError, UnsupportedError, WorkerError, WorkerTimeout
+from stadi_core.models.spec import ModelSpec
+from stadi_core.runtime.pool import JobCancelledError, get_pool
+
+KW = dict(height=40, width=32, batch=1, steps=12, cfg=2.0, sampler="euler", mode="exact")
+
+
+def _pool_pids(cluster):
+    return get_pool([d.name for d in cluster.active()], cluster.resolved_backend()).pids()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line for line in f)
+    except FileNotFoundError:
+        return True
+
+
+def test_killed_worker_raises_within_30s_and_next_run_works():
+    cluster = cpu_cluster(1.0, 1.0)
+    generate(ModelSpec(), cluster, **dict(KW, steps=2))  # warm pool
+    pids = _pool_pids(cluster)
+    killed = []
+
+    def kill_rank1(rank, timing):
+        if rank == 0 and timing["step"] == 2 and not killed:
+            os.kill(pids[1], signal.SIGKILL)
+            killed.append(time.monotonic())
+
+    with pytest.raises(WorkerError, match=r"rank 1 .*SIGKILL") as err:
+        generate(ModelSpec(), cluster, on_step=kill_rank1, **KW)
+    assert killed and time.monotonic() - killed[0] < 30
+    assert "fresh pool" in str(err.value)
+    for pid in pids:  # the survivor was stopped too, not left in a collective
+        deadline = time.monotonic() + 10
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(pid), f"worker {pid} outlived the failed run"
+    res = generate(ModelSpec(), cluster, **dict(KW, steps=2))
+    assert res.latent.shape == (1, 4, 40, 32)
+    assert set(res.report.pool_pids).isdisjoint(pids)
+
+
+def test_frozen_worker_is_detected_by_heartbeat_timeout():
+    cluster = cpu_cluster(1.0, 1.0)
+    generate(ModelSpec(), cluster, **dict(KW, steps=2))
+    pids = _pool_pids(cluster)
+    stopped = []
+
+    def freeze_rank0(rank, timing):
+        if rank == 1 and timing["step"] == 1 and not stopped:
+            os.kill(pids[0], signal.SIGSTOP)
+            stopped.append(time.monotonic())
+
+    try:
+        with pytest.raises(WorkerTimeout, match=r"sent nothing for 3 s"):
+            generate(ModelSpec(), cluster, on_step=freeze_rank0, stall_timeout_s=3, **KW)
+        assert time.monotonic() - stopped[0] < 30
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+def test_cancel_stops_all_ranks_at_one_step_and_pool_survives():
+    cluster = cpu_cluster(1.0, 1.0)
+    generate(ModelSpec(), cluster, **dict(KW, steps=2))
+    pids = _pool_pids(cluster)
+    seen = []
+    with pytest.raises(JobCancelledError, match="interrupted at step"):
+        generate(ModelSpec(), cluster, on_step=lambda r, t: seen.append(t["step"]),
+                 should_cancel=lambda: len(seen) >= 4, **KW)
+    assert max(seen) < KW["steps"] - 1
+    res = generate(ModelSpec(), cluster, **dict(KW, steps=2))
+    assert res.report.pool_pids == pids  # same warm workers
+
+
+def test_no_worker_outlives_a_killed_parent(tmp_path):
+    script = textwrap.dedent("""
+        import sys, time
+        from stadi_core.runtime.pool import get_pool
+        if __name__ == "__main__":
+            pool = get_pool(["cpu:0", "cpu:1"], "gloo")
+            print(" ".join(map(str, pool.pids())), flush=True)
+            time.sleep(600)
+    """)
+    path = tmp_path / "parent.py"
+    path.write_text(script)
+    parent = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = parent.stdout.readline()
+        pids = [int(p) for p in line.split()]
+        assert len(pids) == 2, f"parent printed {line!r}"
+        assert not any(_gone(p) for p in pids)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 15
+        while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(_gone(p) for p in pids), "a worker outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+# -- bad input: each refused before any process starts, with the fix in the message ---------
+
+@pytest.mark.parametrize("kwargs,cluster,error,words", [
+    (dict(height=44), "cpu*2", PlanError, "multiple of 64 px"),
+    (dict(height=16), "cpu*3", PlanError, "at most 2 devices"),
+    (dict(width=36), "cpu*2", PlanError, "width"),
+    (dict(), "gpu:0,cpu:1", PlanError, "gpu:0"),
+    (dict(), "cpu:0,cpu:0", PlanError, "listed twice"),
+    (dict(), "cuda:7", PlanError, "cuda:7 does not exist"),
+    (dict(strides=(1, 0)), "cpu*2", PlanError, "stride"),
+    (dict(warmup=20, steps=8), "cpu*2", PlanError, "lower warmup to at most 8"),
+    (dict(sampler="heun"), "cpu*2", UnsupportedError, "use one of euler"),
+    (dict(mode="fast"), "cpu*2", PlanError, "mode"),
+])
+def test_bad_input_is_refused_with_the_fix(kwargs, cluster, error, words):
+    args = dict(height=40, width=32, steps=8)
+    args.update(kwargs)
+    t0 = time.monotonic()
+    with pytest.raises(error) as err:
+        generate(ModelSpec(), cluster, **args)
+    assert words.lower() in str(err.value).lower(), str(err.value)
+    assert time.monotonic() - t0 < 10
+
+
+def test_strides_with_a_multi_evaluation_sampler_are_refused():
+    from stadi_core.planner import make_plan
+
+    with pytest.raises(UnsupportedError, match="strides off"):
+        make_plan(64, [1.0, 0.5], steps=10, sampler="heun", strides=(1, 2))
