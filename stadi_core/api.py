@@ -19,9 +19,7 @@ from .runtime.pool import get_pool
 from .sampling.band_loop import LoopSchedule, run_band
 from .sampling.noise import FullLatentNoise
 from .sampling.samplers import make_sampler
-from .sampling.schedule import DiscreteSchedule
 
-LATENT_CHANNELS = 4
 
 
 @dataclass
@@ -88,13 +86,13 @@ def generate(
                         f"use an image width that is a multiple of {8 * (align or model_align)} px")
     plan = plan_for(spec, cluster, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
                     strides=strides, align=align)
-    sigmas = DiscreteSchedule().sigmas_for(scheduler, steps)
+    sigmas = spec.adapter.model_sampling(ref_model).sigmas(scheduler, steps)
     conditioning = make_conditioning(spec, ref_model, batch, seed)
-    del ref_model
     by_name = {d.name: d for d in cluster.active()}
     devices = [b.device for b in plan.bands]
     pool = get_pool(devices, cluster.resolved_backend())
-    shape = (batch, LATENT_CHANNELS, height, width)
+    shape = (batch, spec.adapter.latent_channels(ref_model), height, width)
+    del ref_model
     cond_np = {part: {k: v.numpy() for k, v in d.items()} for part, d in conditioning.items()}
 
     def make_job(job_id: int, rank: int | None = None) -> GenerateJob:
@@ -141,10 +139,11 @@ def reference_generate(
         ts = torch.full((x_in.shape[0],), t, dtype=torch.float32)
         return forward(net_model, x_in, ts, cond)
 
+    sampling = spec.adapter.model_sampling(net_model)
     with torch.inference_mode():
-        x, _ = run_band(network, sigmas=DiscreteSchedule().sigmas_for(scheduler, steps), sampler=sampler, cfg=cfg,
-                        noise=FullLatentNoise(seed, (batch, LATENT_CHANNELS, height, width)), rows=slice(None),
-                        schedule=LoopSchedule(steps=steps), sigma_to_t=DiscreteSchedule().sigma_to_t)
+        x, _ = run_band(network, sigmas=sampling.sigmas(scheduler, steps), sampler=sampler, cfg=cfg,
+                        noise=FullLatentNoise(seed, (batch, spec.adapter.latent_channels(net_model), height, width)),
+                        rows=slice(None), schedule=LoopSchedule(steps=steps), model_sampling=sampling)
     return x
 
 

@@ -132,3 +132,34 @@ def load(path: str) -> torch.nn.Module:
     sub = os.path.join(path, "unet")
     folder = sub if os.path.isdir(sub) else path
     return UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
+
+
+def model_sampling(model):
+    """SD1.5/SDXL: epsilon prediction on SD's scaled-linear DDPM schedule."""
+    from ..sampling.model_sampling import EpsDiscrete
+
+    return EpsDiscrete()
+
+
+def latent_channels(model) -> int:
+    return model.config.in_channels
+
+
+def make_conditioning(model, batch: int, seed: int, tokens: int = 8) -> dict:
+    """Deterministic stand-in prompt embeddings (cond, uncond) for text-encoder-free runs.
+
+    The tiny default models have no text encoder; their "prompt" is a fixed random
+    embedding drawn from ``seed`` so runs are reproducible and CFG is exercised.
+    """
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed)
+    ctx_dim = cfg.cross_attention_dim
+    cond = {"context": torch.randn(batch, tokens, ctx_dim, generator=gen)}
+    uncond = {"context": torch.randn(batch, tokens, ctx_dim, generator=gen) * 0.1}
+    pooled = added_cond_dim(model)
+    if pooled is not None:
+        size = [float(cfg.sample_size * 8)] * 2
+        time_ids = torch.tensor([size + [0.0, 0.0] + size] * batch)
+        cond.update(text_embeds=torch.randn(batch, pooled, generator=gen), time_ids=time_ids)
+        uncond.update(text_embeds=torch.zeros(batch, pooled), time_ids=time_ids)
+    return {"cond": cond, "uncond": uncond}

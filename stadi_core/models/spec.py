@@ -2,7 +2,10 @@
 
 A worker rebuilds the model from its ``ModelSpec``: a named tiny config or a config
 dict initialised from a seed (tests, the default demo), or a local diffusers folder.
-Adding a family is one module with ``build / alignment / forward / patch_attention``.
+Adding a family is one module that provides: ``FAMILY``, ``TINY_CONFIGS``, ``build(config)``,
+``load(path)``, ``alignment(model)``, ``latent_channels(model)``, ``forward(model, x, t, cond)``,
+``patch_attention(model, ctx, next_id)``, ``model_sampling(model)`` and
+``make_conditioning(model, batch, seed)``.
 """
 
 from __future__ import annotations
@@ -91,24 +94,9 @@ def weights_checksum(model: torch.nn.Module) -> float:
     return total
 
 
-def make_conditioning(spec: ModelSpec, model: torch.nn.Module, batch: int, seed: int, tokens: int = 8) -> dict:
-    """Deterministic stand-in prompt embeddings (cond, uncond) for text-encoder-free runs.
-
-    The tiny default models have no text encoder; their "prompt" is a fixed random
-    embedding drawn from ``seed`` so runs are reproducible and CFG is exercised.
-    """
-    cfg = model.config
-    gen = torch.Generator().manual_seed(seed)
-    ctx_dim = cfg.cross_attention_dim
-    cond = {"context": torch.randn(batch, tokens, ctx_dim, generator=gen)}
-    uncond = {"context": torch.randn(batch, tokens, ctx_dim, generator=gen) * 0.1}
-    pooled = spec.adapter.added_cond_dim(model)
-    if pooled is not None:
-        size = [float(cfg.sample_size * 8)] * 2
-        time_ids = torch.tensor([size + [0.0, 0.0] + size] * batch)
-        cond.update(text_embeds=torch.randn(batch, pooled, generator=gen), time_ids=time_ids)
-        uncond.update(text_embeds=torch.zeros(batch, pooled), time_ids=time_ids)
-    return {"cond": cond, "uncond": uncond}
+def make_conditioning(spec: ModelSpec, model: torch.nn.Module, batch: int, seed: int) -> dict:
+    """Deterministic stand-in prompt embeddings {"cond": ..., "uncond": ...} for the family."""
+    return spec.adapter.make_conditioning(model, batch, seed)
 
 
 def batched_conditioning(conditioning: dict, cfg: float, device, dtype) -> dict:

@@ -106,6 +106,15 @@ class BandContext:
         self._buffers.clear()
 
     # -- geometry ----------------------------------------------------------------------
+    @property
+    def row_start(self) -> int:
+        """First latent row of our band in the whole image (for true positional ids)."""
+        return sum(self.rows[: self.rank])
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows)
+
     def sizes_like(self, local_size: int) -> list[int]:
         """Every rank's extent along a band-proportional dimension, from ours."""
         mine = self.rows[self.rank]

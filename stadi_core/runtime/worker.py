@@ -177,7 +177,6 @@ class _Worker:
         from ..planner import Plan
         from ..sampling.band_loop import LoopSchedule, run_band
         from ..sampling.noise import FullLatentNoise
-        from ..sampling.schedule import DiscreteSchedule
 
         plan = Plan.from_dict(job.plan)
         if plan.world_size != self.init.world_size:
@@ -202,7 +201,7 @@ class _Worker:
                 self._network(model, ctx, spec, cond, job.slowdown),
                 sigmas=job.sigmas, sampler=job.sampler, cfg=job.cfg,
                 noise=FullLatentNoise(job.seed, tuple(job.latent_shape)), rows=rows,
-                schedule=schedule, sigma_to_t=DiscreteSchedule().sigma_to_t,
+                schedule=schedule, model_sampling=spec.adapter.model_sampling(model),
                 on_step=on_step, before_sync_step=before_sync_step,
             )
         return BandResult(job.job_id, self.init.rank, x.numpy(), [t.to_dict() for t in timings],
@@ -231,7 +230,7 @@ class _Worker:
         conditioning = make_conditioning(spec, model, job.batch, seed=0)
         cond = batched_conditioning(conditioning, 2.0, self.device, dtype)
         net = self._network(model, ctx, spec, cond, job.slowdown)
-        channels = model.config.in_channels
+        channels = spec.adapter.latent_channels(model)
         x = torch.randn(2 * job.batch, channels, job.rows, job.width)
         times = []
         ctx.local_only = True

@@ -16,6 +16,7 @@ from ..parallel.context import Phase
 from .noise import FullLatentNoise
 from .samplers import make_sampler
 
+# model_sampling: see model_sampling.py (EpsDiscrete, FlowMatch)
 # network(x_scaled, t, phase) -> raw output for the rows of x (batch doubled under CFG)
 Network = Callable[[torch.Tensor, float, Phase], torch.Tensor]
 
@@ -73,7 +74,7 @@ def run_band(
     noise: FullLatentNoise,
     rows: slice,
     schedule: LoopSchedule,
-    sigma_to_t: Callable[[float], float],
+    model_sampling,
     on_step: Callable[[StepTiming], None] | None = None,
     before_sync_step: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, list[StepTiming]]:
@@ -93,14 +94,14 @@ def run_band(
         phase = schedule.phase(i)
         busy = comm = 0.0
         if computed:
-            x_in = x / (sigma**2 + 1) ** 0.5
+            x_in = model_sampling.scale_in(x, sigma)
             if use_cfg:
                 x_in = torch.cat([x_in, x_in])
             c0 = time.perf_counter()
-            last_raw, comm = _timed_call(network, x_in, sigma_to_t(sigma), phase)
+            last_raw, comm = _timed_call(network, x_in, model_sampling.timestep(sigma), phase)
             busy = time.perf_counter() - c0 - comm
         eps = cfg_combine(last_raw.float(), cfg, batch)
-        denoised = x - eps * sigma
+        denoised = model_sampling.denoised(x, eps, sigma)
         x = solver.step(i, x, denoised, sigma, sigma_next, lambda k: noise.step(k, rows))
         timing = StepTiming(i, computed, phase.value, busy, comm, time.perf_counter() - t0)
         timings.append(timing)
