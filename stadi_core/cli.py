@@ -109,9 +109,13 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--width", type=int, default=48)
     p.set_defaults(func=cmd_profile)
-    b = sub.add_parser("bench-balance", help="equal vs elastic vs elastic+strides with an emulated slow worker")
-    b.set_defaults(func=lambda a: __import__("stadi_core.bench.balance", fromlist=["main"]).main(a.rest))
-    b.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("bench-balance", help="equal vs elastic vs elastic+strides with an emulated slow worker "
+                   "(its own options: bench-balance --help)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench-balance"]:
+        from .bench import balance
+
+        return balance.main(argv[1:])
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -16,7 +16,7 @@ class RankSummary:
     evals: int
     busy_s: float  # network compute (with any emulated pad), excluding waits on other ranks
     comm_s: float  # blocked in exchanges
-    wall_s: float  # the rank's whole loop
+    wall_s: float  # the rank's denoising loop (model loading excluded)
 
     @property
     def idle_pct(self) -> float:
@@ -27,7 +27,7 @@ class RankSummary:
 @dataclass
 class RunReport:
     plan: dict
-    wall_s: float
+    wall_s: float  # the coordinator's wall time for the whole call (includes any model loading)
     ranks: list[RankSummary]
     steps: list[list[dict]] = field(default_factory=list)  # per rank, per step StepTiming dicts
     notes: list[str] = field(default_factory=list)
@@ -44,7 +44,7 @@ class RunReport:
                 rank=band.rank, device=band.device, rows=band.rows, stride=band.stride,
                 evals=sum(1 for s in steps if s["computed"]),
                 busy_s=sum(s["busy_s"] for s in steps), comm_s=sum(s["comm_s"] for s in steps),
-                wall_s=wall_s,
+                wall_s=sum(s["wall_s"] for s in steps),
             ))
         notes = list(plan.notes)
         if any(s > 1 for s in slowdowns):
@@ -53,9 +53,14 @@ class RunReport:
         return cls(plan=plan.to_dict(), wall_s=wall_s, ranks=ranks, steps=timings, notes=notes,
                    slowdowns=list(slowdowns), pool_pids=list(pool_pids), checksums=dict(checksums or {}))
 
+    @property
+    def denoise_s(self) -> float:
+        """Makespan of the denoising loops: the latency a warm pool delivers."""
+        return max((r.wall_s for r in self.ranks), default=0.0)
+
     def to_dict(self) -> dict:
         return {
-            "plan": self.plan, "wall_s": self.wall_s, "notes": self.notes, "slowdowns": self.slowdowns,
+            "plan": self.plan, "wall_s": self.wall_s, "denoise_s": self.denoise_s, "notes": self.notes, "slowdowns": self.slowdowns,
             "ranks": [dict(r.__dict__, idle_pct=r.idle_pct) for r in self.ranks],
             "steps": self.steps,
         }
@@ -66,6 +71,22 @@ class RunReport:
         for r in self.ranks:
             lines.append(f"{r.rank:>4} {r.device:<8} {r.rows:>5} {r.stride:>6} {r.evals:>5} {r.busy_s:>8.3f} "
                          f"{r.comm_s:>8.3f} {r.idle_pct:>7.1f}")
-        lines.append(f"wall {self.wall_s:.3f} s")
+        lines.append(f"denoising {self.denoise_s:.3f} s; whole call {self.wall_s:.3f} s (includes model loading on a cold pool)")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def measured_capabilities(report: RunReport) -> dict[str, float]:
+    """Rows/s each device achieved on its band, with real context, from a run's step timings.
+
+    The first evaluation is left out (allocation, caches). These are the planner's speeds
+    for the next run at this size: band cost is not proportional to rows (fixed per-call
+    overhead, attention over the whole image), so a measurement at the operating point
+    beats a micro-benchmark at another size.
+    """
+    caps = {}
+    for rank, steps in zip(report.ranks, report.steps):
+        busy = [s["busy_s"] for s in steps if s["computed"]][1:]
+        if busy:
+            caps[rank.device] = rank.rows / (sum(busy) / len(busy))
+    return caps

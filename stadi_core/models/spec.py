@@ -18,9 +18,13 @@ from types import ModuleType
 import torch
 
 from ..errors import UnsupportedError
-from . import diffusers_unet
+from . import diffusers_flux, diffusers_sd3, diffusers_unet
 
-FAMILIES: dict[str, ModuleType] = {diffusers_unet.FAMILY: diffusers_unet}
+FAMILIES: dict[str, ModuleType] = {
+    diffusers_unet.FAMILY: diffusers_unet,
+    diffusers_sd3.FAMILY: diffusers_sd3,
+    diffusers_flux.FAMILY: diffusers_flux,
+}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

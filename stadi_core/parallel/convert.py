@@ -17,14 +17,15 @@ AttentionAdapter = Callable[[nn.Module, BandContext, Callable[[], int]], int]
 def make_patch_parallel(model: nn.Module, ctx: BandContext, attention: AttentionAdapter | None = None) -> dict:
     """Wrap every context-needing layer of ``model``; returns counts per layer kind.
 
-    Convs whose kernel is 1 row tall and per-token layers need no context and stay.
+    Convs whose kernel is 1 row tall, patchify convs (a DiT's patch embedding) and per-token
+    layers need no context and stay.
     """
     counter = iter(range(1 << 30))
     next_id = lambda: next(counter)  # noqa: E731 - a tiny id source shared with adapters
     counts = {"conv": 0, "groupnorm": 0, "attention": 0}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Conv2d) and child.kernel_size[0] > 1:
+            if isinstance(child, nn.Conv2d) and _needs_rows(child):
                 setattr(parent, name, PatchConv2d(child, ctx, next_id()))
                 counts["conv"] += 1
             elif isinstance(child, nn.GroupNorm):
@@ -33,3 +34,12 @@ def make_patch_parallel(model: nn.Module, ctx: BandContext, attention: Attention
     if attention is not None:
         counts["attention"] = attention(model, ctx, next_id)
     return counts
+
+
+def _needs_rows(conv: nn.Conv2d) -> bool:
+    """Whether a conv reads rows outside the band's own: not so for 1-row kernels, nor for
+    unpadded kernel == stride convs (patchify), given bands aligned to the stride."""
+    kh = conv.kernel_size[0]
+    unpadded = conv.padding == "valid" or (not isinstance(conv.padding, str) and conv.padding[0] == 0)
+    patchify = kh == conv.stride[0] and unpadded and conv.dilation[0] == 1
+    return kh > 1 and not patchify
