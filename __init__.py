@@ -1,0 +1,18 @@
+"""ComfyUI entry point of the STADI node pack: registers the nodes and the web extension.
+
+ComfyUI imports this file under a file-path module name, which spawned worker processes
+cannot import; the engine therefore lives in normally importable packages next to it.
+"""
+
+import os
+import sys
+
+_PACK_DIR = os.path.dirname(os.path.abspath(__file__))
+if _PACK_DIR not in sys.path:
+    sys.path.insert(0, _PACK_DIR)
+
+from stadi_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

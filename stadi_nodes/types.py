@@ -1,0 +1,64 @@
+"""The objects that travel between STADI nodes (ComfyUI types STADI_CLUSTER, STADI_PATCHES).
+
+Plain dataclasses with CPU tensors only: ComfyUI's cache keeps node outputs alive, so a
+CUDA tensor here would pin VRAM until the node runs again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from stadi_core.cluster import ClusterSpec
+
+CLUSTER_TYPE = "STADI_CLUSTER"
+PATCHES_TYPE = "STADI_PATCHES"
+
+
+@dataclass
+class StadiCluster:
+    """What the GPU Cluster Profile node decided: devices, overrides, and why."""
+
+    spec: ClusterSpec
+    measure: bool = True  # measure capability on the actual model before planning (cached)
+    devices_info: list[dict] = field(default_factory=list)  # per device: name, kind, label, memory, utilisation...
+    notes: list[str] = field(default_factory=list)  # e.g. "cuda:3 not found on this machine: skipped"
+
+    def to_ui(self) -> dict:
+        return {"devices": self.devices_info, "notes": self.notes, "backend": self.spec.resolved_backend()}
+
+
+@dataclass
+class StadiPatches:
+    """Per-rank bands of one STADI run, the plan that made them, and what each rank spent."""
+
+    plan: dict  # stadi_core.planner.Plan.to_dict()
+    bands: list[torch.Tensor]  # per rank, CPU (B, C, rows, W), top to bottom
+    report: dict  # stadi_core.report.RunReport.to_dict()
+    latent_extra: dict = field(default_factory=dict)  # other LATENT keys to carry (batch_index, noise_mask)
+
+    def stitched(self) -> torch.Tensor:
+        return torch.cat(self.bands, dim=2)
+
+    def as_latent(self) -> dict:
+        out = dict(self.latent_extra)
+        out["samples"] = self.stitched()
+        return out
+
+
+def plan_ui_payload(patches: StadiPatches) -> dict:
+    """The JSON the web extension draws on the STADI Sampler node after a run."""
+    plan, report = patches.plan, patches.report
+    ranks = {r["rank"]: r for r in report.get("ranks", [])}
+    bands = []
+    for b in plan["bands"]:
+        r = ranks.get(b["rank"], {})
+        bands.append({
+            "rank": b["rank"], "device": b["device"], "row_start": b["row_start"], "rows": b["rows"],
+            "stride": b["stride"], "evals": r.get("evals"), "busy_s": r.get("busy_s"), "comm_s": r.get("comm_s"),
+            "wall_s": r.get("wall_s"), "idle_pct": r.get("idle_pct"),
+        })
+    return {"height": plan["height"], "steps": plan["steps"], "mode": plan["mode"], "warmup": plan["warmup"],
+            "sync_period": plan["sync_period"], "wall_s": report.get("wall_s"), "notes": report.get("notes", []),
+            "bands": bands}
