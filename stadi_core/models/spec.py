@@ -5,7 +5,9 @@ dict initialised from a seed (tests, the default demo), or a local diffusers fol
 Adding a family is one module that provides: ``FAMILY``, ``TINY_CONFIGS``, ``build(config)``,
 ``load(path)``, ``alignment(model)``, ``latent_channels(model)``, ``forward(model, x, t, cond)``,
 ``patch_attention(model, ctx, next_id)``, ``model_sampling(model)`` and
-``make_conditioning(model, batch, seed)``.
+``make_conditioning(model, batch, seed)``; a family whose model needs more than a config or a
+folder (ComfyUI's, rebuilt from the server's config and baked weights) adds
+``build_from_spec(spec, device)``.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from types import ModuleType
 import torch
 
 from ..errors import UnsupportedError
-from . import diffusers_flux, diffusers_sd3, diffusers_unet
+from . import comfy_unet, diffusers_flux, diffusers_sd3, diffusers_unet
 
 FAMILIES: dict[str, ModuleType] = {
     diffusers_unet.FAMILY: diffusers_unet,
     diffusers_sd3.FAMILY: diffusers_sd3,
     diffusers_flux.FAMILY: diffusers_flux,
+    comfy_unet.FAMILY: comfy_unet,
 }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -77,6 +80,8 @@ def family_adapter(spec: ModelSpec) -> ModuleType:
 def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The model in eval mode on ``device``; identical weights in every process for a seed."""
     adapter = spec.adapter
+    if hasattr(adapter, "build_from_spec"):  # families that need more than a config or a folder
+        return adapter.build_from_spec(spec, device).eval().requires_grad_(False)
     if spec.path is not None:
         model = adapter.load(spec.path)
     else:

@@ -1,5 +1,5 @@
-"""Worker processes: spawn, torch.distributed group, control channel, heartbeats, warm pool."""
+"""Worker processes: launch, torch.distributed group, control channel, heartbeats, warm pool.
 
-from .pool import WorkerPool, get_pool, shutdown_pools
-
-__all__ = ["WorkerPool", "get_pool", "shutdown_pools"]
+Kept import-free: ``python -m stadi_core.runtime.worker`` must not import torch before
+it has set ``CUDA_VISIBLE_DEVICES``.
+"""

@@ -12,6 +12,14 @@ import numpy as np
 
 
 @dataclass
+class Hello:
+    """First message of a worker that connected: who it is."""
+
+    rank: int
+    pid: int
+
+
+@dataclass
 class WorkerInit:
     rank: int
     world_size: int
@@ -24,6 +32,7 @@ class WorkerInit:
     threads: int
     timeout_s: float
     heartbeat_s: float = 1.0
+    extra_sys_path: list = field(default_factory=list)  # e.g. the ComfyUI root, for comfy-family models
 
 
 @dataclass
@@ -110,3 +119,58 @@ class WorkerFailure:
     rank: int
     message: str
     traceback: str
+
+
+@dataclass
+class CancelRequest:
+    """Stop the current job at the next step where every rank can agree on it."""
+
+    job_id: int | None = None
+
+
+@dataclass
+class SessionStart:
+    """Per-call mode (ComfyUI): load the model and plan, then answer BandCalls until SessionEnd."""
+
+    job_id: int
+    model: dict  # ModelSpec.to_dict()
+    plan: dict  # Plan.to_dict()
+    slowdown: float = 1.0
+
+
+@dataclass
+class SessionReady:
+    job_id: int
+    rank: int
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class BandCall:
+    """One network evaluation of this rank's band, inside a session."""
+
+    job_id: int
+    call_id: int
+    step: int
+    phase: str  # parallel.Phase value
+    x: np.ndarray  # (N, C, rows, W) the band of the already-scaled model input
+    timesteps: np.ndarray
+    cond: dict  # name -> ndarray, batch-aligned with x (context, y, ...)
+    cancel: bool = False
+    signature: int = 0  # equal on every rank for the same call; a mismatch means the loops diverged
+    measure_only: bool = False  # time the band alone, no exchange (capability measurement)
+
+
+@dataclass
+class BandOutput:
+    job_id: int
+    call_id: int
+    rank: int
+    out: np.ndarray
+    busy_s: float
+    comm_s: float
+
+
+@dataclass
+class SessionEnd:
+    job_id: int

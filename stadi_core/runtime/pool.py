@@ -1,9 +1,10 @@
-"""The coordinator's side of the workers: start, send jobs, watch, tear down.
+"""The coordinator's side of the workers: launch, send jobs, watch, tear down.
 
-Every wait here has a deadline. A worker that dies, hangs or fails makes the pool
-kill all its processes and raise a ``WorkerError`` that names the rank and device;
-the next call starts a fresh pool. Pools are kept warm across calls, keyed by the
-devices and backend they were started with.
+Workers are separate Python processes (``python -m stadi_core.runtime.worker``) that
+connect back over an authenticated local socket. Every wait here has a deadline. A
+worker that dies, hangs or fails makes the pool kill all its processes and raise a
+``WorkerError`` naming the rank and device; the next call starts a fresh pool. Pools
+stay warm across calls, keyed by their devices and backend.
 """
 
 from __future__ import annotations
@@ -11,30 +12,38 @@ from __future__ import annotations
 import atexit
 import itertools
 import os
+import queue
+import secrets
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from multiprocessing.connection import Listener
 from multiprocessing.connection import wait as wait_connections
 from typing import Callable, Sequence
 
-import torch.multiprocessing as mp
-
 from ..errors import WorkerError, WorkerTimeout
 from .messages import (
+    BandOutput,
     BandResult,
     Cancelled,
+    CancelRequest,
     Heartbeat,
+    Hello,
     MeasureResult,
     Ready,
+    SessionEnd,
+    SessionReady,
     Shutdown,
     StepReport,
     WorkerFailure,
     WorkerInit,
 )
-from .worker import worker_main
 
 _job_ids = itertools.count(1)
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class JobCancelledError(WorkerError):
@@ -43,7 +52,7 @@ class JobCancelledError(WorkerError):
 
 def _describe_exit(code: int | None) -> str:
     if code is None:
-        return "is still running"
+        return "stopped answering"
     if code < 0:
         try:
             return f"was killed by {signal.Signals(-code).name}"
@@ -61,6 +70,7 @@ class WorkerPool:
         start_timeout_s: float = 180.0,
         collective_timeout_s: float = 120.0,
         threads_per_worker: int | None = None,
+        extra_sys_path: Sequence[str] = (),
     ):
         self.devices = list(devices)
         self.backend = backend
@@ -69,14 +79,14 @@ class WorkerPool:
         self.collective_timeout_s = collective_timeout_s
         cpu_workers = sum(d.startswith("cpu") for d in self.devices) or 1
         self.threads = threads_per_worker or max(1, (os.cpu_count() or 1) // cpu_workers)
-        self.procs: list = []
+        self.extra_sys_path = list(extra_sys_path)
+        self.procs: list[subprocess.Popen] = []
         self.conns: list = []
         self.info: list[Ready] = []
         self._store = None
         self._lock = threading.Lock()  # one job at a time per pool
-        self._mp = mp.get_context("spawn")
-        self.cancel_event = self._mp.Event()
         self.broken = False
+        self.loaded_model_key: str | None = None  # what the workers hold (for the ComfyUI weight cache)
 
     @property
     def world_size(self) -> int:
@@ -86,7 +96,7 @@ class WorkerPool:
         return [p.pid for p in self.procs]
 
     def alive(self) -> bool:
-        return bool(self.procs) and not self.broken and all(p.exitcode is None for p in self.procs)
+        return bool(self.procs) and not self.broken and all(p.poll() is None for p in self.procs)
 
     # -- start / stop ----------------------------------------------------------------------
     def start(self) -> "WorkerPool":
@@ -99,26 +109,74 @@ class WorkerPool:
             self._store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False,
                                         timeout=timedelta(seconds=self.start_timeout_s))
             port = self._store.port
-        prefix = f"stadi/{uuid.uuid4().hex[:8]}"
-        for rank, device in enumerate(self.devices):
-            parent_conn, child_conn = self._mp.Pipe(duplex=True)
-            init = WorkerInit(rank=rank, world_size=self.world_size, device=device, backend=self.backend,
-                              store_host=self.host, store_port=port, store_prefix=prefix,
-                              parent_pid=os.getpid(), threads=self.threads if device.startswith("cpu") else 1,
-                              timeout_s=self.collective_timeout_s)
-            proc = self._mp.Process(target=worker_main, args=(init, child_conn, self.cancel_event),
-                                    name=f"stadi-worker-{rank}", daemon=True)
-            proc.start()
-            child_conn.close()
-            self.procs.append(proc)
-            self.conns.append(parent_conn)
+        authkey = secrets.token_bytes(16)
+        listener = Listener((self.host, 0), authkey=authkey)
         try:
+            self._launch(listener, authkey)
+            self._accept(listener, port, f"stadi/{uuid.uuid4().hex[:8]}")
             ready = self._collect(lambda msg: isinstance(msg, Ready), self.start_timeout_s, "starting")
         except BaseException:
             self.close(force=True)
             raise
+        finally:
+            listener.close()
         self.info = [ready[r] for r in range(self.world_size)]
         return self
+
+    def _launch(self, listener: Listener, authkey: bytes) -> None:
+        host, lport = listener.address
+        for rank, device in enumerate(self.devices):
+            env = dict(os.environ)
+            env["STADI_AUTHKEY"] = authkey.hex()
+            env["STADI_PARENT_PID"] = str(os.getpid())
+            env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_PARENT] + [p for p in [env.get("PYTHONPATH")] if p])
+            kind, _, index = device.partition(":")
+            if kind == "cuda":
+                env["CUDA_VISIBLE_DEVICES"] = index or "0"
+            cmd = [sys.executable, "-m", "stadi_core.runtime.worker", "--connect", f"{host}:{lport}",
+                   "--rank", str(rank)]
+            self.procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
+
+    def _accept(self, listener: Listener, store_port: int, prefix: str) -> None:
+        """Take one connection per rank; a worker that dies before connecting is reported."""
+        accepted: queue.Queue = queue.Queue()
+
+        def accept_all():
+            for _ in range(self.world_size):
+                try:
+                    accepted.put(listener.accept())
+                except OSError as exc:  # listener closed or auth failure
+                    accepted.put(exc)
+                    return
+
+        threading.Thread(target=accept_all, name="stadi-accept", daemon=True).start()
+        conns: dict[int, object] = {}
+        deadline = time.monotonic() + self.start_timeout_s
+        while len(conns) < self.world_size:
+            for rank, p in enumerate(self.procs):
+                if p.poll() is not None and rank not in conns:
+                    raise WorkerError(f"worker rank {rank} ({self.devices[rank]}) {_describe_exit(p.returncode)} "
+                                      "before connecting; see its output above")
+            try:
+                conn = accepted.get(timeout=0.25)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise WorkerTimeout(f"workers did not connect within {self.start_timeout_s:.0f} s")
+                continue
+            if isinstance(conn, Exception):
+                raise WorkerError(f"a worker could not connect: {conn}")
+            if not conn.poll(30):
+                raise WorkerTimeout("a connected worker did not introduce itself within 30 s")
+            hello = conn.recv()
+            if not isinstance(hello, Hello) or not 0 <= hello.rank < self.world_size or hello.rank in conns:
+                raise WorkerError(f"unexpected greeting {hello!r}")
+            conns[hello.rank] = conn
+        self.conns = [conns[r] for r in range(self.world_size)]
+        for rank, (conn, device) in enumerate(zip(self.conns, self.devices)):
+            conn.send(WorkerInit(rank=rank, world_size=self.world_size, device=device, backend=self.backend,
+                                 store_host=self.host, store_port=store_port, store_prefix=prefix,
+                                 parent_pid=os.getpid(), threads=self.threads if device.startswith("cpu") else 1,
+                                 timeout_s=self.collective_timeout_s, extra_sys_path=self.extra_sys_path))
 
     def close(self, force: bool = False, timeout_s: float = 10.0) -> None:
         """Stop every worker: politely unless ``force``, then by SIGKILL after ``timeout_s``."""
@@ -131,18 +189,24 @@ class WorkerPool:
                     pass
             deadline = time.monotonic() + timeout_s
             for p in self.procs:
-                p.join(max(0.0, deadline - time.monotonic()))
+                try:
+                    p.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
         for p in self.procs:
-            if p.exitcode is None:
+            if p.poll() is None:
                 p.kill()
         for p in self.procs:
-            p.join(5.0)
+            try:
+                p.wait(5.0)
+            except subprocess.TimeoutExpired:
+                pass
         for conn in self.conns:
             conn.close()
         self.conns = []
         self._store = None
 
-    # -- jobs ------------------------------------------------------------------------------
+    # -- whole jobs (standalone path) ----------------------------------------------------------
     def run(self, make_job: Callable[[int], object], *, stall_timeout_s: float = 60.0,
             on_step: Callable[[int, dict], None] | None = None,
             should_cancel: Callable[[], bool] | None = None,
@@ -155,7 +219,6 @@ class WorkerPool:
         with self._lock:
             if not self.alive():
                 raise WorkerError("this worker pool is closed; get a fresh one with get_pool()")
-            self.cancel_event.clear()
             job_id = next(_job_ids)
             for rank, conn in enumerate(self.conns):
                 job = make_job(job_id)
@@ -171,12 +234,22 @@ class WorkerPool:
                 self.close(force=True)
                 raise
 
-    def _collect(self, is_final, stall_timeout_s: float, doing: str, on_step=None, should_cancel=None) -> dict:
+    def cancel(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(CancelRequest())
+            except (OSError, BrokenPipeError):
+                pass
+
+    def _collect(self, is_final, stall_timeout_s: float, doing: str, on_step=None, should_cancel=None,
+                 ranks: Sequence[int] | None = None) -> dict:
+        ranks = list(range(self.world_size)) if ranks is None else list(ranks)
         results: dict[int, object] = {}
         cancelled: dict[int, Cancelled] = {}
-        last_heard = {r: time.monotonic() for r in range(self.world_size)}
-        by_conn = {conn: r for r, conn in enumerate(self.conns)}
-        while len(results) + len(cancelled) < self.world_size:
+        last_heard = {r: time.monotonic() for r in ranks}
+        by_conn = {self.conns[r]: r for r in ranks}
+        cancel_sent = False
+        while len(results) + len(cancelled) < len(ranks):
             open_conns = [c for c, r in by_conn.items() if r not in results and r not in cancelled]
             for conn in wait_connections(open_conns, timeout=0.25):
                 rank = by_conn[conn]
@@ -196,31 +269,127 @@ class WorkerPool:
                     results[rank] = msg
                 elif isinstance(msg, StepReport) and on_step is not None:
                     on_step(rank, msg.timing)
-                elif not isinstance(msg, (Heartbeat, StepReport)):
-                    pass  # a stale message from an earlier, cancelled job
-            now = time.monotonic()
-            for rank, p in enumerate(self.procs):
-                if rank not in results and p.exitcode is not None:
-                    self._raise_dead(rank, doing)
-                if rank not in results and now - last_heard[rank] > stall_timeout_s:
-                    raise WorkerTimeout(
-                        f"worker rank {rank} ({self.devices[rank]}) sent nothing for {stall_timeout_s:.0f} s "
-                        f"while {doing}; the pool was stopped. Raise the timeout if the device is just slow."
-                    )
-            if should_cancel is not None and not self.cancel_event.is_set() and should_cancel():
-                self.cancel_event.set()
+            self._check_health(ranks, results, last_heard, stall_timeout_s, doing)
+            if should_cancel is not None and not cancel_sent and should_cancel():
+                self.cancel()
+                cancel_sent = True
         if cancelled:
             step = min(c.step for c in cancelled.values())
             raise JobCancelledError(f"interrupted at step {step}")
         return results
 
+    def _check_health(self, ranks, done, last_heard, stall_timeout_s: float, doing: str) -> None:
+        now = time.monotonic()
+        for rank, p in enumerate(self.procs):
+            if p.poll() is not None:
+                self._raise_dead(rank, doing)
+        for rank in ranks:
+            if rank not in done and now - last_heard[rank] > stall_timeout_s:
+                raise WorkerTimeout(
+                    f"worker rank {rank} ({self.devices[rank]}) sent nothing for {stall_timeout_s:.0f} s "
+                    f"while {doing}; the pool was stopped. Raise the timeout if the device is just slow."
+                )
+
     def _raise_dead(self, rank: int, doing: str):
         p = self.procs[rank]
-        p.join(1.0)
+        try:
+            p.wait(1.0)
+        except subprocess.TimeoutExpired:
+            pass
         raise WorkerError(
-            f"worker rank {rank} ({self.devices[rank]}, pid {p.pid}) {_describe_exit(p.exitcode)} while {doing}; "
+            f"worker rank {rank} ({self.devices[rank]}, pid {p.pid}) {_describe_exit(p.poll())} while {doing}; "
             "all workers were stopped and the next run starts a fresh pool"
         )
+
+    # -- per-call sessions (ComfyUI path) ------------------------------------------------------
+    def open_session(self, make_start: Callable[[int], object], *, per_rank=None,
+                     load_timeout_s: float = 600.0) -> "Session":
+        """Load the model on every rank and return a handle for per-rank band calls."""
+        self._lock.acquire()
+        try:
+            if not self.alive():
+                raise WorkerError("this worker pool is closed; get a fresh one with get_pool()")
+            job_id = next(_job_ids)
+            for rank, conn in enumerate(self.conns):
+                start = make_start(job_id)
+                conn.send(per_rank(start, rank) if per_rank is not None else start)
+            ready = self._collect(lambda m: isinstance(m, SessionReady) and m.job_id == job_id, load_timeout_s,
+                                  "loading the model")
+        except BaseException:
+            self.close(force=True)
+            self._lock.release()
+            raise
+        return Session(self, job_id, ready)
+
+
+class Session:
+    """Band calls to individual ranks; one thread per rank may call concurrently."""
+
+    def __init__(self, pool: WorkerPool, job_id: int, ready: dict):
+        self.pool = pool
+        self.job_id = job_id
+        self.ready = ready
+        self.cancel_requested = False
+        self.failed: BaseException | None = None
+        self._call_ids = itertools.count(1)
+        self._closed = False
+
+    def call(self, rank: int, make_call: Callable[[int, int], object], stall_timeout_s: float = 120.0) -> BandOutput:
+        """Send one BandCall to ``rank`` and wait for its output, watching every worker's health."""
+        if self.failed is not None:
+            raise WorkerError(f"the session already failed: {self.failed}")
+        pool = self.pool
+        conn = pool.conns[rank]
+        call_id = next(self._call_ids)
+        conn.send(make_call(self.job_id, call_id))
+        last_heard = time.monotonic()
+        while True:
+            if conn.poll(0.25):
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    self._fail(lambda: pool._raise_dead(rank, "evaluating a band"))
+                last_heard = time.monotonic()
+                if isinstance(msg, BandOutput) and msg.call_id == call_id:
+                    return msg
+                if isinstance(msg, WorkerFailure):
+                    self._fail(lambda: (_ for _ in ()).throw(WorkerError(
+                        f"worker rank {rank} ({pool.devices[rank]}) failed: {msg.message}\n"
+                        f"--- worker traceback ---\n{msg.traceback}")))
+                if isinstance(msg, Cancelled):
+                    raise JobCancelledError(f"interrupted at step {msg.step}")
+                continue
+            if self.failed is not None:
+                raise WorkerError(f"stopped because another rank failed: {self.failed}")
+            self._fail(lambda: pool._check_health([rank], {}, {rank: last_heard}, stall_timeout_s,
+                                                   "evaluating a band"))
+
+    def _fail(self, check) -> None:
+        try:
+            check()
+        except BaseException as exc:
+            if self.failed is None:
+                self.failed = exc
+            raise
+
+    def cancel(self) -> None:
+        """Ask every rank to stop at its next agreed step."""
+        self.cancel_requested = True
+        self.pool.cancel()
+
+    def close(self) -> None:
+        """End the session; on failure or cancel the pool is restarted to drop half-done state."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.failed is not None or self.cancel_requested:
+                self.pool.close(force=True)
+            else:
+                for conn in self.pool.conns:
+                    conn.send(SessionEnd(self.job_id))
+        finally:
+            self.pool._lock.release()
 
 
 # -- warm pools shared across calls ----------------------------------------------------------
@@ -230,7 +399,7 @@ _POOLS_LOCK = threading.Lock()
 
 def get_pool(devices: Sequence[str], backend: str, **kw) -> WorkerPool:
     """A started pool for exactly these devices, reused while it stays healthy."""
-    key = (tuple(devices), backend, tuple(sorted(kw.items())))
+    key = (tuple(devices), backend, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items())))
     with _POOLS_LOCK:
         pool = _POOLS.get(key)
         if pool is not None and pool.alive():

@@ -1,31 +1,44 @@
-"""The per-device worker process: joins the group, caches models, runs band jobs.
+"""The per-device worker process: connects to the coordinator, joins the group, runs jobs.
 
-Importable by its normal module name (``stadi_core.runtime.worker``) so spawned
-children can unpickle their entry point even when the coordinator was imported under
-a file-path name, as ComfyUI imports node packs.
+Started as ``python -m stadi_core.runtime.worker --connect HOST:PORT --rank R`` (the
+coordinator does this for local devices; another machine can do it by hand), so it never
+re-imports the coordinator's ``__main__`` (ComfyUI's main.py) the way multiprocessing's
+spawn would. The auth key comes from the ``STADI_AUTHKEY`` environment variable.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import threading
 import time
 import traceback
 from datetime import timedelta
+from multiprocessing.connection import Client
 
 from .messages import (
+    BandCall,
+    BandOutput,
     BandResult,
     Cancelled,
+    CancelRequest,
     GenerateJob,
     Heartbeat,
+    Hello,
     MeasureJob,
     MeasureResult,
     Ready,
+    SessionEnd,
+    SessionReady,
+    SessionStart,
     Shutdown,
     StepReport,
     WorkerFailure,
     WorkerInit,
 )
+
+CONNECT_TIMEOUT_S = 60.0
 
 
 class JobCancelled(Exception):
@@ -35,44 +48,87 @@ class JobCancelled(Exception):
 
 
 class _Channel:
-    """The pipe to the coordinator, shared by the job loop and the heartbeat thread."""
+    """The connection to the coordinator, shared by the job loop and the heartbeat thread."""
 
     def __init__(self, conn):
         self.conn = conn
         self.lock = threading.Lock()
         self.job_id = None
+        self.cancel_requested = False
 
     def send(self, msg) -> None:
         with self.lock:
             self.conn.send(msg)
 
+    def recv(self):
+        msg = self.conn.recv()
+        if isinstance(msg, CancelRequest):
+            self.cancel_requested = True
+        return msg
 
-def worker_main(init: WorkerInit, conn, cancel_event) -> None:
-    """Entry point of a spawned worker."""
-    from .lifeline import tie_to_parent
+    def poll_cancel(self) -> bool:
+        """Drain pending control messages without blocking; True once a cancel arrived."""
+        while self.conn.poll(0):
+            msg = self.recv()
+            if not isinstance(msg, CancelRequest):
+                raise RuntimeError(f"unexpected {type(msg).__name__} in the middle of a job")
+        return self.cancel_requested
 
-    tie_to_parent(init.parent_pid)
+
+def _connect(address: tuple[str, int], authkey: bytes):
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while True:
+        try:
+            return Client(address, authkey=authkey)
+        except (ConnectionRefusedError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stadi_core.runtime.worker")
+    parser.add_argument("--connect", required=True, help="HOST:PORT of the coordinator")
+    parser.add_argument("--rank", type=int, required=True)
+    args = parser.parse_args(argv)
+    host, _, port = args.connect.rpartition(":")
+    parent = os.environ.get("STADI_PARENT_PID")
+    if parent:
+        from .lifeline import tie_to_parent
+
+        tie_to_parent(int(parent))
+    authkey = bytes.fromhex(os.environ.get("STADI_AUTHKEY", ""))
+    conn = _connect((host, int(port)), authkey)
+    conn.send(Hello(args.rank, os.getpid()))
+    if not conn.poll(CONNECT_TIMEOUT_S):
+        print(f"stadi worker {args.rank}: no init from the coordinator within {CONNECT_TIMEOUT_S:.0f} s",
+              file=sys.stderr)
+        return 2
+    init: WorkerInit = conn.recv()
     kind, _, index = init.device.partition(":")
-    if kind == "cuda":
+    if kind == "cuda" and "CUDA_VISIBLE_DEVICES" not in os.environ:
         os.environ["CUDA_VISIBLE_DEVICES"] = index or "0"
+    for path in init.extra_sys_path:
+        if path not in sys.path:
+            sys.path.insert(0, path)
     channel = _Channel(conn)
     try:
-        worker = _Worker(init, channel, cancel_event)
+        worker = _Worker(init, channel)
     except BaseException as exc:  # report start-up failures instead of dying silently
         channel.send(WorkerFailure(None, init.rank, f"worker {init.rank} ({init.device}) failed to start: {exc}",
                                    traceback.format_exc()))
-        return
+        return 1
     worker.serve()
+    return 0
 
 
 class _Worker:
-    def __init__(self, init: WorkerInit, channel: _Channel, cancel_event):
+    def __init__(self, init: WorkerInit, channel: _Channel):
         import torch
         import torch.distributed as dist
 
         self.init = init
         self.channel = channel
-        self.cancel_event = cancel_event
         self.torch = torch
         torch.set_num_threads(max(1, init.threads))
         self.device = torch.device("cuda:0" if init.device.startswith("cuda") else "cpu")
@@ -90,7 +146,7 @@ class _Worker:
                 timeout=timedelta(seconds=init.timeout_s),
             )
             self.group = dist.group.WORLD
-        self.models: dict[str, tuple] = {}  # spec key -> (model, ctx, adapter)
+        self.models: dict[str, tuple] = {}  # spec key -> (model, ctx, spec, checksum)
         threading.Thread(target=self._heartbeat, name="stadi-heartbeat", daemon=True).start()
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         channel.send(Ready(init.rank, os.getpid(), name))
@@ -106,17 +162,23 @@ class _Worker:
     def serve(self) -> None:
         while True:
             try:
-                job = self.channel.conn.recv()
+                job = self.channel.recv()
             except (EOFError, OSError):
-                return  # coordinator closed the pipe
+                return  # coordinator closed the connection
             if isinstance(job, Shutdown):
                 break
+            if isinstance(job, CancelRequest):
+                self.channel.cancel_requested = False  # arrived after its job ended
+                continue
             self.channel.job_id = job.job_id
+            self.channel.cancel_requested = False
             try:
                 if isinstance(job, GenerateJob):
                     self.channel.send(self._generate(job))
                 elif isinstance(job, MeasureJob):
                     self.channel.send(self._measure(job))
+                elif isinstance(job, SessionStart):
+                    self._session(job)
                 else:
                     raise TypeError(f"unknown job {type(job).__name__}")
             except JobCancelled as exc:
@@ -140,6 +202,8 @@ class _Worker:
         key = spec.key()
         if key not in self.models:
             self.models.clear()  # one model per worker: release the previous one first
+            if self.device.type == "cuda":
+                self.torch.cuda.empty_cache()
             model = build_model(spec, self.device)
             checksum = weights_checksum(model)
             ctx = BandContext(rows, self.init.rank, self.group, timeout_s=self.init.timeout_s)
@@ -158,7 +222,10 @@ class _Worker:
         def call(x_in, t, phase):
             ctx.begin_call(phase)
             start = time.perf_counter()
-            ts = torch.full((x_in.shape[0],), t, device=self.device, dtype=torch.float32)
+            if isinstance(t, torch.Tensor):
+                ts = t.to(self.device, torch.float32)
+            else:
+                ts = torch.full((x_in.shape[0],), t, device=self.device, dtype=torch.float32)
             out = forward(model, x_in.to(self.device, dtype), ts, cond)
             stats = ctx.end_call()
             if self.device.type == "cuda":
@@ -169,6 +236,27 @@ class _Worker:
             return out.float().cpu(), stats.comm_wait_s
 
         return call
+
+    def _agree(self, step: int, signature: int = 0) -> None:
+        """Every rank stops at the same sync step or none does; diverged loops are caught here.
+
+        One tiny all-reduce: [cancel, signature, -signature] under MAX. A cancel anywhere
+        stops everyone; unequal signatures mean the ranks are not at the same call.
+        """
+        torch = self.torch
+        flag = 1.0 if self.channel.poll_cancel() else 0.0
+        if self.group is not None:
+            import torch.distributed as dist
+
+            t = torch.tensor([flag, float(signature), -float(signature)], dtype=torch.float64,
+                             device=self.device if self.init.backend == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+            flag = float(t[0])
+            if float(t[1]) != -float(t[2]):
+                raise RuntimeError(f"ranks diverged at step {step}: they are not evaluating the same call "
+                                   "(a sampler whose calls depend on the data cannot run in bands)")
+        if flag > 0:
+            raise JobCancelled(step)
 
     # -- jobs ----------------------------------------------------------------------------
     def _generate(self, job: GenerateJob) -> BandResult:
@@ -193,36 +281,20 @@ class _Worker:
         def on_step(timing):
             self.channel.send(StepReport(job.job_id, self.init.rank, timing.to_dict()))
 
-        def before_sync_step(step: int) -> None:
-            self._agree_on_cancel(step)
-
         with torch.inference_mode():
             x, timings = run_band(
                 self._network(model, ctx, spec, cond, job.slowdown),
                 sigmas=job.sigmas, sampler=job.sampler, cfg=job.cfg,
                 noise=FullLatentNoise(job.seed, tuple(job.latent_shape)), rows=rows,
                 schedule=schedule, model_sampling=spec.adapter.model_sampling(model),
-                on_step=on_step, before_sync_step=before_sync_step,
+                on_step=on_step, before_sync_step=self._agree,
             )
         return BandResult(job.job_id, self.init.rank, x.numpy(), [t.to_dict() for t in timings],
                           {"weights_checksum": checksum, "pid": os.getpid()})
 
-    def _agree_on_cancel(self, step: int) -> None:
-        """All ranks stop at the same sync step, or none does (no half-entered collective)."""
-        torch = self.torch
-        flag = 1.0 if self.cancel_event.is_set() else 0.0
-        if self.group is not None:
-            import torch.distributed as dist
-
-            t = torch.tensor([flag], device=self.device if self.init.backend == "nccl" else "cpu")
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-            flag = float(t.item())
-        if flag > 0:
-            raise JobCancelled(step)
-
     def _measure(self, job: MeasureJob) -> MeasureResult:
         torch = self.torch
-        from ..models.spec import ModelSpec, build_model, make_conditioning, batched_conditioning
+        from ..models.spec import batched_conditioning, make_conditioning
         from ..parallel import Phase
 
         model, ctx, spec, _ = self._model(job.model, [1] * self.init.world_size)
@@ -230,8 +302,7 @@ class _Worker:
         conditioning = make_conditioning(spec, model, job.batch, seed=0)
         cond = batched_conditioning(conditioning, 2.0, self.device, dtype)
         net = self._network(model, ctx, spec, cond, job.slowdown)
-        channels = spec.adapter.latent_channels(model)
-        x = torch.randn(2 * job.batch, channels, job.rows, job.width)
+        x = torch.randn(2 * job.batch, spec.adapter.latent_channels(model), job.rows, job.width)
         times = []
         ctx.local_only = True
         try:
@@ -244,3 +315,48 @@ class _Worker:
             ctx.local_only = False
         times = sorted(times[1:])  # the first call pays for allocation and caching
         return MeasureResult(job.job_id, self.init.rank, times[len(times) // 2], job.rows)
+
+    def _session(self, job: SessionStart) -> None:
+        """Per-call mode: the coordinator runs the sampler loop, we evaluate our band on request."""
+        torch = self.torch
+        from ..parallel import Phase
+        from ..planner import Plan
+
+        plan = Plan.from_dict(job.plan)
+        if plan.world_size != self.init.world_size:
+            raise ValueError(f"plan for {plan.world_size} ranks sent to a pool of {self.init.world_size}")
+        model, ctx, spec, checksum = self._model(job.model, plan.rows)
+        self.channel.send(SessionReady(job.job_id, self.init.rank, {"weights_checksum": checksum,
+                                                                    "pid": os.getpid()}))
+        dtype = next(model.parameters()).dtype
+        while True:
+            msg = self.channel.recv()
+            if isinstance(msg, SessionEnd):
+                return
+            if isinstance(msg, CancelRequest):
+                continue
+            if not isinstance(msg, BandCall):
+                raise TypeError(f"unexpected {type(msg).__name__} in a session")
+            phase = Phase(msg.phase)
+            if msg.cancel:
+                self.channel.cancel_requested = True
+            if phase is not Phase.STALE and not msg.measure_only:
+                self._agree(msg.step, msg.signature)
+            elif self.channel.poll_cancel():
+                raise JobCancelled(msg.step)
+            cond = {k: torch.from_numpy(v).to(self.device, dtype if v.dtype.kind == "f" else None)
+                    for k, v in msg.cond.items()}
+            net = self._network(model, ctx, spec, cond, job.slowdown)
+            ctx.local_only = msg.measure_only
+            try:
+                with torch.inference_mode():
+                    t0 = time.perf_counter()
+                    out, comm = net(torch.from_numpy(msg.x), torch.from_numpy(msg.timesteps), phase)
+                    busy = time.perf_counter() - t0 - comm
+            finally:
+                ctx.local_only = False
+            self.channel.send(BandOutput(job.job_id, msg.call_id, self.init.rank, out.numpy(), busy, comm))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""What the band-splitting workers cannot reproduce, found before anything runs.
+
+Each check names the feature and what to do instead; STADI refuses rather than
+silently producing a different image.
+"""
+
+from __future__ import annotations
+
+from stadi_core.errors import UnsupportedError
+
+SUPPORTED_UNETS = ("UNetModel",)  # comfy.ldm.modules.diffusionmodules.openaimodel: SD1.x, SD2.x, SDXL
+
+
+def check_model(model_patcher) -> None:
+    diffusion_model = model_patcher.model.diffusion_model
+    name = type(diffusion_model).__name__
+    if name not in SUPPORTED_UNETS:
+        raise UnsupportedError(
+            f"STADI Sampler: the {type(model_patcher.model).__name__} model ({name}) is not supported by the "
+            "patch-parallel engine yet (supported: SD1.x, SD2.x and SDXL UNets); use KSampler for this model"
+        )
+    opts = model_patcher.model_options
+    t_opts = opts.get("transformer_options", {})
+    if any(t_opts.get("patches", {}).values()) or any(t_opts.get("patches_replace", {}).values()):
+        names = sorted(set(t_opts.get("patches", {})) | set(t_opts.get("patches_replace", {})))
+        raise UnsupportedError(
+            f"STADI Sampler: the model carries attention/block patches ({', '.join(names)}: IPAdapter, PAG, FreeU, "
+            "attention couple and similar) that the workers cannot split into bands; remove them or use KSampler"
+        )
+    if opts.get("model_function_wrapper") is not None:
+        raise UnsupportedError("STADI Sampler: a model_function_wrapper is set on the model (a node that wraps the "
+                               "model call); remove it or use KSampler")
+    if getattr(model_patcher, "hook_patches", None):
+        raise UnsupportedError("STADI Sampler: hook keyframes/weight hooks are not supported; use KSampler")
+    other_objects = [k for k in getattr(model_patcher, "object_patches", {}) if k != "model_sampling"]
+    if other_objects:
+        raise UnsupportedError(f"STADI Sampler: object patches {other_objects} are not supported; use KSampler")
+
+
+def check_conditioning(*conds) -> None:
+    for cond in conds:
+        for _, extra in cond:
+            if extra.get("control") is not None:
+                raise UnsupportedError("STADI Sampler: ControlNet / T2I adapters are not supported by the "
+                                       "patch-parallel workers yet; use KSampler for this workflow")
+            if extra.get("gligen") is not None:
+                raise UnsupportedError("STADI Sampler: GLIGEN conditioning is not supported; use KSampler")
+            if extra.get("hooks") is not None:
+                raise UnsupportedError("STADI Sampler: conditioning hooks are not supported; use KSampler")
+            if extra.get("area") is not None:
+                raise UnsupportedError("STADI Sampler: area conditioning evaluates crops of the latent, which "
+                                       "cannot be split into bands; use KSampler")

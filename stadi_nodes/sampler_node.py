@@ -1,0 +1,45 @@
+"""STADI Sampler: KSampler's inputs and output, computed in bands on several devices."""
+
+from __future__ import annotations
+
+from .types import CLUSTER_TYPE, PATCHES_TYPE, StadiCluster, plan_ui_payload
+
+
+class STADISampler:
+    DESCRIPTION = ("Drop-in KSampler replacement that splits one generation across several GPUs (or CPU "
+                   "workers), each denoising a band of rows sized to its speed. 'exact' reproduces KSampler; "
+                   "'displaced' reuses the other bands' context from the last sync step (faster, slight deviation).")
+    RETURN_TYPES = ("LATENT", PATCHES_TYPE)
+    RETURN_NAMES = ("LATENT", "patches")
+    FUNCTION = "sample"
+    CATEGORY = "sampling/STADI"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import nodes
+
+        required = dict(nodes.KSampler.INPUT_TYPES()["required"])  # same names, order, lists and defaults
+        required["mode"] = (["displaced", "exact"], {"default": "displaced",
+                                                     "tooltip": "exact: fresh context every layer and step, "
+                                                                "equals KSampler; displaced: faster"})
+        required["warmup_steps"] = ("INT", {"default": 2, "min": 0, "max": 1000,
+                                            "tooltip": "synchronous steps before displaced context and strides"})
+        required["strides"] = (["auto", "off"], {"default": "auto",
+                                                 "tooltip": "auto: slower devices may take fewer, larger steps"})
+        return {"required": required, "optional": {"cluster": (CLUSTER_TYPE,)}}
+
+    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+               mode, warmup_steps, strides, cluster: StadiCluster | None = None):
+        import comfy.sample
+
+        from .coordinator import StadiRun
+
+        latent = latent_image
+        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+        run = StadiRun(model, cluster=cluster, mode=mode, warmup=min(warmup_steps, steps), strides=strides,
+                       sampler_name=sampler_name, steps=steps)
+        extra = {k: v for k, v in latent.items() if k != "samples"}
+        patches = run.sample(noise, samples, positive=positive, negative=negative, cfg=cfg, scheduler=scheduler,
+                             denoise=denoise, noise_mask=latent.get("noise_mask"), seed=seed, latent_extra=extra)
+        return {"ui": {"stadi_plan": [plan_ui_payload(patches)]}, "result": (patches.as_latent(), patches)}

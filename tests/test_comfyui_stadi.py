@@ -1,0 +1,171 @@
+"""The STADI nodes inside a real ComfyUI server (fetched checkout; STADI_COMFYUI_PATH).
+
+Two CPU workers with uneven bands; the tiny SD1.5 checkpoint and LoRA from comfy_support.
+Skipped with a reason when no ComfyUI checkout is configured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfy_support import (
+    ComfyExecutionError,
+    ComfyServer,
+    comfyui_path,
+    load_latent_file,
+    require_comfyui,
+    sd15_api_workflow,
+    write_tiny_lora,
+    write_tiny_sd15_checkpoint,
+)
+
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(comfyui_path() is None,
+                       reason="set STADI_COMFYUI_PATH to a ComfyUI checkout to run the real-ComfyUI tests"),
+]
+
+CKPT = "stadi_tiny_sd15.safetensors"
+LORA = "stadi_tiny_lora.safetensors"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    comfy = require_comfyui()
+    d = tmp_path_factory.mktemp("models")
+    ckpt = write_tiny_sd15_checkpoint(d / CKPT, seed=0, comfy=comfy)
+    lora = write_tiny_lora(d / LORA, ckpt, seed=0)
+    return ckpt, lora
+
+
+@pytest.fixture(scope="module")
+def server(model_files):
+    ckpt, lora = model_files
+    with ComfyServer(require_comfyui(), custom_nodes=ComfyServer.stadi_pack(), checkpoints=[ckpt],
+                     loras=[lora]) as srv:
+        assert not srv.custom_node_import_failures(), srv.log_tail()
+        yield srv
+
+
+def _stadi_workflow(sampler: str, mode: str = "exact", speeds: str = "cpu:0=2, cpu:1=3", **kw) -> dict:
+    wf = sd15_api_workflow(CKPT, lora_name=LORA, sampler_name=sampler, sampler_class="STADISampler",
+                           sampler_extra_inputs={"mode": mode, "warmup_steps": 2, "strides": "auto",
+                                                 "cluster": ["10", 0]}, save_image=False, **kw)
+    wf["10"] = {"class_type": "STADIClusterProfile", "inputs": {
+        "devices": "cpu*2", "backend": "gloo", "measure": False, "speeds": speeds, "exclude": "",
+        "emulate_slowdown": ""}}
+    return wf
+
+
+def _latent(server, entry, node="7") -> torch.Tensor:
+    files = server.output_files(entry, node, "latents")
+    assert files, f"no latent saved: {entry.get('outputs')}"
+    return load_latent_file(files[0])
+
+
+def test_object_info_lists_nodes_and_sampler_inputs_extend_ksampler(server):
+    info = server.object_info()
+    for node in ("STADIClusterProfile", "STADISampler", "STADIPatchStitch"):
+        assert node in info, f"{node} missing; log:\n{server.log_tail()}"
+    ks = info["KSampler"]["input"]["required"]
+    st = info["STADISampler"]["input"]["required"]
+    assert list(st)[: len(ks)] == list(ks)
+    for name, spec in ks.items():
+        assert st[name] == spec, f"input {name} differs from KSampler's"
+    assert info["STADISampler"]["input"]["optional"]["cluster"][0] == "STADI_CLUSTER"
+    assert info["STADISampler"]["output"] == ["LATENT", "STADI_PATCHES"]
+
+
+# The tiny checkpoint's random weights do not denoise: its latents reach |x| ~ 300, where
+# float32 spacing is 3e-5, so an absolute bound of 1e-4 would be ~3 ulps. The bound is
+# relative instead (2e-6 ~ 16 ulps); a wrong halo, norm or attention span gives ~1e-2.
+REL_TOL = 2e-6
+
+
+@pytest.mark.parametrize("sampler,cfg", [("euler", 1.0), ("dpmpp_2m", 2.0), ("euler_ancestral", 2.0)])
+def test_exact_mode_equals_stock_ksampler_with_lora(server, sampler, cfg):
+    common = dict(seed=11, steps=4, cfg=cfg, width=128, height=192, filename_prefix=f"ref_{sampler}")
+    ref = _latent(server, server.run(sd15_api_workflow(CKPT, lora_name=LORA, sampler_name=sampler,
+                                                       save_image=False, **common)))
+    common["filename_prefix"] = f"stadi_{sampler}"
+    entry = server.run(_stadi_workflow(sampler, **common), timeout=600)
+    out = _latent(server, entry)
+    plan = entry["outputs"]["6"]["stadi_plan"][0]
+    rows = [b["rows"] for b in plan["bands"]]
+    assert rows == [8, 16], rows  # uneven bands from speeds 2:3 on a 24-row latent
+    diff = (out - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    print(f"{sampler} cfg {cfg}: rows {rows}, max |STADI exact - KSampler| = {diff:.3g} "
+          f"(|ref| max {scale:.3g}, relative {diff / scale:.2g})")
+    assert diff <= REL_TOL * scale
+
+
+def test_displaced_mode_with_strides_runs_and_reports(server):
+    entry = server.run(_stadi_workflow("euler", mode="displaced", speeds="cpu:0=1, cpu:1=0.5", steps=6,
+                                       filename_prefix="disp"), timeout=600)
+    plan = entry["outputs"]["6"]["stadi_plan"][0]
+    assert [b["stride"] for b in plan["bands"]] == [1, 2]
+    assert plan["bands"][1]["evals"] < plan["bands"][0]["evals"]
+    assert torch.isfinite(_latent(server, entry)).all()
+
+
+def test_interrupt_ends_the_prompt_and_the_next_one_succeeds(server):
+    wf = _stadi_workflow("euler", steps=40, filename_prefix="long")
+    with server.listen() as ws:
+        pid = server.queue(wf)
+        deadline = time.monotonic() + 120
+        while not ws.of_type("progress", pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ws.of_type("progress", pid), "no progress before the interrupt"
+        server.interrupt()
+        with pytest.raises(ComfyExecutionError):
+            server.wait(pid, timeout=60)
+    entry = server.run(_stadi_workflow("euler", steps=3, filename_prefix="after"), timeout=300)
+    assert torch.isfinite(_latent(server, entry)).all()
+
+
+def _worker_pids(parent: int) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")
+            status = (d / "status").read_text()
+        except OSError:
+            continue
+        ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        if b"stadi_core.runtime.worker" in cmd and ppid == parent:
+            pids.append(int(d.name))
+    return pids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return "Z" in next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                           if line.startswith("State:"))
+    except (OSError, StopIteration):
+        return True
+
+
+def test_no_worker_survives_a_killed_server(model_files):
+    ckpt, lora = model_files
+    with ComfyServer(require_comfyui(), custom_nodes=ComfyServer.stadi_pack(), checkpoints=[ckpt],
+                     loras=[lora]) as srv:
+        srv.run(_stadi_workflow("euler", steps=2, filename_prefix="k"), timeout=300)
+        workers = _worker_pids(srv.pid)
+        assert len(workers) == 2, workers
+        os.kill(srv.pid, signal.SIGKILL)  # the server only: its workers must notice on their own
+        deadline = time.monotonic() + 20
+        while not all(_gone(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(_gone(p) for p in workers), "a worker outlived the ComfyUI server"
