@@ -37,8 +37,9 @@ def _as_cluster(cluster: ClusterSpec | str | None) -> ClusterSpec:
 
 
 def _model_info(spec: ModelSpec):
-    """Alignment and conditioning need the model's config, not its weights on a device."""
-    model = build_model(spec, "cpu")
+    """Alignment and conditioning need the model's config, not its weights: build it on the
+    meta device (instant even for SDXL) unless it comes from a folder."""
+    model = build_model(spec, "cpu" if spec.path else "meta")
     return model, spec.adapter.alignment(model)
 
 
@@ -69,6 +70,7 @@ def generate(
     strides: str | Sequence[int] = "auto",
     align: int | None = None,
     stall_timeout_s: float = 60.0,
+    graphs: bool = False,
     on_step: Callable[[int, dict], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> GenerateResult:
@@ -90,14 +92,15 @@ def generate(
     conditioning = make_conditioning(spec, ref_model, batch, seed)
     by_name = {d.name: d for d in cluster.active()}
     devices = [b.device for b in plan.bands]
-    pool = get_pool(devices, cluster.resolved_backend())
+    pool = get_pool(devices, cluster.resolved_backend(), worker_env=_worker_env(by_name, devices))
     shape = (batch, spec.adapter.latent_channels(ref_model), height, width)
     del ref_model
     cond_np = {part: {k: v.numpy() for k, v in d.items()} for part, d in conditioning.items()}
 
     def make_job(job_id: int, rank: int | None = None) -> GenerateJob:
         return GenerateJob(job_id=job_id, model=spec.to_dict(), plan=plan.to_dict(), sampler=sampler,
-                           sigmas=sigmas, cfg=cfg, seed=seed, latent_shape=shape, conditioning=cond_np)
+                           sigmas=sigmas, cfg=cfg, seed=seed, latent_shape=shape, conditioning=cond_np,
+                           graphs=graphs)
 
     slowdowns = [by_name[d].slowdown for d in devices]
     t0 = time.perf_counter()
@@ -109,6 +112,15 @@ def generate(
     report = RunReport.from_results(plan, [results[r].timings for r in range(plan.world_size)], wall,
                                     slowdowns=slowdowns, pool_pids=pool.pids(), checksums=checksums)
     return GenerateResult(torch.cat(bands, dim=2), report)
+
+
+def _worker_env(by_name: dict, devices: list[str]) -> list[dict]:
+    """Per-worker environment: CUDA MPS thread percentages for emulated smaller GPUs."""
+    env = []
+    for name in devices:
+        pct = by_name[name].mps_percent
+        env.append({"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(pct)} if pct else {})
+    return env
 
 
 def _with_slowdown(job, slowdown: float):
@@ -148,16 +160,17 @@ def reference_generate(
 
 
 def profile(model: ModelSpec | None, cluster: ClusterSpec | str | None, *, rows: int, width: int, batch: int = 1,
-            repeats: int = 3) -> ClusterSpec:
+            repeats: int = 3, graphs: bool = False) -> ClusterSpec:
     """Measure each device's capability (rows/s of one network call on a ``rows``-row band)."""
     spec = model or ModelSpec()
     cluster = _as_cluster(cluster)
     cluster.validate_available()
     active = cluster.active()
     devices = [d.name for d in active]
-    pool = get_pool(devices, cluster.resolved_backend())
+    pool = get_pool(devices, cluster.resolved_backend(), worker_env=_worker_env({d.name: d for d in active}, devices))
     slowdowns = [d.slowdown for d in active]
-    results = pool.run(lambda job_id: MeasureJob(job_id, spec.to_dict(), rows, width, batch, repeats),
+    results = pool.run(lambda job_id: MeasureJob(job_id, spec.to_dict(), rows, width, batch, repeats,
+                                                 graphs=graphs),
                        per_rank=lambda job, rank: _with_slowdown(job, slowdowns[rank]))
     caps = {devices[r]: res.rows / res.seconds_per_eval for r, res in results.items()}
     return cluster.with_capabilities(caps)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m stadi_core generate | profile | bench-balance``."""
+"""Command line: ``python -m stadi_core generate | profile | simulate | bench-balance``."""
 
 from __future__ import annotations
 
@@ -86,6 +86,91 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    """Predict a plan's latency on the cluster described by a curves file (see stadi_core.simulate)."""
+    from .planner import Plan
+    from .simulate import LinkModel, compare_strategies, load_curves, plan_from_curves, simulate, strategies_table
+
+    cs = load_curves(args.curves)
+    names = [n.strip() for n in args.devices.split(",") if n.strip()] if args.devices else list(cs.curves)
+    unknown = [n for n in names if n not in cs.curves]
+    if unknown:
+        raise StadiError(f"--devices names {', '.join(unknown)}, which the curves file does not have "
+                         f"({', '.join(cs.curves)})")
+    seen: dict[str, int] = {}
+    devices = []
+    for n in names:  # the same curve several times: cuda:0, cuda:0#1, ...
+        k = seen.get(n, 0)
+        seen[n] = k + 1
+        devices.append(n if k == 0 else f"{n}#{k}")
+    speeds = None
+    if args.speeds:
+        items = [s.strip() for s in args.speeds.split(",") if s.strip()]
+        if all("=" in s for s in items):
+            by = dict(_pairs(items))
+            missing = [d for d in devices if d not in by]
+            if missing:
+                raise StadiError(f"--speeds has no speed for {', '.join(missing)}")
+            speeds = [by[d] for d in devices]
+        else:
+            speeds = [float(s) for s in items]
+            if len(speeds) != len(devices):
+                raise StadiError(f"--speeds gives {len(speeds)} speeds for {len(devices)} devices")
+    strides = args.strides if args.strides in ("auto", "off") else tuple(int(s) for s in args.strides.split(","))
+    ex, ln = cs.exchange, cs.links
+    links_file = json.loads(Path(args.links).read_text()) if args.links else {}
+
+    def pick(cli, *sources, default):
+        if cli is not None:
+            return cli
+        for src, key in sources:
+            if key in src and not isinstance(src[key], list):
+                return src[key]
+        return default
+
+    bw_m = links_file.get("bandwidth_gbps", ln.get("bandwidth_gbps"))
+    lat_m = links_file.get("latency_us", ln.get("latency_us"))
+    link = LinkModel(
+        bandwidth_gbps=float(pick(args.bandwidth_gbps, (links_file, "bandwidth_gbps"), (ln, "bandwidth_gbps"),
+                                  default=25.0)),
+        latency_s=float(pick(args.latency_us, (links_file, "latency_us"), (ln, "latency_us"), default=20.0)) * 1e-6,
+        bandwidth_matrix=bw_m if isinstance(bw_m, list) and args.bandwidth_gbps is None else None,
+        latency_matrix=[[v * 1e-6 for v in row] for row in lat_m]
+        if isinstance(lat_m, list) and args.latency_us is None else None)
+    sim_kw = dict(link=link, bytes_per_row=float(pick(args.bytes_per_row, (ex, "bytes_per_row"), default=0.0)),
+                  bytes_fixed=float(pick(args.bytes_fixed, (ex, "bytes_fixed"), default=0.0)),
+                  bytes_table=ex.get("table") if args.bytes_per_row is None and args.bytes_fixed is None else None,
+                  messages=int(pick(args.messages, (ex, "messages"), default=1)),
+                  step_overhead_s=args.step_overhead_ms * 1e-3, displaced_exchange=args.displaced_exchange)
+    plan_kw = dict(devices=devices, speeds=speeds, align=args.align, steps=args.steps, warmup=args.warmup,
+                   mode=args.mode, sampler=args.sampler, max_stride=args.max_stride)
+    head = f"STADI simulate: curves {args.curves}"
+    if cs.description:
+        head += f" ({cs.description})"
+    print(head)
+    if cs.illustrative:
+        print("note: the curves are ILLUSTRATIVE (invented, not measured): the prediction shows the model, not a cluster")
+    print(f"devices: " + ", ".join(f"{d}" + (f" [{cs.labels[d.split('#')[0]]}]" if d.split('#')[0] in cs.labels else "")
+                                  for d in devices))
+    print(f"exchange: {sim_kw['bytes_fixed']:.4g} + {sim_kw['bytes_per_row']:.4g} bytes/row per rank per sync step"
+          + (" (table)" if sim_kw["bytes_table"] is not None else "")
+          + f", {sim_kw['messages']} all-gathers per call; links {link.bandwidth_gbps:g} GB/s, "
+            f"{link.latency_s * 1e6:g} us" + (" (matrix)" if link.bandwidth_matrix or link.latency_matrix else ""))
+    plan = plan_from_curves(cs.curves, args.height, strides=strides, **plan_kw)
+    print(plan.describe())
+    res = simulate(plan, cs.curves, **sim_kw)
+    print(res.table())
+    if args.timeline:
+        print(res.timeline())
+    if args.equal:
+        print()
+        print(strategies_table(compare_strategies(cs.curves, args.height, strides=strides, **plan_kw, **sim_kw)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res.to_dict(), indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stadi_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +194,33 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--width", type=int, default=48)
     p.set_defaults(func=cmd_profile)
+    s = sub.add_parser("simulate", help="predict a plan's latency on a cluster from per-device compute curves")
+    s.add_argument("--curves", required=True, help="curves JSON (format: stadi_core/simulate.py docstring; "
+                   "example: stadi_core/bench/example_curves.json)")
+    s.add_argument("--devices", help="curve names in band order, repeats allowed (default: every curve, file order)")
+    s.add_argument("--height", type=int, default=128, help="latent rows (image px / 8)")
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--warmup", type=int, default=2)
+    s.add_argument("--mode", default="displaced", choices=["exact", "displaced"])
+    s.add_argument("--strides", default="auto", help="auto, off, or per device e.g. 1,2")
+    s.add_argument("--sampler", default="euler")
+    s.add_argument("--align", type=int, default=8, help="row alignment of the model (8 for SD UNets)")
+    s.add_argument("--max-stride", type=int, default=4)
+    s.add_argument("--speeds", help="planning speeds instead of the curves': 1,0.7 or DEVICE=S,...")
+    s.add_argument("--bandwidth-gbps", type=float, help="link bandwidth, GB/s (1e9 bytes/s); default 25")
+    s.add_argument("--latency-us", type=float, help="link latency per all-gather, microseconds; default 20")
+    s.add_argument("--links", help="JSON with P x P bandwidth_gbps / latency_us matrices (band order)")
+    s.add_argument("--bytes-per-row", type=float, help="bytes a rank sends per latent row per sync step")
+    s.add_argument("--bytes-fixed", type=float, help="bytes a rank sends per sync step regardless of rows")
+    s.add_argument("--messages", type=int, help="all-gathers per network call (each pays the latency)")
+    s.add_argument("--step-overhead-ms", type=float, default=0.0, help="host cost of every base step, per rank")
+    s.add_argument("--displaced-exchange", default="deferred", choices=["deferred", "overlapped", "after_forward"],
+                   help="when a displaced sync step's exchange must be in: before the next sync step (design, "
+                   "default), at the end of the same call overlapped with its compute, or after the forward")
+    s.add_argument("--equal", action="store_true", help="also compare single / equal / elastic / elastic+strides")
+    s.add_argument("--timeline", action="store_true", help="print every rank's per-step start and end")
+    s.add_argument("--json", help="write the prediction (RunReport layout) to this file")
+    s.set_defaults(func=cmd_simulate)
     sub.add_parser("bench-balance", help="equal vs elastic vs elastic+strides with an emulated slow worker "
                    "(its own options: bench-balance --help)")
     argv = sys.argv[1:] if argv is None else list(argv)

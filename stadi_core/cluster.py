@@ -18,8 +18,9 @@ from .errors import PlanError
 __all__ = ["DeviceSpec", "ClusterSpec", "canonical_device", "DEVICE_SYNTAX"]
 
 BACKENDS = ("auto", "nccl", "gloo")
-DEVICE_SYNTAX = "cpu, cpu:N, cuda or cuda:N (and cpu*N / cuda*N for N workers), separated by commas"
-_DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
+DEVICE_SYNTAX = ("cpu, cpu:N, cuda or cuda:N (and cpu*N / cuda*N for N workers; cuda:N.K for a K-th extra "
+                 "worker sharing GPU N, e.g. under CUDA MPS), separated by commas")
+_DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+)(?:\.(\d+))?)?$")
 
 
 def canonical_device(token: str) -> str:
@@ -27,7 +28,13 @@ def canonical_device(token: str) -> str:
     m = _DEVICE_RE.match(str(token).strip().lower())
     if not m:
         raise PlanError(f"unknown device {token!r}: use {DEVICE_SYNTAX}")
-    return f"{m.group(1)}:{int(m.group(2) or 0)}"
+    slot = f".{int(m.group(3))}" if m.group(3) and int(m.group(3)) > 0 else ""
+    return f"{m.group(1)}:{int(m.group(2) or 0)}{slot}"
+
+
+def device_index(name: str) -> int:
+    """"cuda:1.2" -> 1: the device a worker runs on, whatever its slot."""
+    return int(name.split(":")[1].split(".")[0])
 
 
 def _check_positive(what: str, value: float | None, name: str) -> None:
@@ -46,6 +53,7 @@ class DeviceSpec:
     relative_speed: float | None = None  # manual override; when set it is the planning speed
     slowdown: float = 1.0  # emulated slowdown >= 1: the worker pads its compute (tests/benchmarks)
     excluded: bool = False
+    mps_percent: int | None = None  # CUDA MPS active thread percentage for this worker (emulated smaller GPU)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", canonical_device(self.name))
@@ -70,7 +78,8 @@ class DeviceSpec:
 
     @property
     def index(self) -> int:
-        return int(self.name.split(":")[1])
+        """The physical device index (a shared-GPU slot suffix ".K" is not part of it)."""
+        return device_index(self.name)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +88,7 @@ class DeviceSpec:
             "relative_speed": self.relative_speed,
             "slowdown": self.slowdown,
             "excluded": self.excluded,
+            "mps_percent": self.mps_percent,
         }
 
 

@@ -47,9 +47,9 @@ class ModelSpec:
         if self.dtype not in DTYPES:
             raise UnsupportedError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if isinstance(self.config, str) and self.path is None:
-            tiny = getattr(FAMILIES[self.family], "TINY_CONFIGS", {})
-            if self.config not in tiny:
-                raise UnsupportedError(f"unknown model config {self.config!r}: use one of {', '.join(tiny)}")
+            known = named_configs(FAMILIES[self.family])
+            if self.config not in known:
+                raise UnsupportedError(f"unknown model config {self.config!r}: use one of {', '.join(known)}")
 
     def key(self) -> str:
         """Identity for caching a built model in a warm worker."""
@@ -70,7 +70,12 @@ class ModelSpec:
     def resolved_config(self) -> dict:
         if isinstance(self.config, dict):
             return dict(self.config)
-        return dict(self.adapter.TINY_CONFIGS[self.config])
+        return dict(named_configs(self.adapter)[self.config])
+
+
+def named_configs(adapter: ModuleType) -> dict:
+    """Tiny test configs plus, where a family has them, the full architectures (random weights)."""
+    return {**getattr(adapter, "TINY_CONFIGS", {}), **getattr(adapter, "FULL_CONFIGS", {})}
 
 
 def family_adapter(spec: ModelSpec) -> ModuleType:
@@ -85,7 +90,8 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> torch.nn
     if spec.path is not None:
         model = adapter.load(spec.path)
     else:
-        with torch.random.fork_rng(devices=[]):
+        # initialise on the target device: a 2.6B-parameter random init is minutes on a CPU
+        with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(spec.seed)
             model = adapter.build(spec.resolved_config())
     model = model.to(device=device)

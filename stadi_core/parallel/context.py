@@ -3,16 +3,18 @@
 Layers hand it their fresh local data and get back the whole image's context.
 How fresh that context is depends on the phase of the current network call:
 
-* ``FRESH``   – a blocking all-gather: every band is current (exact mode, warmup,
-  the first call after a plan change).
-* ``REFRESH`` – displaced sync step: the layer gets the stored (stale) context of
-  the other bands at once, and an asynchronous all-gather of the fresh data is
-  started; it becomes the stored context when the call ends.
+* ``FRESH``   – a blocking all-gather inside the layer: every band is current (exact
+  mode, warmup, the first call after a plan change).
+* ``REFRESH`` – displaced sync step: the layer gets the stored (stale) context of the
+  other bands plus its own fresh data, and only records what it will send; the
+  exchange itself runs in ``end_call`` after the forward, writing into the stored
+  buffers in place. The forward is then pure compute, so it can be replayed from a
+  CUDA graph, and the exchange can be overlapped with other work.
 * ``STALE``   – displaced non-sync step: the stored context, no communication.
 
-The manager keeps the math out of the communication and the communication out of
-the math, as distrifuser's PatchParallelismCommManager does, but allows unequal
-bands: all-gathers are padded to the largest band and trimmed.
+Stored buffers are allocated once per plan and updated in place (static addresses for
+graph replay). All-gathers are padded to the largest band and trimmed, so bands may be
+unequal (distrifuser's flat buffer assumes equal slices).
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ class Phase(enum.Enum):
 
 @dataclass
 class _Pending:
+    """A fresh local tensor recorded in a REFRESH call, to be exchanged after the forward."""
+
     key: tuple
-    work: object
-    gathered: list
+    local: torch.Tensor
     sizes: list
     dim: int
 
@@ -73,6 +76,7 @@ class BandContext:
         self._pending: list[_Pending] = []
         self._calls_seen: dict[int, int] = {}
         self.stats = CallStats()
+        self.generation = 0  # bumped whenever stored buffers are re-created
         self.local_only = False  # measure a band alone: no exchange, image-border context
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} outside a world of {self.world_size}")
@@ -86,24 +90,43 @@ class BandContext:
         self.stats = CallStats()
 
     def end_call(self) -> CallStats:
-        """Wait for the asynchronous refreshes of this call and store them."""
-        t0 = time.perf_counter()
-        for p in self._pending:
-            _wait(p.work, self.timeout)
-            self._buffers[p.key] = _trim(p.gathered, p.sizes, p.dim)
-        self._pending.clear()
-        self.stats.comm_wait_s += time.perf_counter() - t0
+        """Run the exchanges recorded by a REFRESH call and store them in place."""
+        if self._pending:
+            t0 = time.perf_counter()
+            self.flush(self._pending)
+            self._pending = []
+            self.stats.comm_wait_s += time.perf_counter() - t0
         return self.stats
 
+    def take_pending(self) -> list:
+        """The exchanges a REFRESH call recorded (kept by a CUDA graph to re-issue after replays)."""
+        pending, self._pending = self._pending, []
+        return pending
+
+    def flush(self, pending: list) -> None:
+        """All-gather each recorded tensor and copy the result into the stored buffers."""
+        works = []
+        for p in pending:
+            gathered, work = self._all_gather(p.local, p.dim, p.sizes, async_op=True)
+            works.append((p, gathered, work))
+        for p, gathered, work in works:
+            _wait(work, self.timeout)
+            for dst, src in zip(self._buffers[p.key], _trim(gathered, p.sizes, p.dim)):
+                dst.copy_(src)
+
     def reset(self, rows: Sequence[int] | None = None) -> None:
-        """Forget every buffer (a new plan or a new run)."""
-        if self._pending:
-            self.end_call()
-        if rows is not None:
+        """Start a new run: stored buffers survive only if the band layout is unchanged.
+
+        Keeping them (a warmup step overwrites them in place) keeps their addresses, so
+        CUDA graphs captured in an earlier run stay valid; ``generation`` tells when not.
+        """
+        self._pending = []
+        if rows is not None and list(rows) != self.rows:
             if len(rows) != self.world_size:
                 raise ValueError("a re-plan cannot change the number of ranks")
             self.rows = list(rows)
-        self._buffers.clear()
+            self._buffers.clear()
+            self.generation += 1
 
     # -- geometry ----------------------------------------------------------------------
     @property
@@ -143,7 +166,14 @@ class BandContext:
             gathered = self._all_gather(local, dim, sizes, async_op=False)[0]
             self.stats.comm_wait_s += time.perf_counter() - t0
             parts = _trim(gathered, sizes, dim)
-            self._buffers[key] = parts
+            stored = self._buffers.get(key)
+            if stored is None or any(a.shape != b.shape for a, b in zip(stored, parts)):
+                if stored is not None:
+                    self.generation += 1
+                self._buffers[key] = [p.clone() for p in parts]
+            else:
+                for dst, src in zip(stored, parts):
+                    dst.copy_(src)
             return parts
         stored = self._buffers.get(key)
         if stored is None:
@@ -151,8 +181,7 @@ class BandContext:
         parts = list(stored)
         parts[self.rank] = local
         if self.phase is Phase.REFRESH:
-            gathered, work = self._all_gather(local, dim, sizes, async_op=True)
-            self._pending.append(_Pending(key, work, gathered, list(sizes), dim))
+            self._pending.append(_Pending(key, local, list(sizes), dim))
         return parts
 
     def _all_gather(self, local: torch.Tensor, dim: int, sizes: Sequence[int], async_op: bool):

@@ -56,6 +56,7 @@ class GenerateJob:
     latent_shape: tuple  # (B, C, H, W) of the whole latent
     conditioning: dict  # {"cond": {name: ndarray}, "uncond": {...}}
     slowdown: float = 1.0
+    graphs: bool = False  # replay communication-free band calls from CUDA graphs (CUDA devices)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class MeasureJob:
     batch: int
     repeats: int = 3
     slowdown: float = 1.0
+    graphs: bool = False
 
 
 @dataclass

@@ -71,6 +71,7 @@ class WorkerPool:
         collective_timeout_s: float = 120.0,
         threads_per_worker: int | None = None,
         extra_sys_path: Sequence[str] = (),
+        worker_env: Sequence[dict] | None = None,
     ):
         self.devices = list(devices)
         self.backend = backend
@@ -80,6 +81,7 @@ class WorkerPool:
         cpu_workers = sum(d.startswith("cpu") for d in self.devices) or 1
         self.threads = threads_per_worker or max(1, (os.cpu_count() or 1) // cpu_workers)
         self.extra_sys_path = list(extra_sys_path)
+        self.worker_env = [dict(e) for e in worker_env] if worker_env else [{} for _ in self.devices]
         self.procs: list[subprocess.Popen] = []
         self.conns: list = []
         self.info: list[Ready] = []
@@ -132,7 +134,8 @@ class WorkerPool:
             env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_PARENT] + [p for p in [env.get("PYTHONPATH")] if p])
             kind, _, index = device.partition(":")
             if kind == "cuda":
-                env["CUDA_VISIBLE_DEVICES"] = index or "0"
+                env["CUDA_VISIBLE_DEVICES"] = index.split(".")[0] or "0"
+            env.update(self.worker_env[rank])
             cmd = [sys.executable, "-m", "stadi_core.runtime.worker", "--connect", f"{host}:{lport}",
                    "--rank", str(rank)]
             self.procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
@@ -399,15 +402,15 @@ _POOLS_LOCK = threading.Lock()
 
 def get_pool(devices: Sequence[str], backend: str, **kw) -> WorkerPool:
     """A started pool for exactly these devices, reused while it stays healthy."""
-    key = (tuple(devices), backend, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items())))
+    key = (tuple(devices), backend, repr(sorted(kw.items())))
     with _POOLS_LOCK:
         pool = _POOLS.get(key)
         if pool is not None and pool.alive():
             return pool
         if pool is not None:
             pool.close(force=True)
-        gpus = {d for d in devices if d.startswith("cuda")}
-        for other_key in [k for k in _POOLS if gpus & set(k[0])]:
+        gpus = {d.split(".")[0] for d in devices if d.startswith("cuda")}
+        for other_key in [k for k in _POOLS if gpus & {d.split(".")[0] for d in k[0]}]:
             _POOLS.pop(other_key).close()  # a GPU belongs to one pool at a time (its memory)
         pool = WorkerPool(devices, backend, **kw).start()
         _POOLS[key] = pool

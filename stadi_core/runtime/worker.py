@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     init: WorkerInit = conn.recv()
     kind, _, index = init.device.partition(":")
     if kind == "cuda" and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        os.environ["CUDA_VISIBLE_DEVICES"] = index or "0"
+        os.environ["CUDA_VISIBLE_DEVICES"] = index.split(".")[0] or "0"
     for path in init.extra_sys_path:
         if path not in sys.path:
             sys.path.insert(0, path)
@@ -147,6 +147,7 @@ class _Worker:
             )
             self.group = dist.group.WORLD
         self.models: dict[str, tuple] = {}  # spec key -> (model, ctx, spec, checksum)
+        self._graphs: dict = {}  # id(model) -> GraphedBand (CUDA graphs per input shape)
         threading.Thread(target=self._heartbeat, name="stadi-heartbeat", daemon=True).start()
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         channel.send(Ready(init.rank, os.getpid(), name))
@@ -202,6 +203,7 @@ class _Worker:
         key = spec.key()
         if key not in self.models:
             self.models.clear()  # one model per worker: release the previous one first
+            self._graphs.clear()
             if self.device.type == "cuda":
                 self.torch.cuda.empty_cache()
             model = build_model(spec, self.device)
@@ -213,11 +215,25 @@ class _Worker:
         ctx.reset(rows)
         return model, ctx, spec, checksum
 
-    def _network(self, model, ctx, spec, cond, slowdown: float):
-        """The band's network call: exchange-aware forward plus the emulated slowdown pad."""
+    def _network(self, model, ctx, spec, cond, slowdown: float, graphs: bool = False):
+        """The band's network call: exchange-aware forward plus the emulated slowdown pad.
+
+        With ``graphs`` on a CUDA device, calls without communication inside are replayed
+        from per-shape CUDA graphs (see parallel/graphs.py); exact-mode calls stay eager.
+        """
         torch = self.torch
         dtype = next(model.parameters()).dtype
         forward = spec.adapter.forward
+        graphed = None
+        if graphs and self.device.type == "cuda":
+            from ..parallel.graphs import GraphedBand
+
+            graphed = self._graphs.get(id(model))
+            if graphed is None or graphed.ctx is not ctx:
+                graphed = GraphedBand(lambda inp: forward(model, inp["x"], inp["t"],
+                                                          {k[2:]: v for k, v in inp.items() if k.startswith("c:")}),
+                                      ctx)
+                self._graphs = {id(model): graphed}
 
         def call(x_in, t, phase):
             ctx.begin_call(phase)
@@ -226,7 +242,12 @@ class _Worker:
                 ts = t.to(self.device, torch.float32)
             else:
                 ts = torch.full((x_in.shape[0],), t, device=self.device, dtype=torch.float32)
-            out = forward(model, x_in.to(self.device, dtype), ts, cond)
+            x_dev = x_in.to(self.device, dtype)
+            if graphed is not None and graphed.capturable(ctx, phase):
+                inputs = {"x": x_dev, "t": ts, **{f"c:{k}": v for k, v in cond.items()}}
+                out = graphed(inputs, phase)
+            else:
+                out = forward(model, x_dev, ts, cond)
             stats = ctx.end_call()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -283,7 +304,7 @@ class _Worker:
 
         with torch.inference_mode():
             x, timings = run_band(
-                self._network(model, ctx, spec, cond, job.slowdown),
+                self._network(model, ctx, spec, cond, job.slowdown, graphs=job.graphs),
                 sigmas=job.sigmas, sampler=job.sampler, cfg=job.cfg,
                 noise=FullLatentNoise(job.seed, tuple(job.latent_shape)), rows=rows,
                 schedule=schedule, model_sampling=spec.adapter.model_sampling(model),
@@ -301,7 +322,7 @@ class _Worker:
         dtype = next(model.parameters()).dtype
         conditioning = make_conditioning(spec, model, job.batch, seed=0)
         cond = batched_conditioning(conditioning, 2.0, self.device, dtype)
-        net = self._network(model, ctx, spec, cond, job.slowdown)
+        net = self._network(model, ctx, spec, cond, job.slowdown, graphs=job.graphs)
         x = torch.randn(2 * job.batch, spec.adapter.latent_channels(model), job.rows, job.width)
         times = []
         ctx.local_only = True
