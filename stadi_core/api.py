@@ -111,6 +111,7 @@ def generate(
     checksums = {r: results[r].info.get("weights_checksum") for r in results}
     report = RunReport.from_results(plan, [results[r].timings for r in range(plan.world_size)], wall,
                                     slowdowns=slowdowns, pool_pids=pool.pids(), checksums=checksums)
+    report.notes.extend(f"rank {r}: {results[r].info['note']}" for r in results if results[r].info.get("note"))
     return GenerateResult(torch.cat(bands, dim=2), report)
 
 

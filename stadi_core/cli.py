@@ -88,7 +88,6 @@ def cmd_profile(args) -> int:
 
 def cmd_simulate(args) -> int:
     """Predict a plan's latency on the cluster described by a curves file (see stadi_core.simulate)."""
-    from .planner import Plan
     from .simulate import LinkModel, compare_strategies, load_curves, plan_from_curves, simulate, strategies_table
 
     cs = load_curves(args.curves)
@@ -150,7 +149,7 @@ def cmd_simulate(args) -> int:
     print(head)
     if cs.illustrative:
         print("note: the curves are ILLUSTRATIVE (invented, not measured): the prediction shows the model, not a cluster")
-    print(f"devices: " + ", ".join(f"{d}" + (f" [{cs.labels[d.split('#')[0]]}]" if d.split('#')[0] in cs.labels else "")
+    print("devices: " + ", ".join(f"{d}" + (f" [{cs.labels[d.split('#')[0]]}]" if d.split('#')[0] in cs.labels else "")
                                   for d in devices))
     print(f"exchange: {sim_kw['bytes_fixed']:.4g} + {sim_kw['bytes_per_row']:.4g} bytes/row per rank per sync step"
           + (" (table)" if sim_kw["bytes_table"] is not None else "")

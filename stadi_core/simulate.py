@@ -27,7 +27,9 @@ The simulator replays a :class:`~stadi_core.planner.Plan` step by step with a co
   ``"overlapped"`` — it overlaps the sync step's own compute and every rank waits for it at
   the end of that network call (the slowest rank's compute, plus any transfer not hidden);
   ``"after_forward"`` — it runs after the forward, at the end of the same call, not
-  overlapped (the step then costs what a synchronous step costs).
+  overlapped (the step then costs what a synchronous step costs). The engine as built
+  (``BandContext.end_call`` -> ``flush``, so the forward can be a CUDA graph) does this:
+  use ``"after_forward"`` to predict today's engine, ``"deferred"`` for the design target.
   Between sync steps a rank computes on stale context with no communication, or, on a
   step its stride skips, only pays ``step_overhead_s`` (which every rank also pays on
   every step). The makespan is when the last rank finishes.
@@ -65,6 +67,7 @@ Python::
     curves = fit_curve_from_report(report.to_dict())           # from a measured run
     plan = plan_from_curves(curves, 64, steps=20, warmup=2)     # or any Plan
     sim = simulate(plan, curves, link=LinkModel(25, 20e-6), bytes_per_row=1e6)
+    sim = simulate(plan, curves, **fit_costs_from_report(report))  # or measured exchange/overhead
     print(sim.table()); print(compare(sim, other_report.to_dict()))
 
 CLI: ``python -m stadi_core simulate --curves curves.json --height 256 --steps 20 --equal``.
@@ -84,7 +87,7 @@ from .planner import Plan, make_plan
 __all__ = [
     "Curve", "LinkModel", "SimStep", "SimRank", "SimResult", "CurveSet",
     "load_curves", "simulate", "plan_from_curves", "curve_speeds", "exchange_seconds",
-    "fit_curve_from_report", "compare", "compare_strategies", "strategies_table", "DISPLACED_EXCHANGES",
+    "fit_curve_from_report", "fit_costs_from_report", "compare", "compare_strategies", "strategies_table", "DISPLACED_EXCHANGES",
 ]
 
 DISPLACED_EXCHANGES = ("deferred", "overlapped", "after_forward")
@@ -478,6 +481,39 @@ def fit_curve_from_report(report: Mapping[str, Any] | Sequence[Mapping[str, Any]
     return {d: sorted(pts) for d, pts in out.items()}
 
 
+def fit_costs_from_report(report: Mapping[str, Any] | Any) -> dict[str, float]:
+    """Exchange seconds per synchronous step and host overhead per step, from a measured run.
+
+    ``exchange_s``: median over the synchronous steps (warmup, or every step in exact mode;
+    the first step left out) of the smallest ``comm_s`` of any rank: the rank the others
+    wait for spends only the exchange itself blocked. ``step_overhead_s``: median over steps
+    of the smallest ``wall_s - busy_s - comm_s`` (solver, messaging; the last rank to arrive
+    does not wait). Feed both to :func:`simulate` (``exchange_s=``, ``step_overhead_s=``).
+    """
+    rep = report.to_dict() if hasattr(report, "to_dict") else report
+    steps = rep["steps"]
+    plan = rep.get("plan", {})
+    exact, warmup = plan.get("mode") == "exact", int(plan.get("warmup", 0))
+    n = min((len(s) for s in steps), default=0)
+    fresh, over = [], []
+    for t in range(n):
+        at = [steps[r][t] for r in range(len(steps))]
+        if all(s["computed"] for s in at) and (exact or t < warmup):
+            fresh.append((t, min(float(s["comm_s"]) for s in at)))
+        if t > 0:
+            over.append(min(max(0.0, float(s["wall_s"]) - float(s["busy_s"]) - float(s["comm_s"])) for s in at))
+    comm = [c for t, c in fresh if t > 0] or [c for _, c in fresh]
+    return {"exchange_s": _median(comm) if len(steps) > 1 else 0.0, "step_overhead_s": _median(over)}
+
+
+def _median(xs: Sequence[float]) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return 0.0
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else 0.5 * (xs[m - 1] + xs[m])
+
+
 def compare(sim: SimResult, report: Mapping[str, Any] | Any) -> dict[str, Any]:
     """Prediction vs a measured run: relative error of the makespan (and of the whole call).
 
@@ -544,7 +580,7 @@ def compare_strategies(curves: Mapping[str, Any], height: int, *, devices: Seque
     out = []
     single_t = [_curve_for(curves, d)(height) for d in devices]
     fastest = devices[single_t.index(min(single_t))]
-    one = make_plan(height, [1.0], devices=[fastest], **dict(kw, mode="exact" if mode == "exact" else mode))
+    one = make_plan(height, [1.0], devices=[fastest], **kw)
     out.append((f"single {fastest}", one, simulate(one, curves, **sim_kw)))
     equal = make_plan(height, [1.0] * len(devices), devices=devices, strides="off", **kw)
     out.append(("equal bands", equal, simulate(equal, curves, **sim_kw)))

@@ -102,7 +102,7 @@ def bench_mps(args) -> str:
         generate(spec, equal, mode="displaced", strides="off", **dict(kw, steps=args.warmup + 2))  # start, capture
         eq = generate(spec, equal, mode="displaced", strides="off", **kw)
         measured = ClusterSpec(devs, backend="gloo").with_capabilities(measured_capabilities(eq.report))
-        runs = [("1 worker, 100% GPU", single), ("equal bands 70/30", eq)]
+        runs = [("1 worker, 100% GPU", single), (f"equal bands {pct[0]}/{pct[1]}", eq)]
         for name, strides in (("elastic bands", "off"), ("elastic + strides", "auto")):
             generate(spec, measured, mode="displaced", strides=strides, **dict(kw, steps=args.warmup + 2))
             runs.append((name, generate(spec, measured, mode="displaced", strides=strides, **kw)))
@@ -129,6 +129,8 @@ def bench_mps(args) -> str:
                    f"{','.join(str(r.stride) for r in rep.ranks):>7} {rep.denoise_s:>9.3f} "
                    f"{rep.denoise_s / equal_s:>7.2f} {rep.denoise_s / base:>9.2f} {' '.join(cells)} "
                    f"{_psnr(res.latent, ref):>8.1f}")
+    for name, res in runs:
+        out.extend(f"note ({name}): {n}" for n in res.report.notes)
     out.append("latency = makespan of the denoising loops on warm workers (graphs captured in a previous run); "
                "PSNR vs the 1-worker image (random weights: judge trends)")
     return "\n".join(out)
@@ -147,16 +149,13 @@ def main(argv=None) -> int:
     p.add_argument("--eager", action="store_true", help="no CUDA graphs in the MPS runs")
     p.add_argument("--out", help="append the tables to this file")
     args = p.parse_args(argv)
-    parts = []
-    if args.what in ("graphs", "all"):
-        parts.append(bench_graphs(args))
-        print(parts[-1], flush=True)
-    if args.what in ("mps", "all"):
-        parts.append(bench_mps(args))
-        print(parts[-1], flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n\n".join(parts) + "\n")
+    for what, fn in (("graphs", bench_graphs), ("mps", bench_mps)):
+        if args.what in (what, "all"):
+            table = fn(args)
+            print(table, flush=True)
+            if args.out:  # each table as soon as it exists: a later failure keeps it
+                with open(args.out, "a") as f:
+                    f.write(table + "\n\n")
     return 0
 
 

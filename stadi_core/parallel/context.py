@@ -231,11 +231,9 @@ class BandContext:
         parts = self.exchange(layer_id, torch.stack([mean, m2]), 0, [2] * self.world_size)
         counts = self.sizes_like(count)
         total = float(sum(counts))
-        means = torch.stack([p[0] for p in parts])
-        m2s = torch.stack([p[1] for p in parts])
-        w = torch.tensor(counts, dtype=means.dtype, device=means.device).view(-1, *([1] * mean.dim()))
-        g_mean = (means * w).sum(0) / total
-        g_m2 = (m2s + w * (means - g_mean) ** 2).sum(0)
+        # python-scalar weights: no host-to-device copy, so this is legal inside CUDA graph capture
+        g_mean = sum(p[0] * (n / total) for p, n in zip(parts, counts))
+        g_m2 = sum(p[1] + n * (p[0] - g_mean) ** 2 for p, n in zip(parts, counts))
         return g_mean, g_m2 / total
 
 

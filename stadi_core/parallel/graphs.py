@@ -34,11 +34,13 @@ class GraphedBand:
         self.ctx = ctx
         self.warmup_iters = warmup_iters
         self.captured: dict[tuple, _Captured] = {}
-        self.pool = None
+        self.pool = None  # the first graph's memory pool, shared by the later ones
         self.generation = ctx.generation
+        self.disabled: str | None = None  # why capture failed; calls then run eagerly
 
-    @staticmethod
-    def capturable(ctx: BandContext, phase: Phase) -> bool:
+    def capturable(self, ctx: BandContext, phase: Phase) -> bool:
+        if self.disabled is not None:
+            return False
         return ctx.world_size == 1 or ctx.local_only or phase is not Phase.FRESH
 
     def __call__(self, inputs: dict, phase: Phase) -> torch.Tensor:
@@ -48,7 +50,13 @@ class GraphedBand:
         key = (self.ctx.local_only,) + tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items()))
         entry = self.captured.get(key)
         if entry is None:
-            entry = self._capture(key, inputs)
+            try:
+                entry = self._capture(key, inputs)
+            except RuntimeError as exc:  # e.g. an op that syncs with the host: run eagerly from now on
+                self.disabled = f"CUDA graph capture failed, running eagerly: {exc}".splitlines()[0][:300]
+                torch.cuda.synchronize()
+                self.ctx.begin_call(phase)
+                return self.forward(inputs)
         for k, v in inputs.items():
             entry.inputs[k].copy_(v)
         entry.graph.replay()
@@ -68,11 +76,11 @@ class GraphedBand:
                 ctx.take_pending()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
         ctx.begin_call(Phase.REFRESH)
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.forward(static)
+        if self.pool is None:
+            self.pool = graph.pool()
         entry = _Captured(graph, static, out, ctx.take_pending())
         self.captured[key] = entry
         return entry

@@ -207,6 +207,11 @@ class _Worker:
             if self.device.type == "cuda":
                 self.torch.cuda.empty_cache()
             model = build_model(spec, self.device)
+            if self.device.type == "cuda" and spec.dtype == "float32":
+                # TF32 rounds fp32 convs/matmuls to ~1e-3 and differently for different band
+                # shapes; an fp32 model asks for fp32 results (exact mode is the oracle).
+                self.torch.backends.cudnn.allow_tf32 = False
+                self.torch.backends.cuda.matmul.allow_tf32 = False
             checksum = weights_checksum(model)
             ctx = BandContext(rows, self.init.rank, self.group, timeout_s=self.init.timeout_s)
             make_patch_parallel(model, ctx, spec.adapter.patch_attention)
@@ -310,8 +315,11 @@ class _Worker:
                 schedule=schedule, model_sampling=spec.adapter.model_sampling(model),
                 on_step=on_step, before_sync_step=self._agree,
             )
-        return BandResult(job.job_id, self.init.rank, x.numpy(), [t.to_dict() for t in timings],
-                          {"weights_checksum": checksum, "pid": os.getpid()})
+        info = {"weights_checksum": checksum, "pid": os.getpid()}
+        graphed = self._graphs.get(id(model))
+        if graphed is not None and graphed.disabled:
+            info["note"] = graphed.disabled
+        return BandResult(job.job_id, self.init.rank, x.numpy(), [t.to_dict() for t in timings], info)
 
     def _measure(self, job: MeasureJob) -> MeasureResult:
         torch = self.torch
