@@ -112,6 +112,9 @@ def generate(
     report = RunReport.from_results(plan, [results[r].timings for r in range(plan.world_size)], wall,
                                     slowdowns=slowdowns, pool_pids=pool.pids(), checksums=checksums)
     report.notes.extend(f"rank {r}: {results[r].info['note']}" for r in results if results[r].info.get("note"))
+    if plan.world_size > 1:
+        report.notes.append(f"exchange: {results[0].info.get('transport', 'dist')} "
+                            f"({cluster.resolved_backend()} process group)")
     return GenerateResult(torch.cat(bands, dim=2), report)
 
 

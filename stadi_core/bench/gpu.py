@@ -7,8 +7,9 @@
 SDXL architecture with random fp16 weights (nothing is downloaded). The heterogeneous
 cluster is EMULATED on one GPU with CUDA MPS (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE per
 worker; the MPS control daemon is a user-space service, no card setting changes).
-Same-GPU workers exchange through gloo (host copies): the transport is part of the
-measured time and is reported as comm %.
+Same-GPU workers exchange through CUDA IPC buffers (parallel/ipc_transport.py: the data
+stays on the GPU, gloo carries only barriers); the exchange is part of the measured time
+and is reported as comm %.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def bench_mps(args) -> str:
     out = [f"CUDA MPS emulation on one GPU: workers at {pct[0]}% / {pct[1]}% of the SMs (EMULATED heterogeneity); "
            f"{args.model} random fp16 weights, {px}x{px} ({latent}x{latent} latent), {args.steps} euler steps, "
            f"displaced mode, warmup {args.warmup}, CUDA graphs {'off' if args.eager else 'on'}; "
-           f"same-GPU exchange through gloo (host copies)",
+           f"same-GPU exchange through CUDA IPC",
            f"capabilities measured in the equal-band run: " + ", ".join(
                f"{k} {v:.0f} rows/s" for k, v in measured_capabilities(eq.report).items()),
            "",

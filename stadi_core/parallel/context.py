@@ -65,11 +65,13 @@ class BandContext:
         rank: int,
         group=None,
         timeout_s: float = 120.0,
+        transport=None,
     ):
         self.rows = list(rows)
         self.rank = rank
         self.world_size = len(self.rows)
         self.group = group
+        self.transport = transport  # CudaIpcTransport for ranks sharing a GPU; None: torch.distributed
         self.timeout = timedelta(seconds=timeout_s)
         self.phase = Phase.FRESH
         self._buffers: dict[tuple, list[torch.Tensor]] = {}
@@ -105,6 +107,12 @@ class BandContext:
 
     def flush(self, pending: list) -> None:
         """All-gather each recorded tensor and copy the result into the stored buffers."""
+        if self.transport is not None:
+            sends = [(p.key, _padded(p.local, p.dim, max(p.sizes))) for p in pending]
+            for p, gathered in zip(pending, self.transport.all_gather_many(sends)):
+                for dst, src in zip(self._buffers[p.key], _trim(gathered, p.sizes, p.dim)):
+                    dst.copy_(src)
+            return
         works = []
         for p in pending:
             gathered, work = self._all_gather(p.local, p.dim, p.sizes, async_op=True)
@@ -127,6 +135,8 @@ class BandContext:
             self.rows = list(rows)
             self._buffers.clear()
             self.generation += 1
+            if self.transport is not None:
+                self.transport.reset()
 
     # -- geometry ----------------------------------------------------------------------
     @property
@@ -163,7 +173,10 @@ class BandContext:
         key = (layer_id, n)
         if self.phase is Phase.FRESH:
             t0 = time.perf_counter()
-            gathered = self._all_gather(local, dim, sizes, async_op=False)[0]
+            if self.transport is not None:
+                gathered = self.transport.all_gather_many([(key, _padded(local, dim, max(sizes)))])[0]
+            else:
+                gathered = self._all_gather(local, dim, sizes, async_op=False)[0]
             self.stats.comm_wait_s += time.perf_counter() - t0
             parts = _trim(gathered, sizes, dim)
             stored = self._buffers.get(key)
@@ -185,13 +198,7 @@ class BandContext:
         return parts
 
     def _all_gather(self, local: torch.Tensor, dim: int, sizes: Sequence[int], async_op: bool):
-        biggest = max(sizes)
-        send = local.detach()
-        if send.shape[dim] != biggest:
-            pad_shape = list(send.shape)
-            pad_shape[dim] = biggest - send.shape[dim]
-            send = torch.cat([send, send.new_zeros(pad_shape)], dim=dim)
-        send = send.contiguous()
+        send = _padded(local, dim, max(sizes))
         gathered = [torch.empty_like(send) for _ in range(self.world_size)]
         self.stats.exchanges += 1
         self.stats.bytes_sent += send.numel() * send.element_size()
@@ -235,6 +242,16 @@ class BandContext:
         g_mean = sum(p[0] * (n / total) for p, n in zip(parts, counts))
         g_m2 = sum(p[1] + n * (p[0] - g_mean) ** 2 for p, n in zip(parts, counts))
         return g_mean, g_m2 / total
+
+
+def _padded(local: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``local`` zero-padded along ``dim`` to ``size`` (all-gathers need equal shapes)."""
+    send = local.detach()
+    if send.shape[dim] != size:
+        pad_shape = list(send.shape)
+        pad_shape[dim] = size - send.shape[dim]
+        send = torch.cat([send, send.new_zeros(pad_shape)], dim=dim)
+    return send.contiguous()
 
 
 def _trim(gathered: list[torch.Tensor], sizes: Sequence[int], dim: int) -> list[torch.Tensor]:

@@ -34,7 +34,6 @@ class GraphedBand:
         self.ctx = ctx
         self.warmup_iters = warmup_iters
         self.captured: dict[tuple, _Captured] = {}
-        self.pool = None  # the first graph's memory pool, shared by the later ones
         self.generation = ctx.generation
         self.disabled: str | None = None  # why capture failed; calls then run eagerly
 
@@ -77,10 +76,9 @@ class GraphedBand:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         ctx.begin_call(Phase.REFRESH)
-        with torch.cuda.graph(graph, pool=self.pool):
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):  # a private pool per graph (sharing one tripped an allocator assert)
             out = self.forward(static)
-        if self.pool is None:
-            self.pool = graph.pool()
         entry = _Captured(graph, static, out, ctx.take_pending())
         self.captured[key] = entry
         return entry

@@ -33,6 +33,7 @@ class WorkerInit:
     timeout_s: float
     heartbeat_s: float = 1.0
     extra_sys_path: list = field(default_factory=list)  # e.g. the ComfyUI root, for comfy-family models
+    transport: str = "dist"  # "dist" (NCCL/gloo) or "cuda-ipc" (all ranks share one GPU)
 
 
 @dataclass

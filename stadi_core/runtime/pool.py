@@ -175,11 +175,15 @@ class WorkerPool:
                 raise WorkerError(f"unexpected greeting {hello!r}")
             conns[hello.rank] = conn
         self.conns = [conns[r] for r in range(self.world_size)]
+        gpus = {d.split(":")[1].split(".")[0] for d in self.devices if d.startswith("cuda")}
+        same_gpu = len(gpus) == 1 and all(d.startswith("cuda") for d in self.devices) and self.world_size > 1
+        transport = "cuda-ipc" if same_gpu and self.backend == "gloo" else "dist"
         for rank, (conn, device) in enumerate(zip(self.conns, self.devices)):
             conn.send(WorkerInit(rank=rank, world_size=self.world_size, device=device, backend=self.backend,
                                  store_host=self.host, store_port=store_port, store_prefix=prefix,
                                  parent_pid=os.getpid(), threads=self.threads if device.startswith("cpu") else 1,
-                                 timeout_s=self.collective_timeout_s, extra_sys_path=self.extra_sys_path))
+                                 timeout_s=self.collective_timeout_s, extra_sys_path=self.extra_sys_path,
+                                 transport=transport))
 
     def close(self, force: bool = False, timeout_s: float = 10.0) -> None:
         """Stop every worker: politely unless ``force``, then by SIGKILL after ``timeout_s``."""

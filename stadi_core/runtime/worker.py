@@ -135,17 +135,24 @@ class _Worker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.group = None
+        self.transport = None
         if init.world_size > 1:
             store = dist.TCPStore(init.store_host, init.store_port, is_master=False,
                                   timeout=timedelta(seconds=init.timeout_s))
+            self.store = dist.PrefixStore(init.store_prefix, store)
             dist.init_process_group(
                 init.backend,
-                store=dist.PrefixStore(init.store_prefix, store),
+                store=self.store,
                 rank=init.rank,
                 world_size=init.world_size,
                 timeout=timedelta(seconds=init.timeout_s),
             )
             self.group = dist.group.WORLD
+            if init.transport == "cuda-ipc":
+                from ..parallel.ipc_transport import CudaIpcTransport
+
+                self.transport = CudaIpcTransport(dist.PrefixStore("ipc", self.store), self.group, init.rank,
+                                                  init.world_size, init.timeout_s)
         self.models: dict[str, tuple] = {}  # spec key -> (model, ctx, spec, checksum)
         self._graphs: dict = {}  # id(model) -> GraphedBand (CUDA graphs per input shape)
         threading.Thread(target=self._heartbeat, name="stadi-heartbeat", daemon=True).start()
@@ -213,7 +220,8 @@ class _Worker:
                 self.torch.backends.cudnn.allow_tf32 = False
                 self.torch.backends.cuda.matmul.allow_tf32 = False
             checksum = weights_checksum(model)
-            ctx = BandContext(rows, self.init.rank, self.group, timeout_s=self.init.timeout_s)
+            ctx = BandContext(rows, self.init.rank, self.group, timeout_s=self.init.timeout_s,
+                              transport=self.transport)
             make_patch_parallel(model, ctx, spec.adapter.patch_attention)
             self.models[key] = (model, ctx, spec, checksum)
         model, ctx, spec, checksum = self.models[key]
@@ -315,7 +323,7 @@ class _Worker:
                 schedule=schedule, model_sampling=spec.adapter.model_sampling(model),
                 on_step=on_step, before_sync_step=self._agree,
             )
-        info = {"weights_checksum": checksum, "pid": os.getpid()}
+        info = {"weights_checksum": checksum, "pid": os.getpid(), "transport": self.init.transport}
         graphed = self._graphs.get(id(model))
         if graphed is not None and graphed.disabled:
             info["note"] = graphed.disabled
