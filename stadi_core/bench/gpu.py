@@ -69,7 +69,10 @@ def mps_daemon():
     try:
         yield env
     finally:
-        subprocess.run([exe], input="quit\n", text=True, timeout=30)
+        try:  # quit waits for clients; a slow exit must not lose the measurements
+            subprocess.run([exe], input="quit\n", text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            print("warning: the MPS control daemon did not quit within 60 s", flush=True)
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -91,11 +94,9 @@ def bench_mps(args) -> str:
     kw = dict(height=latent, width=latent, batch=1, steps=args.steps, sampler="euler", cfg=5.0, seed=0,
               warmup=args.warmup, graphs=not args.eager, stall_timeout_s=300)
     pct = args.split
-    rows = []
     with mps_daemon():
+        generate(spec, ClusterSpec.parse("cuda:0"), mode="displaced", **kw)  # start, build, capture graphs
         single = generate(spec, ClusterSpec.parse("cuda:0"), mode="displaced", **kw)  # world 1: no exchange
-        generate(spec, ClusterSpec.parse("cuda:0"), mode="displaced", **kw)  # warm (graphs captured)
-        single = generate(spec, ClusterSpec.parse("cuda:0"), mode="displaced", **kw)
         shutdown_pools()
         devs = (DeviceSpec("cuda:0", mps_percent=pct[0]), DeviceSpec("cuda:0.1", mps_percent=pct[1]))
         equal = ClusterSpec(tuple(DeviceSpec(d.name, relative_speed=1.0, mps_percent=d.mps_percent) for d in devs),
@@ -107,7 +108,14 @@ def bench_mps(args) -> str:
         for name, strides in (("elastic bands", "off"), ("elastic + strides", "auto")):
             generate(spec, measured, mode="displaced", strides=strides, **dict(kw, steps=args.warmup + 2))
             runs.append((name, generate(spec, measured, mode="displaced", strides=strides, **kw)))
+        table = _mps_table(args, runs, single, eq, latent)
+        print(table, flush=True)
         shutdown_pools()
+    return table
+
+
+def _mps_table(args, runs, single, eq, latent) -> str:
+    px, pct = args.mps_size, args.split
     ref = single.latent
     base = single.report.denoise_s
     equal_s = eq.report.denoise_s
