@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .cluster import ClusterSpec
-from .errors import PlanError
+from .errors import PlanError, WorkerError
 from .models.spec import ModelSpec, batched_conditioning, build_model, make_conditioning
 from .planner import Plan, make_plan
 from .report import RunReport
@@ -108,6 +108,7 @@ def generate(
                        should_cancel=should_cancel, per_rank=lambda job, rank: _with_slowdown(job, slowdowns[rank]))
     wall = time.perf_counter() - t0
     bands = [torch.from_numpy(results[r].band) for r in range(plan.world_size)]
+    check_finite(bands, plan)
     checksums = {r: results[r].info.get("weights_checksum") for r in results}
     report = RunReport.from_results(plan, [results[r].timings for r in range(plan.world_size)], wall,
                                     slowdowns=slowdowns, pool_pids=pool.pids(), checksums=checksums)
@@ -116,6 +117,19 @@ def generate(
         report.notes.append(f"exchange: {results[0].info.get('transport', 'dist')} "
                             f"({cluster.resolved_backend()} process group)")
     return GenerateResult(torch.cat(bands, dim=2), report)
+
+
+def check_finite(bands: Sequence[torch.Tensor], plan: Plan) -> None:
+    """Refuse to hand back a latent with NaN/inf: a corrupted result must not pass silently."""
+    for band, b in zip(bands, plan.bands):
+        bad = int((~torch.isfinite(band)).sum())
+        if bad:
+            raise WorkerError(
+                f"rank {b.rank} ({b.device}) returned {bad} non-finite values in rows [{b.row_start},"
+                f"{b.row_start + b.rows}): the result was discarded. Causes seen: fp16 overflow in the model, "
+                "or an exchange transport that does not work on this machine; try mode 'exact' or float32 "
+                "to tell them apart"
+            )
 
 
 def _worker_env(by_name: dict, devices: list[str]) -> list[dict]:

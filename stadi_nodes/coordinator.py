@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from stadi_core.api import check_finite
 from stadi_core.cluster import ClusterSpec
 from stadi_core.errors import StadiError, UnsupportedError
 from stadi_core.models.spec import ModelSpec
@@ -278,6 +279,7 @@ class StadiRun:
         if errors:
             first = session.failed or errors[0]
             raise first
+        check_finite([s.result for s in states], plan)
         timings = [_step_timings(s.records, t_start + wall) for s in states]
         report = RunReport.from_results(plan, timings, wall, slowdowns=slowdowns, pool_pids=pool.pids(),
                                         checksums={r: session.ready[r].info.get("weights_checksum")

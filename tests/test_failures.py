@@ -153,3 +153,18 @@ def test_strides_with_a_multi_evaluation_sampler_are_refused():
 
     with pytest.raises(UnsupportedError, match="strides off"):
         make_plan(64, [1.0, 0.5], steps=10, sampler="heun", strides=(1, 2))
+
+
+def test_non_finite_band_is_refused_not_returned():
+    import torch
+
+    from stadi_core.api import check_finite
+    from stadi_core.planner import make_plan
+
+    plan = make_plan(16, [1.0, 1.0], devices=["cpu:0", "cpu:1"], steps=4)
+    good = torch.zeros(1, 4, 8, 8)
+    bad = good.clone()
+    bad[0, 0, 3, 3] = float("nan")
+    check_finite([good, good], plan)
+    with pytest.raises(WorkerError, match=r"rank 1 \(cpu:1\) returned 1 non-finite values in rows \[8,16\)"):
+        check_finite([good, bad], plan)

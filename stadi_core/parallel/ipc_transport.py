@@ -59,6 +59,34 @@ class CudaIpcTransport:
         dist.barrier(group=self.group)
         return out
 
+    def self_test(self) -> str | None:
+        """None if every rank reads every other rank's buffer correctly, else why not.
+
+        CUDA IPC can map memory without error yet read garbage (seen between CUDA MPS
+        clients on the lent H100), so the transport proves itself before it is used; all
+        ranks agree on the verdict so they fall back together.
+        """
+        probe = torch.empty(1 << 16, dtype=torch.float32, device="cuda")
+        reason = None
+        try:
+            own, peers = self._slot(("self-test",), probe)
+            own.fill_(float(self.rank + 1))
+            torch.cuda.current_stream().synchronize()
+            dist.barrier(group=self.group)
+            for r, peer in enumerate(peers):
+                seen = peer.clone()
+                if not bool((seen == float(r + 1)).all()):
+                    reason = f"rank {self.rank} read wrong data from rank {r} through CUDA IPC"
+            torch.cuda.current_stream().synchronize()
+        except Exception as exc:  # opening a handle can fail outright too
+            reason = f"CUDA IPC failed: {exc}".splitlines()[0]
+        verdict = torch.tensor([0.0 if reason is None else 1.0])
+        dist.all_reduce(verdict, op=dist.ReduceOp.MAX, group=self.group)
+        self.reset()
+        if verdict.item() > 0:
+            return reason or "another rank could not read through CUDA IPC"
+        return None
+
     def reset(self) -> None:
         """Forget the buffers (a new plan); the peers' handles are dropped with them."""
         self._own.clear()

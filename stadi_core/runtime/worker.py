@@ -136,6 +136,7 @@ class _Worker:
             torch.cuda.set_device(self.device)
         self.group = None
         self.transport = None
+        self.transport_name = init.transport
         if init.world_size > 1:
             store = dist.TCPStore(init.store_host, init.store_port, is_master=False,
                                   timeout=timedelta(seconds=init.timeout_s))
@@ -153,6 +154,10 @@ class _Worker:
 
                 self.transport = CudaIpcTransport(dist.PrefixStore("ipc", self.store), self.group, init.rank,
                                                   init.world_size, init.timeout_s)
+                failure = self.transport.self_test()
+                if failure is not None:  # correct but slow beats fast and wrong
+                    self.transport = None
+                    self.transport_name = f"gloo through the host (CUDA IPC unusable: {failure})"
         self.models: dict[str, tuple] = {}  # spec key -> (model, ctx, spec, checksum)
         self._graphs: dict = {}  # id(model) -> GraphedBand (CUDA graphs per input shape)
         threading.Thread(target=self._heartbeat, name="stadi-heartbeat", daemon=True).start()
@@ -323,7 +328,7 @@ class _Worker:
                 schedule=schedule, model_sampling=spec.adapter.model_sampling(model),
                 on_step=on_step, before_sync_step=self._agree,
             )
-        info = {"weights_checksum": checksum, "pid": os.getpid(), "transport": self.init.transport}
+        info = {"weights_checksum": checksum, "pid": os.getpid(), "transport": self.transport_name}
         graphed = self._graphs.get(id(model))
         if graphed is not None and graphed.disabled:
             info["note"] = graphed.disabled
