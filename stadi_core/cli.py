@@ -63,7 +63,7 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     res = generate(spec, cluster, height=args.height, width=args.width, batch=args.batch, steps=args.steps,
                    sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg, seed=args.seed, mode=args.mode,
-                   warmup=args.warmup, strides=strides,
+                   warmup=args.warmup, strides=strides, graphs=args.graphs,
                    on_step=lambda rank, t: rank == 0 and print(f"  step {t['step'] + 1}/{args.steps}", flush=True))
     total = time.perf_counter() - t0
     from .planner import Plan
@@ -187,6 +187,7 @@ def main(argv=None) -> int:
     g.add_argument("--warmup", type=int, default=2)
     g.add_argument("--strides", default="auto", help="auto, off, or per device e.g. 1,2")
     g.add_argument("--out", default="out", help="output folder")
+    g.add_argument("--graphs", action="store_true", help="CUDA graphs for communication-free band calls")
     g.set_defaults(func=cmd_generate)
     p = sub.add_parser("profile", help="measure each device's rows/s on the model")
     _add_run_args(p)

@@ -50,3 +50,15 @@ def check_conditioning(*conds) -> None:
             if extra.get("area") is not None:
                 raise UnsupportedError("STADI Sampler: area conditioning evaluates crops of the latent, which "
                                        "cannot be split into bands; use KSampler")
+
+
+def check_call_options(transformer_options: dict) -> None:
+    """Patches added for a single model call (PAG and SAG do this from a post-CFG function)."""
+    patches = [k for k, v in transformer_options.get("patches", {}).items() if v]
+    replaced = [k for k, v in transformer_options.get("patches_replace", {}).items() if v]
+    if patches or replaced:
+        raise UnsupportedError(
+            f"STADI Sampler: a node patches the model's attention for some calls ({', '.join(patches + replaced)}; "
+            "e.g. Perturbed Attention Guidance, Self-Attention Guidance): the workers cannot reproduce it; remove "
+            "that node or use KSampler"
+        )

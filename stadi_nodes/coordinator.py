@@ -192,6 +192,7 @@ class StadiRun:
                     raise UnsupportedError("STADI Sampler: ControlNet residuals reached the model; use KSampler")
                 if kwargs:
                     raise UnsupportedError(f"STADI Sampler: extra model inputs {sorted(kwargs)} are not supported")
+                compatibility.check_call_options(transformer_options)
                 step = _step_index(transformer_options)
                 t0 = time.perf_counter()
                 if state.schedule.computes(step) or state.last_out is None \

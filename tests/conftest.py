@@ -14,3 +14,18 @@ def _stop_worker_pools():
     from stadi_core.runtime.pool import shutdown_pools
 
     shutdown_pools()
+
+
+TINY_CKPT = "stadi_tiny_sd15.safetensors"
+TINY_LORA = "stadi_tiny_lora.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny_comfy_models(tmp_path_factory):
+    """(checkpoint, LoRA) paths: the tiny SD1.5 checkpoint ComfyUI detects, built once per session."""
+    from comfy_support import require_comfyui, write_tiny_lora, write_tiny_sd15_checkpoint
+
+    comfy = require_comfyui()
+    folder = tmp_path_factory.mktemp("models")
+    ckpt = write_tiny_sd15_checkpoint(folder / TINY_CKPT, seed=0, comfy=comfy)
+    return ckpt, write_tiny_lora(folder / TINY_LORA, ckpt, seed=0)

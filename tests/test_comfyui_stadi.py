@@ -39,12 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def model_files(tmp_path_factory):
-    comfy = require_comfyui()
-    d = tmp_path_factory.mktemp("models")
-    ckpt = write_tiny_sd15_checkpoint(d / CKPT, seed=0, comfy=comfy)
-    lora = write_tiny_lora(d / LORA, ckpt, seed=0)
-    return ckpt, lora
+def model_files(tiny_comfy_models):
+    return tiny_comfy_models
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +103,47 @@ def test_exact_mode_equals_stock_ksampler_with_lora(server, sampler, cfg):
     print(f"{sampler} cfg {cfg}: rows {rows}, max |STADI exact - KSampler| = {diff:.3g} "
           f"(|ref| max {scale:.3g}, relative {diff / scale:.2g})")
     assert diff <= REL_TOL * scale
+
+
+def test_batch_of_two_with_denoise_below_one_equals_ksampler(server):
+    common = dict(seed=5, steps=4, cfg=2.0, width=128, height=192, batch_size=2, denoise=0.6, filename_prefix="refb")
+    ref = _latent(server, server.run(sd15_api_workflow(CKPT, sampler_name="euler", save_image=False, **common)))
+    common["filename_prefix"] = "stadib"
+    out = _latent(server, server.run(_stadi_workflow("euler", **common), timeout=600))
+    assert out.shape == ref.shape and out.shape[0] == 2
+    assert (out - ref).abs().max().item() <= REL_TOL * ref.abs().max().item()
+
+
+def test_attention_patch_is_refused_with_a_message(server):
+    wf = _stadi_workflow("euler", steps=2, filename_prefix="pag")
+    wf["11"] = {"class_type": "PerturbedAttentionGuidance", "inputs": {"model": wf["6"]["inputs"]["model"], "scale": 3.0}}
+    wf["6"]["inputs"]["model"] = ["11", 0]
+    with pytest.raises(ComfyExecutionError) as err:
+        server.run(wf, timeout=300)
+    assert "Perturbed Attention Guidance" in str(err.value.entry) or "patches the model" in str(err.value.entry)
+    assert torch.isfinite(_latent(server, server.run(_stadi_workflow("euler", steps=2, filename_prefix="afterpag"))))\
+        .all()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "workflows" / "api").glob("*.json")))
+def test_every_shipped_api_workflow_completes(server, name):
+    """Each API workflow as shipped, with this test's tiny model files and a small size."""
+    wf = json.loads((REPO / "workflows" / "api" / name).read_text())
+    for node in wf.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = CKPT
+        elif kind == "LoraLoader":
+            inputs["lora_name"] = LORA
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=128, height=128)
+        elif kind == "STADISampler":
+            inputs["steps"] = 3
+        elif kind == "STADIClusterProfile":
+            inputs["devices"] = "cpu*2"  # "auto" too on a machine without GPU; explicit keeps it fast
+    entry = server.run(wf, timeout=600)
+    images = [out for out in entry["outputs"].values() if out.get("images")]
+    assert images, f"{name} produced no images: {entry['outputs']}"
 
 
 def test_displaced_mode_with_strides_runs_and_reports(server):

@@ -33,12 +33,8 @@ LORA = "stadi_tiny_lora.safetensors"
 
 
 @pytest.fixture(scope="module")
-def model_files(tmp_path_factory):
-    comfy = require_comfyui()
-    d = tmp_path_factory.mktemp("models")
-    ckpt = write_tiny_sd15_checkpoint(d / CKPT, seed=0, comfy=comfy)
-    lora = write_tiny_lora(d / LORA, ckpt, seed=0)
-    return ckpt, lora
+def model_files(tiny_comfy_models):
+    return tiny_comfy_models
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,14 @@ from helpers import cpu_cluster
 from stadi_core.api import generate
 from stadi_core.errors import PlanError, UnsupportedError, WorkerError, WorkerTimeout
 from stadi_core.models.spec import ModelSpec
-from stadi_core.runtime.pool import JobCancelledError, get_pool
+from stadi_core.runtime.pool import JobCancelledError
 
 KW = dict(height=40, width=32, batch=1, steps=12, cfg=2.0, sampler="euler", mode="exact")
 
 
-def _pool_pids(cluster):
-    return get_pool([d.name for d in cluster.active()], cluster.resolved_backend()).pids()
+def _warm_pool_pids(cluster):
+    """Start (or reuse) the pool for ``cluster`` with a short run; its worker pids."""
+    return generate(ModelSpec(), cluster, **dict(KW, steps=2)).report.pool_pids
 
 
 def _gone(pid: int) -> bool:
@@ -37,8 +38,7 @@ def _gone(pid: int) -> bool:
 
 def test_killed_worker_raises_within_30s_and_next_run_works():
     cluster = cpu_cluster(1.0, 1.0)
-    generate(ModelSpec(), cluster, **dict(KW, steps=2))  # warm pool
-    pids = _pool_pids(cluster)
+    pids = _warm_pool_pids(cluster)
     killed = []
 
     def kill_rank1(rank, timing):
@@ -62,8 +62,7 @@ def test_killed_worker_raises_within_30s_and_next_run_works():
 
 def test_frozen_worker_is_detected_by_heartbeat_timeout():
     cluster = cpu_cluster(1.0, 1.0)
-    generate(ModelSpec(), cluster, **dict(KW, steps=2))
-    pids = _pool_pids(cluster)
+    pids = _warm_pool_pids(cluster)
     stopped = []
 
     def freeze_rank0(rank, timing):
@@ -85,8 +84,7 @@ def test_frozen_worker_is_detected_by_heartbeat_timeout():
 
 def test_cancel_stops_all_ranks_at_one_step_and_pool_survives():
     cluster = cpu_cluster(1.0, 1.0)
-    generate(ModelSpec(), cluster, **dict(KW, steps=2))
-    pids = _pool_pids(cluster)
+    pids = _warm_pool_pids(cluster)
     seen = []
     with pytest.raises(JobCancelledError, match="interrupted at step"):
         generate(ModelSpec(), cluster, on_step=lambda r, t: seen.append(t["step"]),

@@ -146,9 +146,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def model_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("models")
-    return write_tiny_sd15_checkpoint(d / CKPT, seed=0, comfy=require_comfyui())
+def model_files(tiny_comfy_models):
+    return tiny_comfy_models[0]
 
 
 @pytest.fixture(scope="module")

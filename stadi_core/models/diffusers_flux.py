@@ -20,7 +20,6 @@ whole image.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -62,11 +61,9 @@ def build(config: dict) -> torch.nn.Module:
 
 def load(path: str) -> torch.nn.Module:
     """The transformer of a local diffusers Flux folder (the folder itself or its ``transformer/``)."""
-    from diffusers import FluxTransformer2DModel
+    from .diffusers_folder import load_local
 
-    sub = os.path.join(path, "transformer")
-    folder = sub if os.path.isdir(sub) else path
-    return FluxTransformer2DModel.from_pretrained(folder, local_files_only=True)
+    return load_local("FluxTransformer2DModel", path, "transformer")
 
 
 def alignment(model) -> int:

@@ -19,7 +19,6 @@ that starts at row 0.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +58,9 @@ def build(config: dict) -> torch.nn.Module:
 
 def load(path: str) -> torch.nn.Module:
     """The transformer of a local diffusers SD3 folder (the folder itself or its ``transformer/``)."""
-    from diffusers import SD3Transformer2DModel
+    from .diffusers_folder import load_local
 
-    sub = os.path.join(path, "transformer")
-    folder = sub if os.path.isdir(sub) else path
-    return SD3Transformer2DModel.from_pretrained(folder, local_files_only=True)
+    return load_local("SD3Transformer2DModel", path, "transformer")
 
 
 def alignment(model) -> int:

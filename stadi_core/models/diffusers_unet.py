@@ -144,13 +144,9 @@ def patch_attention(model, ctx: BandContext, next_id) -> int:
 
 def load(path: str) -> torch.nn.Module:
     """A UNet from a local diffusers folder (the folder itself or its ``unet/`` subfolder)."""
-    import os
+    from .diffusers_folder import load_local
 
-    from diffusers import UNet2DConditionModel
-
-    sub = os.path.join(path, "unet")
-    folder = sub if os.path.isdir(sub) else path
-    return UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
+    return load_local("UNet2DConditionModel", path, "unet")
 
 
 def model_sampling(model):
