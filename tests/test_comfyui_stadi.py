@@ -107,7 +107,8 @@ def test_exact_mode_equals_stock_ksampler_with_lora(server, sampler, cfg):
 
 def test_batch_of_two_with_denoise_below_one_equals_ksampler(server):
     common = dict(seed=5, steps=4, cfg=2.0, width=128, height=192, batch_size=2, denoise=0.6, filename_prefix="refb")
-    ref = _latent(server, server.run(sd15_api_workflow(CKPT, sampler_name="euler", save_image=False, **common)))
+    ref = _latent(server, server.run(sd15_api_workflow(CKPT, lora_name=LORA, sampler_name="euler", save_image=False,
+                                                       **common)))
     common["filename_prefix"] = "stadib"
     out = _latent(server, server.run(_stadi_workflow("euler", **common), timeout=600))
     assert out.shape == ref.shape and out.shape[0] == 2
