@@ -48,7 +48,10 @@ def run(args) -> list[dict]:
     # STADI plans from measured band times: the equal-band run is the measurement.
     measured = base.with_capabilities(measured_capabilities(first.report))
     caps = [d.capability for d in measured.active()]
-    record("elastic bands", generate(spec, measured, strides="off", **kw))
+    elastic = record("elastic bands", generate(spec, measured, strides="off", **kw))
+    # ... and re-plans from the elastic run, where each band was measured at its new size
+    remeasured = base.with_capabilities(measured_capabilities(elastic.report))
+    record("elastic, re-planned", generate(spec, remeasured, strides="off", **kw))
     record("elastic + strides", generate(spec, measured, strides="auto", **kw))
     for r in rows:
         r["ideal"] = args.steps * args.height / sum(caps)

@@ -7,9 +7,10 @@ How fresh that context is depends on the phase of the current network call:
   mode, warmup, the first call after a plan change).
 * ``REFRESH`` – displaced sync step: the layer gets the stored (stale) context of the
   other bands plus its own fresh data, and only records what it will send; the
-  exchange itself runs in ``end_call`` after the forward, writing into the stored
-  buffers in place. The forward is then pure compute, so it can be replayed from a
-  CUDA graph, and the exchange can be overlapped with other work.
+  exchange starts in ``end_call`` after the forward and completes at the next sync
+  step, writing into the stored buffers in place. The forward is then pure compute (it
+  can be replayed from a CUDA graph), and a fast rank's stale steps overlap a slow
+  rank's longer evaluation instead of waiting for it.
 * ``STALE``   – displaced non-sync step: the stored context, no communication.
 
 Stored buffers are allocated once per plan and updated in place (static addresses for
@@ -76,6 +77,7 @@ class BandContext:
         self.phase = Phase.FRESH
         self._buffers: dict[tuple, list[torch.Tensor]] = {}
         self._pending: list[_Pending] = []
+        self._inflight: list | None = None  # exchanges started at the last sync step
         self._calls_seen: dict[int, int] = {}
         self.stats = CallStats()
         self.generation = 0  # bumped whenever stored buffers are re-created
@@ -90,37 +92,52 @@ class BandContext:
         self.phase = phase
         self._calls_seen.clear()
         self.stats = CallStats()
+        if phase is not Phase.STALE:
+            self.complete_inflight()  # a sync step needs the previous sync step's exchange
 
     def end_call(self) -> CallStats:
-        """Run the exchanges recorded by a REFRESH call and store them in place."""
+        """Start the exchanges a REFRESH call recorded; they complete at the next sync step.
+
+        Deferring the wait lets a fast rank run its stale steps while a slow rank is still
+        computing its (stride > 1) evaluation; the buffers change only at the next sync
+        step, so the stale steps in between read a consistent snapshot.
+        """
         if self._pending:
             t0 = time.perf_counter()
-            self.flush(self._pending)
+            self._inflight = self._launch(self._pending)
             self._pending = []
             self.stats.comm_wait_s += time.perf_counter() - t0
         return self.stats
+
+    def complete_inflight(self, store: bool = True) -> None:
+        """Wait for the exchanges started at the last sync step and (unless discarding) store them."""
+        if self._inflight is None:
+            return
+        t0 = time.perf_counter()
+        inflight, self._inflight = self._inflight, None
+        for p, gathered, work in inflight:
+            if work is not None:
+                _wait(work, self.timeout)
+            if store:
+                for dst, src in zip(self._buffers[p.key], _trim(gathered, p.sizes, p.dim)):
+                    dst.copy_(src)
+        self.stats.comm_wait_s += time.perf_counter() - t0
 
     def take_pending(self) -> list:
         """The exchanges a REFRESH call recorded (kept by a CUDA graph to re-issue after replays)."""
         pending, self._pending = self._pending, []
         return pending
 
-    def flush(self, pending: list) -> None:
-        """All-gather each recorded tensor and copy the result into the stored buffers."""
-        if self.transport is not None:
+    def _launch(self, pending: list) -> list:
+        """Start an all-gather per recorded tensor: [(pending, gathered, work or None)]."""
+        if self.transport is not None:  # CUDA IPC: synchronous, data already gathered
             sends = [(p.key, _padded(p.local, p.dim, max(p.sizes))) for p in pending]
-            for p, gathered in zip(pending, self.transport.all_gather_many(sends)):
-                for dst, src in zip(self._buffers[p.key], _trim(gathered, p.sizes, p.dim)):
-                    dst.copy_(src)
-            return
-        works = []
+            return [(p, g, None) for p, g in zip(pending, self.transport.all_gather_many(sends))]
+        out = []
         for p in pending:
             gathered, work = self._all_gather(p.local, p.dim, p.sizes, async_op=True)
-            works.append((p, gathered, work))
-        for p, gathered, work in works:
-            _wait(work, self.timeout)
-            for dst, src in zip(self._buffers[p.key], _trim(gathered, p.sizes, p.dim)):
-                dst.copy_(src)
+            out.append((p, gathered, work))
+        return out
 
     def reset(self, rows: Sequence[int] | None = None) -> None:
         """Start a new run: stored buffers survive only if the band layout is unchanged.
@@ -129,6 +146,7 @@ class BandContext:
         CUDA graphs captured in an earlier run stay valid; ``generation`` tells when not.
         """
         self._pending = []
+        self.complete_inflight(store=False)  # a new run starts with a synchronous step anyway
         if rows is not None and list(rows) != self.rows:
             if len(rows) != self.world_size:
                 raise ValueError("a re-plan cannot change the number of ranks")

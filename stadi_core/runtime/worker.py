@@ -266,12 +266,14 @@ class _Worker:
                 out = graphed(inputs, phase)
             else:
                 out = forward(model, x_dev, ts, cond)
-            stats = ctx.end_call()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            busy = time.perf_counter() - start - stats.comm_wait_s
+            busy = time.perf_counter() - start - ctx.stats.comm_wait_s  # minus in-layer (FRESH) exchanges
             if slowdown > 1.0:
-                time.sleep(busy * (slowdown - 1.0))  # pad to budget: emulated slower device
+                # pad to budget: an emulated slower device finishes its compute later, so the pad
+                # comes before the displaced exchange that the other ranks wait on
+                time.sleep(busy * (slowdown - 1.0))
+            stats = ctx.end_call()
             return out.float().cpu(), stats.comm_wait_s
 
         return call
