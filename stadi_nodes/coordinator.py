@@ -11,6 +11,7 @@ server keeps ComfyUI's noise, progress bar, preview and interrupt semantics.
 from __future__ import annotations
 
 import contextvars
+import copy
 import logging
 import os
 import threading
@@ -232,6 +233,10 @@ class StadiRun:
             try:
                 with torch.inference_mode():
                     clone = self.model.clone()
+                    # Each rank's loop gets its own BaseModel shell (the network modules stay shared):
+                    # pre_run/cleanup set per-loop state on it (current_patcher), and a fast rank that
+                    # finishes first must not clear it under a slower rank's loop.
+                    clone.model = copy.copy(self.model.model)
                     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "stadi",
                                                make_wrapper(state))
                     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "stadi",
