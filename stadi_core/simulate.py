@@ -27,9 +27,11 @@ The simulator replays a :class:`~stadi_core.planner.Plan` step by step with a co
   ``"overlapped"`` — it overlaps the sync step's own compute and every rank waits for it at
   the end of that network call (the slowest rank's compute, plus any transfer not hidden);
   ``"after_forward"`` — it runs after the forward, at the end of the same call, not
-  overlapped (the step then costs what a synchronous step costs). The engine as built
-  (``BandContext.end_call`` -> ``flush``, so the forward can be a CUDA graph) does this:
-  use ``"after_forward"`` to predict today's engine, ``"deferred"`` for the design target.
+  overlapped (the step then costs what a synchronous step costs). The engine starts a
+  sync step's all-gathers after the forward (``BandContext.end_call``, so the forward can
+  be a CUDA graph) and completes them at the next sync step (``begin_call``): that is
+  ``"deferred"``, the default; the CUDA-IPC transport (same-GPU workers) is synchronous,
+  i.e. ``"after_forward"``.
   Between sync steps a rank computes on stale context with no communication, or, on a
   step its stride skips, only pays ``step_overhead_s`` (which every rank also pays on
   every step). The makespan is when the last rank finishes.

@@ -23,8 +23,6 @@ from comfy_support import (
     load_latent_file,
     require_comfyui,
     sd15_api_workflow,
-    write_tiny_lora,
-    write_tiny_sd15_checkpoint,
 )
 
 pytestmark = [

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedError
 from .diffusers_sd3 import band_geometry, whole_image_kv
+from .diffusers_sd3 import make_conditioning as sd3_conditioning
 
 FAMILY = "diffusers-flux"
 
@@ -90,21 +91,12 @@ def model_sampling(model):
 
 
 def make_conditioning(model, batch: int, seed: int, tokens: int = TEXT_TOKENS) -> dict:
-    """Deterministic stand-in T5/CLIP embeddings (cond, uncond), batch-first so CFG can concatenate them."""
-    cfg = model.config
-    gen = torch.Generator().manual_seed(seed)
-    cond = {
-        "encoder_hidden_states": torch.randn(batch, tokens, cfg.joint_attention_dim, generator=gen),
-        "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
-    }
-    uncond = {
-        "encoder_hidden_states": torch.randn(batch, tokens, cfg.joint_attention_dim, generator=gen) * 0.1,
-        "pooled_projections": torch.zeros(batch, cfg.pooled_projection_dim),
-    }
-    if cfg.guidance_embeds:
-        cond["guidance"] = torch.full((batch,), GUIDANCE)
-        uncond["guidance"] = torch.full((batch,), GUIDANCE)
-    return {"cond": cond, "uncond": uncond}
+    """SD3's stand-in T5/CLIP embeddings (same shapes) plus Flux-dev's distilled guidance."""
+    out = sd3_conditioning(model, batch, seed, tokens)
+    if model.config.guidance_embeds:
+        for part in out.values():
+            part["guidance"] = torch.full((batch,), GUIDANCE)
+    return out
 
 
 # -- packing and positions --------------------------------------------------------------------
