@@ -43,14 +43,13 @@ def _model_info(spec: ModelSpec):
     return model, spec.adapter.alignment(model)
 
 
-def plan_for(spec: ModelSpec, cluster: ClusterSpec, *, height: int, steps: int, sampler: str,
-             mode: str, warmup: int, strides, align: int | None = None) -> Plan:
-    model, model_align = _model_info(spec)
+def plan_for(cluster: ClusterSpec, *, height: int, steps: int, sampler: str, mode: str, warmup: int, strides,
+             align: int) -> Plan:
+    """The plan for the cluster's active devices at their planning speeds."""
     cluster.validate_available()
     active = cluster.active()
     return make_plan(height, [d.planning_speed() for d in active], devices=[d.name for d in active],
-                     align=align or model_align, steps=steps, warmup=warmup, mode=mode, strides=strides,
-                     sampler=sampler)
+                     align=align, steps=steps, warmup=warmup, mode=mode, strides=strides, sampler=sampler)
 
 
 def generate(
@@ -74,7 +73,7 @@ def generate(
     on_step: Callable[[int, dict], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> GenerateResult:
-    """Denoise a ``batch x 4 x height x width`` latent with one band per active device.
+    """Denoise a ``batch x channels x height x width`` latent with one band per active device.
 
     ``height``/``width`` are latent rows/columns (image pixels / 8). Bands are sized by each
     device's planning speed (measured capability, manual override, or emulated slowdown).
@@ -83,10 +82,11 @@ def generate(
     cluster = _as_cluster(cluster)
     make_sampler(sampler)  # unknown samplers fail before any process starts
     ref_model, model_align = _model_info(spec)
-    if width % (align or model_align):
-        raise PlanError(f"latent width {width} is not a multiple of {align or model_align}: "
-                        f"use an image width that is a multiple of {8 * (align or model_align)} px")
-    plan = plan_for(spec, cluster, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
+    align = align or model_align
+    if width % align:
+        raise PlanError(f"latent width {width} is not a multiple of {align}: "
+                        f"use an image width that is a multiple of {8 * align} px")
+    plan = plan_for(cluster, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
                     strides=strides, align=align)
     sigmas = spec.adapter.model_sampling(ref_model).sigmas(scheduler, steps)
     conditioning = make_conditioning(spec, ref_model, batch, seed)
@@ -97,14 +97,14 @@ def generate(
     del ref_model
     cond_np = {part: {k: v.numpy() for k, v in d.items()} for part, d in conditioning.items()}
 
-    def make_job(job_id: int, rank: int | None = None) -> GenerateJob:
+    def make_job(job_id: int) -> GenerateJob:
         return GenerateJob(job_id=job_id, model=spec.to_dict(), plan=plan.to_dict(), sampler=sampler,
                            sigmas=sigmas, cfg=cfg, seed=seed, latent_shape=shape, conditioning=cond_np,
                            graphs=graphs)
 
     slowdowns = [by_name[d].slowdown for d in devices]
     t0 = time.perf_counter()
-    results = pool.run(lambda job_id: make_job(job_id), stall_timeout_s=stall_timeout_s, on_step=on_step,
+    results = pool.run(make_job, stall_timeout_s=stall_timeout_s, on_step=on_step,
                        should_cancel=should_cancel, per_rank=lambda job, rank: _with_slowdown(job, slowdowns[rank]))
     wall = time.perf_counter() - t0
     bands = [torch.from_numpy(results[r].band) for r in range(plan.world_size)]
