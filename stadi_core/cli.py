@@ -223,7 +223,13 @@ def main(argv=None) -> int:
     s.set_defaults(func=cmd_simulate)
     sub.add_parser("bench-balance", help="equal vs elastic vs elastic+strides with an emulated slow worker "
                    "(its own options: bench-balance --help)")
+    sub.add_parser("worker", help="run one worker that connects to a coordinator: worker --connect HOST:PORT "
+                   "--rank R (STADI_AUTHKEY in the environment); what the coordinator starts per device")
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["worker"]:
+        from .runtime import worker
+
+        return worker.main(argv[1:])
     if argv[:1] == ["bench-balance"]:
         from .bench import balance
 
