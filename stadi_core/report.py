@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 from .planner import Plan
+
+
+def idle_pct(busy_s: float, wall_s: float) -> float:
+    """Share of a rank's loop not spent computing (waiting on exchanges or other ranks), in %."""
+    return 100.0 * max(0.0, 1.0 - busy_s / wall_s) if wall_s > 0 else 0.0
+
+
+def psnr(a, ref) -> float:
+    """PSNR of ``a`` against ``ref`` in dB, peak = the reference's value range (inf if equal)."""
+    mse = float(((a - ref) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(float(ref.max() - ref.min()) ** 2 / mse)
 
 
 @dataclass
@@ -21,7 +34,7 @@ class RankSummary:
     @property
     def idle_pct(self) -> float:
         """Share of the run this rank was not computing (waiting, or done early)."""
-        return 100.0 * max(0.0, 1.0 - self.busy_s / self.wall_s) if self.wall_s > 0 else 0.0
+        return idle_pct(self.busy_s, self.wall_s)
 
 
 @dataclass

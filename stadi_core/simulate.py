@@ -85,6 +85,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import PlanError
 from .planner import Plan, make_plan
+from .report import idle_pct
 
 __all__ = [
     "Curve", "LinkModel", "SimStep", "SimRank", "SimResult", "CurveSet",
@@ -237,7 +238,7 @@ class SimRank:
     @property
     def idle_pct(self) -> float:
         """Share of the rank's loop not computing (as RankSummary.idle_pct: comm counts as idle)."""
-        return 100.0 * max(0.0, 1.0 - self.busy_s / self.wall_s) if self.wall_s > 0 else 0.0
+        return idle_pct(self.busy_s, self.wall_s)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Small helpers shared by the engine tests."""
 
-import torch
 
 from stadi_core.cluster import ClusterSpec, DeviceSpec
+from stadi_core.report import psnr  # noqa: F401 - re-exported for the tests
 
 
 def cpu_cluster(*speeds: float, slowdowns=None) -> ClusterSpec:
@@ -12,7 +12,10 @@ def cpu_cluster(*speeds: float, slowdowns=None) -> ClusterSpec:
                              for i, (s, d) in enumerate(zip(speeds, slowdowns))), backend="gloo")
 
 
-def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
-    mse = float(((a - ref) ** 2).mean())
-    peak = float(ref.max() - ref.min())
-    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(peak**2 / mse)).item()
+def gone(pid: int) -> bool:
+    """The process has exited (or is a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line for line in f)
+    except FileNotFoundError:
+        return True

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import gone
 from comfy_support import (
     ComfyExecutionError,
     ComfyServer,
@@ -185,14 +185,6 @@ def _worker_pids(parent: int) -> list[int]:
     return pids
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return "Z" in next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                           if line.startswith("State:"))
-    except (OSError, StopIteration):
-        return True
-
-
 def test_no_worker_survives_a_killed_server(model_files):
     ckpt, lora = model_files
     with ComfyServer(require_comfyui(), custom_nodes=ComfyServer.stadi_pack(), checkpoints=[ckpt],
@@ -202,6 +194,6 @@ def test_no_worker_survives_a_killed_server(model_files):
         assert len(workers) == 2, workers
         os.kill(srv.pid, signal.SIGKILL)  # the server only: its workers must notice on their own
         deadline = time.monotonic() + 20
-        while not all(_gone(p) for p in workers) and time.monotonic() < deadline:
+        while not all(gone(p) for p in workers) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert all(_gone(p) for p in workers), "a worker outlived the ComfyUI server"
+        assert all(gone(p) for p in workers), "a worker outlived the ComfyUI server"

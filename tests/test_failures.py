@@ -9,12 +9,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import pytest
 
-from helpers import cpu_cluster
+from helpers import cpu_cluster, gone
 from stadi_core.api import generate
 from stadi_core.errors import PlanError, UnsupportedError, WorkerError, WorkerTimeout
 from stadi_core.models.spec import ModelSpec
@@ -26,14 +25,6 @@ KW = dict(height=40, width=32, batch=1, steps=12, cfg=2.0, sampler="euler", mode
 def _warm_pool_pids(cluster):
     """Start (or reuse) the pool for ``cluster`` with a short run; its worker pids."""
     return generate(ModelSpec(), cluster, **dict(KW, steps=2)).report.pool_pids
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return any(line.startswith("State:") and "Z" in line for line in f)
-    except FileNotFoundError:
-        return True
 
 
 def test_killed_worker_raises_within_30s_and_next_run_works():
@@ -52,9 +43,9 @@ def test_killed_worker_raises_within_30s_and_next_run_works():
     assert "fresh pool" in str(err.value)
     for pid in pids:  # the survivor was stopped too, not left in a collective
         deadline = time.monotonic() + 10
-        while not _gone(pid) and time.monotonic() < deadline:
+        while not gone(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _gone(pid), f"worker {pid} outlived the failed run"
+        assert gone(pid), f"worker {pid} outlived the failed run"
     res = generate(ModelSpec(), cluster, **dict(KW, steps=2))
     assert res.latent.shape == (1, 4, 40, 32)
     assert set(res.report.pool_pids).isdisjoint(pids)
@@ -110,13 +101,13 @@ def test_no_worker_outlives_a_killed_parent(tmp_path):
         line = parent.stdout.readline()
         pids = [int(p) for p in line.split()]
         assert len(pids) == 2, f"parent printed {line!r}"
-        assert not any(_gone(p) for p in pids)
+        assert not any(gone(p) for p in pids)
         parent.kill()
         parent.wait(10)
         deadline = time.monotonic() + 15
-        while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        while not all(gone(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert all(_gone(p) for p in pids), "a worker outlived its parent"
+        assert all(gone(p) for p in pids), "a worker outlived its parent"
     finally:
         if parent.poll() is None:
             parent.kill()

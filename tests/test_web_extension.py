@@ -34,7 +34,6 @@ from comfy_support import (  # noqa: E402
     comfyui_path,
     repo_root,
     require_comfyui,
-    write_tiny_sd15_checkpoint,
 )
 
 # Every test but the first (plain Node.js, runs in CI when `node` is installed) needs ComfyUI.

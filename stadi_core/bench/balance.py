@@ -11,20 +11,13 @@ deviation from the single-process image (PSNR) are printed as a table.
 from __future__ import annotations
 
 import argparse
-import math
-import time
 
 import torch
 
 from ..api import generate, reference_generate
 from ..cluster import ClusterSpec, DeviceSpec
 from ..models.spec import ModelSpec
-from ..report import measured_capabilities
-
-
-def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
-    mse = float(((a - ref) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(float(ref.max() - ref.min()) ** 2 / mse)
+from ..report import measured_capabilities, psnr
 
 
 def run(args) -> list[dict]:

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import shutil
 import subprocess
 import tempfile
-import time
 
 from ..api import generate, profile
 from ..cluster import ClusterSpec, DeviceSpec
 from ..models.spec import ModelSpec
-from ..report import measured_capabilities
+from ..report import measured_capabilities, psnr
 
 
 def _spec(model: str) -> ModelSpec:
@@ -78,11 +76,6 @@ def mps_daemon():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _psnr(a, ref) -> float:
-    mse = float(((a - ref) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(float(ref.max() - ref.min()) ** 2 / mse)
 
 
 def bench_mps(args) -> str:
@@ -137,7 +130,7 @@ def _mps_table(args, runs, single, eq, latent) -> str:
         out.append(f"{name:<20} {'/'.join(str(r.rows) for r in rep.ranks):>9} "
                    f"{','.join(str(r.stride) for r in rep.ranks):>7} {rep.denoise_s:>9.3f} "
                    f"{rep.denoise_s / equal_s:>7.2f} {rep.denoise_s / base:>9.2f} {' '.join(cells)} "
-                   f"{_psnr(res.latent, ref):>8.1f}")
+                   f"{psnr(res.latent, ref):>8.1f}")
     for name, res in runs:
         out.extend(f"note ({name}): {n}" for n in res.report.notes)
     out.append("latency = makespan of the denoising loops on warm workers (graphs captured in a previous run); "

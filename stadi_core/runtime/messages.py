@@ -28,7 +28,6 @@ class WorkerInit:
     store_host: str
     store_port: int
     store_prefix: str
-    parent_pid: int
     threads: int
     timeout_s: float
     heartbeat_s: float = 1.0

@@ -30,7 +30,6 @@ from .messages import (
     BandResult,
     Cancelled,
     CancelRequest,
-    Heartbeat,
     Hello,
     MeasureResult,
     Ready,
@@ -181,7 +180,7 @@ class WorkerPool:
         for rank, (conn, device) in enumerate(zip(self.conns, self.devices)):
             conn.send(WorkerInit(rank=rank, world_size=self.world_size, device=device, backend=self.backend,
                                  store_host=self.host, store_port=store_port, store_prefix=prefix,
-                                 parent_pid=os.getpid(), threads=self.threads if device.startswith("cpu") else 1,
+                                 threads=self.threads if device.startswith("cpu") else 1,
                                  timeout_s=self.collective_timeout_s, extra_sys_path=self.extra_sys_path,
                                  transport=transport))
 
@@ -351,33 +350,30 @@ class Session:
         conn.send(make_call(self.job_id, call_id))
         last_heard = time.monotonic()
         while True:
-            if conn.poll(0.25):
-                try:
-                    msg = conn.recv()
-                except (EOFError, OSError):
-                    self._fail(lambda: pool._raise_dead(rank, "evaluating a band"))
-                last_heard = time.monotonic()
-                if isinstance(msg, BandOutput) and msg.call_id == call_id:
-                    return msg
-                if isinstance(msg, WorkerFailure):
-                    self._fail(lambda: (_ for _ in ()).throw(WorkerError(
-                        f"worker rank {rank} ({pool.devices[rank]}) failed: {msg.message}\n"
-                        f"--- worker traceback ---\n{msg.traceback}")))
-                if isinstance(msg, Cancelled):
-                    raise JobCancelledError(f"interrupted at step {msg.step}")
-                continue
-            if self.failed is not None:
-                raise WorkerError(f"stopped because another rank failed: {self.failed}")
-            self._fail(lambda: pool._check_health([rank], {}, {rank: last_heard}, stall_timeout_s,
-                                                   "evaluating a band"))
-
-    def _fail(self, check) -> None:
-        try:
-            check()
-        except BaseException as exc:
-            if self.failed is None:
-                self.failed = exc
-            raise
+            try:
+                if conn.poll(0.25):
+                    try:
+                        msg = conn.recv()
+                    except (EOFError, OSError):
+                        pool._raise_dead(rank, "evaluating a band")
+                    last_heard = time.monotonic()
+                    if isinstance(msg, BandOutput) and msg.call_id == call_id:
+                        return msg
+                    if isinstance(msg, WorkerFailure):
+                        raise WorkerError(f"worker rank {rank} ({pool.devices[rank]}) failed: {msg.message}\n"
+                                          f"--- worker traceback ---\n{msg.traceback}")
+                    if isinstance(msg, Cancelled):
+                        raise JobCancelledError(f"interrupted at step {msg.step}")
+                    continue
+                if self.failed is not None:
+                    raise WorkerError(f"stopped because another rank failed: {self.failed}")
+                pool._check_health([rank], {}, {rank: last_heard}, stall_timeout_s, "evaluating a band")
+            except JobCancelledError:
+                raise
+            except BaseException as exc:  # the first failure is the one the other ranks report
+                if self.failed is None:
+                    self.failed = exc
+                raise
 
     def cancel(self) -> None:
         """Ask every rank to stop at its next agreed step."""
