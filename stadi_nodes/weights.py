@@ -1,14 +1,18 @@
-"""UNet weights with LoRA and other weight patches baked in, written once for the workers.
+"""Diffusion-network weights with LoRA and other weight patches baked in, written once for the workers.
 
 The server never loads its own GPU copy: patched weights are computed on the CPU with
 ComfyUI's own ``calculate_weight`` and written to shared memory (``/dev/shm`` where it
 exists) as safetensors, which each worker reads. Cached per model identity + patch set.
+Shared memory is RAM: the folder is removed when the server exits, and folders left by
+servers that died without cleaning up are removed when the next one starts writing.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
 import tempfile
 import threading
 
@@ -19,10 +23,41 @@ _LOCK = threading.Lock()
 _KEEP = 2  # baked files kept around (the current model and one more)
 
 
+_PREFIX = "stadi-weights-"
+
+
+def _base() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_folders(base: str | None = None) -> list[str]:
+    """Remove weight folders of servers that are gone; returns what was removed."""
+    base = base or _base()
+    removed = []
+    for name in os.listdir(base):
+        pid = name[len(_PREFIX):]
+        if name.startswith(_PREFIX) and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
 def _folder() -> str:
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-    path = os.path.join(base, f"stadi-weights-{os.getpid()}")
-    os.makedirs(path, exist_ok=True)
+    path = os.path.join(_base(), f"{_PREFIX}{os.getpid()}")
+    if not os.path.isdir(path):
+        remove_stale_folders()
+        os.makedirs(path, exist_ok=True)
+        atexit.register(shutil.rmtree, path, True)
     return path
 
 
@@ -31,7 +66,7 @@ def identity(model_patcher, dtype: torch.dtype) -> tuple:
     return (id(model_patcher.model), str(model_patcher.patches_uuid), str(dtype))
 
 
-def baked_unet_file(model_patcher, dtype: torch.dtype) -> tuple[str, str]:
+def baked_network_file(model_patcher, dtype: torch.dtype) -> tuple[str, str]:
     """(path, key) of a safetensors file with the diffusion model's patched weights."""
     import comfy.lora
     from safetensors.torch import save_file
@@ -50,7 +85,7 @@ def baked_unet_file(model_patcher, dtype: torch.dtype) -> tuple[str, str]:
                 weight = comfy.lora.calculate_weight(patches[1:], convert(weight.to(torch.float32, copy=True),
                                                                            inplace=True), name)
             state[name[len(prefix):]] = weight.to(device="cpu", dtype=dtype).contiguous()
-        path = os.path.join(_folder(), f"unet-{key}.safetensors")
+        path = os.path.join(_folder(), f"network-{key}.safetensors")
         save_file(state, path + ".partial")
         os.replace(path + ".partial", path)
         _CACHE[ident] = path
