@@ -8,16 +8,24 @@ from __future__ import annotations
 
 from stadi_core.errors import UnsupportedError
 
-SUPPORTED_UNETS = ("UNetModel",)  # comfy.ldm.modules.diffusionmodules.openaimodel: SD1.x, SD2.x, SDXL
+# ComfyUI network class -> the worker family that runs it in bands
+FAMILY_BY_CLASS = {
+    "comfy.ldm.modules.diffusionmodules.openaimodel:UNetModel": "comfy-unet",  # SD1.x, SD2.x, SDXL
+    "comfy.ldm.modules.diffusionmodules.mmdit:OpenAISignatureMMDITWrapper": "comfy-mmdit",  # SD3, SD3.5
+    "comfy.ldm.flux.model:Flux": "comfy-flux",  # Flux.1 dev / schnell
+}
 
 
-def check_model(model_patcher) -> None:
+def check_model(model_patcher) -> str:
+    """The worker family for this MODEL, or an error that says why it cannot run in bands."""
     diffusion_model = model_patcher.model.diffusion_model
-    name = type(diffusion_model).__name__
-    if name not in SUPPORTED_UNETS:
+    cls = type(diffusion_model)
+    family = FAMILY_BY_CLASS.get(f"{cls.__module__}:{cls.__qualname__}")
+    if family is None:
         raise UnsupportedError(
-            f"STADI Sampler: the {type(model_patcher.model).__name__} model ({name}) is not supported by the "
-            "patch-parallel engine yet (supported: SD1.x, SD2.x and SDXL UNets); use KSampler for this model"
+            f"STADI Sampler: the {type(model_patcher.model).__name__} model ({cls.__name__}) is not supported by the "
+            "patch-parallel engine yet (supported: SD1.x, SD2.x, SDXL, SD3/SD3.5 and Flux.1); use KSampler for "
+            "this model"
         )
     opts = model_patcher.model_options
     t_opts = opts.get("transformer_options", {})
@@ -30,11 +38,17 @@ def check_model(model_patcher) -> None:
     if opts.get("model_function_wrapper") is not None:
         raise UnsupportedError("STADI Sampler: a model_function_wrapper is set on the model (a node that wraps the "
                                "model call); remove it or use KSampler")
+    network_wrappers = [k for k, v in getattr(model_patcher, "wrappers", {}).get("diffusion_model", {}).items() if v]
+    if network_wrappers:
+        raise UnsupportedError(f"STADI Sampler: a node wraps the diffusion network ({', '.join(network_wrappers)}; e.g. "
+                               "step caching such as TeaCache); the workers run the plain network: remove it or use "
+                               "KSampler")
     if getattr(model_patcher, "hook_patches", None):
         raise UnsupportedError("STADI Sampler: hook keyframes/weight hooks are not supported; use KSampler")
     other_objects = [k for k in getattr(model_patcher, "object_patches", {}) if k != "model_sampling"]
     if other_objects:
         raise UnsupportedError(f"STADI Sampler: object patches {other_objects} are not supported; use KSampler")
+    return family
 
 
 def check_conditioning(*conds) -> None:

@@ -1,8 +1,9 @@
 """The STADI Sampler's coordinator inside the ComfyUI server (DESIGN §3).
 
 For each rank a light thread runs ComfyUI's own sampler loop (KSampler -> CFGGuider ->
-k-diffusion) over the full latent, on a clone of the MODEL whose DIFFUSION_MODEL
-wrapper sends the network call to that rank's worker, which computes only its band.
+k-diffusion) over the full latent, on a clone of the MODEL whose diffusion network is a
+``BandNetwork`` (an object patch, see band_network.py) that sends the network call to that
+rank's worker, which computes only its band.
 So every sampler, scheduler, CFG function and model_sampling patch works unchanged, and
 a rank with stride k simply answers k-1 of every k calls from its last output. The
 server keeps ComfyUI's noise, progress bar, preview and interrupt semantics.
@@ -11,7 +12,6 @@ server keeps ComfyUI's noise, progress bar, preview and interrupt semantics.
 from __future__ import annotations
 
 import contextvars
-import copy
 import logging
 import os
 import threading
@@ -24,7 +24,8 @@ import torch
 from stadi_core.api import check_finite
 from stadi_core.cluster import ClusterSpec
 from stadi_core.errors import StadiError, UnsupportedError
-from stadi_core.models.spec import ModelSpec
+from stadi_core.models.comfy_common import MIRRORED_ARGS, model_class_path
+from stadi_core.models.spec import FAMILIES, ModelSpec
 from stadi_core.parallel import Phase
 from stadi_core.planner import Plan, make_plan
 from stadi_core.report import RunReport, measured_capabilities
@@ -33,8 +34,9 @@ from stadi_core.runtime.pool import JobCancelledError, get_pool
 from stadi_core.sampling.band_loop import LoopSchedule
 
 from . import compatibility
+from .band_network import BandNetwork, private_shell
 from .types import StadiCluster, StadiPatches
-from .weights import baked_unet_file
+from .weights import baked_network_file
 
 log = logging.getLogger("stadi")
 
@@ -83,20 +85,26 @@ class StadiRun:
                  sampler_name: str, steps: int):
         import comfy.cli_args
 
-        compatibility.check_model(model)
+        family = compatibility.check_model(model)
         self.model = model
         self.cluster = cluster or default_cluster()
         self.mode, self.warmup, self.strides = mode, warmup, strides
         self.sampler_name, self.steps = sampler_name, steps
         base = model.model
+        network = base.diffusion_model
+        self.adapter = FAMILIES[family]
+        self.align = self.adapter.alignment(network)
+        self.channels = self.adapter.latent_channels(network)
+        # stand-in conditioning shapes for the capability measurement
+        self.probe_cond = self.adapter.make_conditioning(network, 1, seed=0)["cond"]
         self.dtype = base.manual_cast_dtype or base.get_dtype()
         unet_config = dict(base.model_config.unet_config)
         unet_config.pop("dtype", None)
-        path, key = baked_unet_file(model, self.dtype)
-        mirrored = {k: getattr(comfy.cli_args.args, k) for k in _mirrored_args()}
-        self.spec = ModelSpec(family="comfy-unet", config=unet_config, path=path, dtype=str(self.dtype).split(".")[-1],
-                              extra={"comfy_args": mirrored, "weights_key": key})
-        self.unet_config = unet_config
+        path, key = baked_network_file(model, self.dtype)
+        mirrored = {k: getattr(comfy.cli_args.args, k) for k in MIRRORED_ARGS if hasattr(comfy.cli_args.args, k)}
+        self.spec = ModelSpec(family=family, config=unet_config, path=path, dtype=str(self.dtype).split(".")[-1],
+                              extra={"comfy_args": mirrored, "weights_key": key,
+                                     "model_class": model_class_path(network)})
 
     # -- planning ----------------------------------------------------------------------------
     def plan(self, height: int, width: int, speeds: list[float] | None = None) -> Plan:
@@ -108,7 +116,7 @@ class StadiRun:
             for d in active:
                 cached = _CAPABILITIES.get((self.spec.key(), d.name, height, width))
                 speeds.append(d.relative_speed or cached or d.planning_speed())
-        align = 2 ** (len(self.unet_config.get("channel_mult", (1, 2, 4, 4))) - 1)
+        align = self.align
         if width % align:
             raise StadiError(f"latent width {width} is not a multiple of {align}: use an image width that is a "
                              f"multiple of {8 * align} px")
@@ -139,16 +147,12 @@ class StadiRun:
     def measure(self, plan: Plan, batch: int, width: int) -> list[float]:
         """Rows/s of each device on its band alone (no exchange), one device at a time."""
         pool, session, _ = self._open(plan)
-        ctx_dim = self.unet_config.get("context_dim") or 768
         speeds = []
         try:
             for band in plan.bands:
                 n = 2 * batch
-                cond = {"context": np.zeros((n, 77, ctx_dim), np.float32)}
-                if self.unet_config.get("adm_in_channels"):
-                    cond["y"] = np.zeros((n, self.unet_config["adm_in_channels"]), np.float32)
-                x = np.random.default_rng(0).standard_normal(
-                    (n, self.unet_config.get("in_channels", 4), band.rows, width)).astype(np.float32)
+                cond = {k: np.repeat(v.numpy().astype(np.float32), n, axis=0) for k, v in self.probe_cond.items()}
+                x = np.random.default_rng(0).standard_normal((n, self.channels, band.rows, width)).astype(np.float32)
                 busy = []
                 for _ in range(2):
                     out = session.call(band.rank, lambda job_id, call_id: BandCall(
@@ -187,12 +191,14 @@ class StadiRun:
         preview_lock = threading.Lock()
         total_steps = [plan.steps]
 
-        def make_wrapper(state: _RankState):
-            def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        def make_network_call(state: _RankState):
+            def network_call(x, timesteps, context, control, transformer_options, extra):
                 if control is not None:
                     raise UnsupportedError("STADI Sampler: ControlNet residuals reached the model; use KSampler")
-                if kwargs:
-                    raise UnsupportedError(f"STADI Sampler: extra model inputs {sorted(kwargs)} are not supported")
+                unknown = sorted(k for k, v in extra.items() if v is not None and k not in self.adapter.COND_KEYS)
+                if unknown:
+                    raise UnsupportedError(f"STADI Sampler: model inputs {unknown} (e.g. reference latents of an edit "
+                                           "model, a text attention mask) are not supported in bands; use KSampler")
                 compatibility.check_call_options(transformer_options)
                 step = _step_index(transformer_options)
                 t0 = time.perf_counter()
@@ -200,8 +206,7 @@ class StadiRun:
                         or state.last_out.shape[0] != x.shape[0]:
                     phase = state.schedule.phase(step)
                     cond = {"context": _as_numpy(context)}
-                    if y is not None:
-                        cond["y"] = _as_numpy(y)
+                    cond.update({k: _as_numpy(extra[k]) for k in self.adapter.COND_KEYS if extra.get(k) is not None})
                     xb = _as_numpy(x[:, :, state.rows])
                     signature = hash((step, tuple(x.shape))) % (1 << 50)
                     out = session.call(state.rank, lambda job_id, call_id: BandCall(
@@ -216,10 +221,10 @@ class StadiRun:
                 full = x.new_zeros((x.shape[0], state.last_out.shape[1]) + tuple(x.shape[2:]))
                 full[:, :, state.rows] = state.last_out.to(device=x.device, dtype=x.dtype)
                 return full
-            return diffusion_model_wrapper
+            return network_call
 
-        def skip_server_load(executor, model, noise_shape, conds, model_options=None):
-            return model.model, conds, []  # the workers hold the weights; the server loads nothing
+        def load_nothing(executor, model, noise_shape, conds, model_options=None):
+            return model.model, conds, []  # the workers hold the weights: the server loads nothing
 
         def make_callback(state: _RankState):
             def callback(step, x0, x, total):
@@ -233,14 +238,15 @@ class StadiRun:
             try:
                 with torch.inference_mode():
                     clone = self.model.clone()
-                    # Each rank's loop gets its own BaseModel shell (the network modules stay shared):
-                    # pre_run/cleanup set per-loop state on it (current_patcher), and a fast rank that
-                    # finishes first must not clear it under a slower rank's loop.
-                    clone.model = copy.copy(self.model.model)
-                    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "stadi",
-                                               make_wrapper(state))
+                    clone.add_object_patch("diffusion_model",
+                                           BandNetwork(self.model.model.diffusion_model, make_network_call(state)))
+                    # Each rank's loop runs on its own shell of the BaseModel carrying the clone's object
+                    # patches (model_sampling, the BandNetwork); the network modules stay shared. pre_run/
+                    # cleanup set per-loop state on it (current_patcher): a fast rank that finishes first
+                    # must not clear it under a slower rank's loop.
+                    clone.model = private_shell(clone)
                     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "stadi",
-                                               skip_server_load)
+                                               load_nothing)
                     out = comfy.sample.sample(clone, noise, self.steps, cfg, self.sampler_name, scheduler, positive,
                                               negative, latent_image, denoise=denoise, noise_mask=noise_mask,
                                               callback=make_callback(state), disable_pbar=True, seed=seed)
@@ -306,10 +312,3 @@ def _step_timings(records: list[dict], t_end: float) -> list[dict]:
                         comm_s=r["comm_s"], wall_s=nxt - r["t0"]))
     return out
 
-
-def _mirrored_args():
-    from stadi_core.models.comfy_unet import MIRRORED_ARGS
-
-    import comfy.cli_args
-
-    return [a for a in MIRRORED_ARGS if hasattr(comfy.cli_args.args, a)]

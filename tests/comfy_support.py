@@ -198,6 +198,50 @@ def write_tiny_sd15_checkpoint(path, seed: int = 0, comfy: Path | None = None, t
     return _place(cached, Path(path))
 
 
+def random_fill(sd: dict, module, prefix: str, gen) -> None:
+    """Seeded random weights for every parameter of ``module`` (a meta-device build) into ``sd``, fp16.
+
+    Linear/conv weights uniform in +-1/sqrt(fan_in) (PyTorch's default scale), norms at identity,
+    embeddings small; RMS-norm scales of ComfyUI's DiTs (``scale``/``weight`` of their own norm
+    classes) at one.
+    """
+    import torch
+
+    names = []
+    for mname, mod in module.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            names.append((f"{mname}.{pname}" if mname else pname, mod, pname, p))
+        for bname, b in mod.named_buffers(recurse=False):
+            if bname == "pos_embed":  # an MMDiT's position table is a saved buffer
+                names.append((f"{mname}.{bname}" if mname else bname, mod, bname, b))
+            elif bname not in mod._non_persistent_buffers_set:
+                raise RuntimeError(f"unexpected persistent buffer {mname}.{bname}")
+    for full, mod, pname, p in sorted(names, key=lambda t: t[0]):
+        shape = tuple(p.shape)
+        if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            t = torch.ones(shape) if pname == "weight" else torch.zeros(shape)
+        elif isinstance(mod, torch.nn.Embedding):
+            t = torch.randn(shape, generator=gen) * 0.02
+        elif isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Conv3d)):
+            w = mod.weight
+            fan_in = w.shape[1] * (w[0, 0].numel() if w.dim() > 2 else 1)
+            bound = 1.0 / (fan_in ** 0.5)
+            t = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+        elif full == "logit_scale":
+            t = torch.tensor(4.6055)
+        elif full == "vae_scale":
+            t = torch.tensor(1.0)
+        elif full == "vae_shift":
+            t = torch.tensor(0.0)
+        elif pname in ("scale", "weight") and "norm" in type(mod).__name__.lower():
+            t = torch.ones(shape)
+        elif "pos_embed" in full:
+            t = torch.randn(shape, generator=gen) * 0.5
+        else:
+            raise RuntimeError(f"no init rule for {prefix}{full} ({type(mod).__name__})")
+        sd[prefix + full] = t.to(torch.float16).contiguous()
+
+
 def _build_checkpoint_main(out: str, seed: int, comfy_dir: str) -> None:
     """Runs in a subprocess with the ComfyUI checkout importable."""
     sys.path.insert(0, comfy_dir)
@@ -222,38 +266,9 @@ def _build_checkpoint_main(out: str, seed: int, comfy_dir: str) -> None:
     gen = torch.Generator().manual_seed(int(seed))
     sd: dict[str, torch.Tensor] = {}
 
-    def fill(module: torch.nn.Module, prefix: str) -> None:
-        names = []
-        for mname, mod in module.named_modules():
-            for pname, p in mod.named_parameters(recurse=False):
-                names.append((f"{mname}.{pname}" if mname else pname, mod, pname, p))
-            for bname, b in mod.named_buffers(recurse=False):
-                if bname not in mod._non_persistent_buffers_set:
-                    raise RuntimeError(f"unexpected persistent buffer {mname}.{bname}")
-        for full, mod, pname, p in sorted(names, key=lambda t: t[0]):
-            shape = tuple(p.shape)
-            if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-                t = torch.ones(shape) if pname == "weight" else torch.zeros(shape)
-            elif isinstance(mod, torch.nn.Embedding):
-                t = torch.randn(shape, generator=gen) * 0.02
-            elif isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Conv3d)):
-                w = mod.weight
-                fan_in = w.shape[1] * (w[0, 0].numel() if w.dim() > 2 else 1)
-                bound = 1.0 / (fan_in ** 0.5)
-                t = (torch.rand(shape, generator=gen) * 2 - 1) * bound
-            elif full == "logit_scale":
-                t = torch.tensor(4.6055)
-            elif full == "vae_scale":
-                t = torch.tensor(1.0)
-            elif full == "vae_shift":
-                t = torch.tensor(0.0)
-            else:
-                raise RuntimeError(f"no init rule for {prefix}{full} ({type(mod).__name__})")
-            sd[prefix + full] = t.to(torch.float16).contiguous()
-
-    fill(unet, TINY_SD15_UNET_PREFIX)
-    fill(clip, "cond_stage_model.")
-    fill(taesd, "first_stage_model.")
+    random_fill(sd, unet, TINY_SD15_UNET_PREFIX, gen)
+    random_fill(sd, clip, "cond_stage_model.", gen)
+    random_fill(sd, taesd, "first_stage_model.", gen)
 
     # Check with ComfyUI's own detector, on a copy (detection may pop keys).
     probe = dict(sd)
@@ -372,6 +387,39 @@ def sd15_api_workflow(ckpt_name: str, *, lora_name: str | None = None, lora_stre
     return p
 
 
+def dit_api_workflow(unet_name: str, clip_name: str, *, flux: bool, width: int = 128, height: int = 192,
+                     batch_size: int = 1, seed: int = 0, steps: int = 4, cfg: float = 1.0,
+                     sampler_name: str = "euler", scheduler: str = "simple", denoise: float = 1.0,
+                     guidance: float = 3.5, shift: float | None = None, sampler_class: str = "KSampler",
+                     sampler_extra_inputs: dict | None = None, filename_prefix: str = "stadi_dit") -> dict:
+    """UNETLoader -> [ModelSamplingSD3 / ModelSamplingFlux] -> sampler; CLIPLoader(type sd3) ->
+    CLIPTextEncode x2 [-> FluxGuidance] ; EmptySD3LatentImage; SaveLatent. Same node ids as
+    ``sd15_api_workflow`` where they mean the same thing ("6" sampler, "7" SaveLatent)."""
+    model = ["1", 0]
+    p: dict = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}},
+               "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": clip_name, "type": "sd3"}},
+               "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["2", 0]}},
+               "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["2", 0]}},
+               "5": {"class_type": "EmptySD3LatentImage",
+                     "inputs": {"width": width, "height": height, "batch_size": batch_size}}}
+    positive = ["3", 0]
+    if flux:
+        p["8"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": positive, "guidance": guidance}}
+        positive = ["8", 0]
+    if shift is not None:
+        p["9"] = ({"class_type": "ModelSamplingFlux", "inputs": {"model": model, "max_shift": shift, "base_shift": 0.5,
+                                                                  "width": width, "height": height}}
+                  if flux else {"class_type": "ModelSamplingSD3", "inputs": {"model": model, "shift": shift}})
+        model = ["9", 0]
+    inputs = {"model": model, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler_name,
+              "scheduler": scheduler, "positive": positive, "negative": ["4", 0], "latent_image": ["5", 0],
+              "denoise": denoise}
+    inputs.update(sampler_extra_inputs or {})
+    p["6"] = {"class_type": sampler_class, "inputs": inputs}
+    p["7"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"latents/{filename_prefix}"}}
+    return p
+
+
 def load_latent_file(path) -> "torch.Tensor":  # noqa: F821
     """Read a SaveLatent .latent file (safetensors, key ``latent_tensor``)."""
     from safetensors.torch import load_file
@@ -433,12 +481,14 @@ class ComfyServer:
     """
 
     def __init__(self, comfy: Path | None = None, *, custom_nodes: dict | None = None,
-                 checkpoints=(), loras=(), cpu: bool = True, extra_args=(), root: Path | None = None,
+                 checkpoints=(), loras=(), diffusion_models=(), text_encoders=(), cpu: bool = True, extra_args=(), root: Path | None = None,
                  port: int | None = None, startup_timeout: float = 180.0, env: dict | None = None):
         self.comfy = Path(comfy) if comfy else require_comfyui()
         self.custom_nodes = dict(custom_nodes or {})
         self._checkpoints = [Path(p) for p in checkpoints]
         self._loras = [Path(p) for p in loras]
+        self._diffusion_models = [Path(p) for p in diffusion_models]
+        self._text_encoders = [Path(p) for p in text_encoders]
         self.cpu = cpu
         self.extra_args = list(extra_args)
         self._own_root = root is None
@@ -451,6 +501,8 @@ class ComfyServer:
         self.log_path = self.root / "server.log"
         self.checkpoints_dir = self.root / "models" / "checkpoints"
         self.loras_dir = self.root / "models" / "loras"
+        self.diffusion_models_dir = self.root / "models" / "diffusion_models"
+        self.text_encoders_dir = self.root / "models" / "text_encoders"
         self.output_dir = self.root / "output"
         self.input_dir = self.root / "input"
 
@@ -468,13 +520,18 @@ class ComfyServer:
         return self.proc.pid if self.proc else None
 
     def _prepare(self) -> list[str]:
-        for d in (self.checkpoints_dir, self.loras_dir, self.output_dir, self.input_dir,
+        for d in (self.checkpoints_dir, self.loras_dir, self.diffusion_models_dir, self.text_encoders_dir,
+                  self.output_dir, self.input_dir,
                   self.root / "user", self.root / "custom_nodes"):
             d.mkdir(parents=True, exist_ok=True)
         for src in self._checkpoints:
             _place(src, self.checkpoints_dir / src.name)
         for src in self._loras:
             _place(src, self.loras_dir / src.name)
+        for src in self._diffusion_models:
+            _place(src, self.diffusion_models_dir / src.name)
+        for src in self._text_encoders:
+            _place(src, self.text_encoders_dir / src.name)
         for name, src in self.custom_nodes.items():
             link = self.root / "custom_nodes" / name
             if not link.exists():
@@ -486,6 +543,8 @@ class ComfyServer:
             "    is_default: true\n"
             "    checkpoints: models/checkpoints\n"
             "    loras: models/loras\n"
+            "    diffusion_models: models/diffusion_models\n"
+            "    text_encoders: models/text_encoders\n"
             "    custom_nodes: custom_nodes\n"
         )
         if self.port is None:

@@ -1,8 +1,8 @@
 """Adapter for ComfyUI's UNet (comfy.ldm openaimodel: SD1.5, SD2, SDXL) inside a worker.
 
-The worker rebuilds ``UNetModel`` from the server's ``unet_config`` and a state dict the
-server wrote with LoRA already baked in. ComfyUI is imported lazily, with its command line
-options set the way the server had them, so this module is importable without ComfyUI.
+Built like every ComfyUI family (``comfy_common.build_from_spec``); convs and GroupNorms are
+made patch-parallel generically, and each transformer's self-attention gets the whole image's
+keys and values (``BandSelfAttention``).
 """
 
 from __future__ import annotations
@@ -12,44 +12,11 @@ import torch.nn as nn
 
 from ..errors import UnsupportedError
 from ..parallel import BandContext
+from .comfy_common import build_from_spec, model_sampling  # noqa: F401  (the family interface)
 
 FAMILY = "comfy-unet"
 TINY_CONFIGS: dict = {}
-
-# ComfyUI options that change how the UNet computes; mirrored from the server into workers.
-MIRRORED_ARGS = ("use_split_cross_attention", "use_quad_cross_attention", "use_pytorch_cross_attention",
-                 "disable_xformers", "use_sage_attention", "use_flash_attention", "force_upcast_attention",
-                 "dont_upcast_attention")
-
-
-def prepare_comfy(comfy_args: dict, cpu: bool) -> None:
-    """Set ComfyUI's options before its modules read them at import time."""
-    import comfy.cli_args
-
-    args = comfy.cli_args.args
-    for name, value in comfy_args.items():
-        setattr(args, name, value)
-    args.cpu = cpu
-
-
-def build_from_spec(spec, device) -> nn.Module:
-    from safetensors.torch import load_file
-
-    extra = spec.extra
-    prepare_comfy(extra.get("comfy_args", {}), cpu=torch.device(device).type == "cpu")
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    config = dict(spec.config)
-    dtype = getattr(torch, spec.dtype)
-    config["dtype"] = dtype
-    model = UNetModel(**config, device="cpu", operations=comfy.ops.disable_weight_init)
-    state = load_file(spec.path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UnsupportedError(f"the UNet weights do not match its config: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
-    return model.to(device=device, dtype=dtype)
+COND_KEYS = ("y",)  # extra model inputs besides the context that this family accepts
 
 
 def alignment(model) -> int:
@@ -64,17 +31,15 @@ def forward(model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor
     return model(x, t, context=cond.get("context"), y=cond.get("y"))
 
 
-def model_sampling(model):
-    raise UnsupportedError("ComfyUI models sample in ComfyUI's own loop (the server), not in the worker")
-
-
 def make_conditioning(model, batch: int, seed: int) -> dict:
+    """Stand-in prompt embeddings shaped for this UNet (capability measurement, tests)."""
     gen = torch.Generator().manual_seed(seed)
-    dim = model.context_dim if hasattr(model, "context_dim") else 768
+    cross = next((m.attn2 for m in model.modules() if type(m).__name__ == "BasicTransformerBlock"), None)
+    dim = cross.to_k.in_features if cross is not None else 768
     cond = {"context": torch.randn(batch, 77, dim, generator=gen)}
     uncond = {"context": torch.zeros(batch, 77, dim)}
     if getattr(model, "num_classes", None) == "sequential":
-        adm = model.adm_in_channels
+        adm = model.label_emb[0][0].in_features
         cond["y"] = torch.randn(batch, adm, generator=gen)
         uncond["y"] = torch.zeros(batch, adm)
     return {"cond": cond, "uncond": uncond}

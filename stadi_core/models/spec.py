@@ -20,13 +20,15 @@ from types import ModuleType
 import torch
 
 from ..errors import UnsupportedError
-from . import comfy_unet, diffusers_flux, diffusers_sd3, diffusers_unet
+from . import comfy_flux, comfy_mmdit, comfy_unet, diffusers_flux, diffusers_sd3, diffusers_unet
 
 FAMILIES: dict[str, ModuleType] = {
     diffusers_unet.FAMILY: diffusers_unet,
     diffusers_sd3.FAMILY: diffusers_sd3,
     diffusers_flux.FAMILY: diffusers_flux,
     comfy_unet.FAMILY: comfy_unet,
+    comfy_mmdit.FAMILY: comfy_mmdit,
+    comfy_flux.FAMILY: comfy_flux,
 }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -76,6 +78,34 @@ class ModelSpec:
 def named_configs(adapter: ModuleType) -> dict:
     """Tiny test configs plus, where a family has them, the full architectures (random weights)."""
     return {**getattr(adapter, "TINY_CONFIGS", {}), **getattr(adapter, "FULL_CONFIGS", {})}
+
+
+# diffusers network class (a folder's transformer/ or unet/ config.json) -> family
+FOLDER_CLASSES = {"UNet2DConditionModel": diffusers_unet.FAMILY, "SD3Transformer2DModel": diffusers_sd3.FAMILY,
+                  "FluxTransformer2DModel": diffusers_flux.FAMILY}
+
+
+def model_spec_for(model: str, dtype: str = "float32") -> ModelSpec:
+    """A spec from what a user types: a named config of any family (``tiny-sd15``, ``tiny-sd3``,
+    ``tiny-flux``, ``sdxl``...) or a local diffusers folder (UNet, SD3 or Flux, read from its config)."""
+    import os
+
+    if os.path.isdir(model):
+        path = os.path.abspath(model)
+        for sub in ("unet", "transformer", ""):
+            config = os.path.join(path, sub, "config.json")
+            if os.path.isfile(config):
+                with open(config) as fh:
+                    cls = json.load(fh).get("_class_name")
+                if cls in FOLDER_CLASSES:
+                    return ModelSpec(family=FOLDER_CLASSES[cls], path=path, config="local", dtype=dtype)
+        raise UnsupportedError(f"{model}: no UNet2DConditionModel, SD3Transformer2DModel or FluxTransformer2DModel "
+                               "config.json in the folder, its unet/ or its transformer/")
+    for family, adapter in FAMILIES.items():
+        if model in named_configs(adapter):
+            return ModelSpec(family=family, config=model, dtype=dtype)
+    known = [name for adapter in FAMILIES.values() for name in named_configs(adapter)]
+    raise UnsupportedError(f"unknown model {model!r}: use a local diffusers folder or one of {', '.join(known)}")
 
 
 def family_adapter(spec: ModelSpec) -> ModuleType:

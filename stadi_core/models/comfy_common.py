@@ -1,0 +1,129 @@
+"""What the ComfyUI-model adapters share inside a worker: building the server's network, and
+band attention through ComfyUI's own attention hook.
+
+The worker rebuilds the server's diffusion model class (named in ``spec.extra["model_class"]``)
+from the server's ``unet_config`` and a state dict the server wrote with LoRA already baked in.
+ComfyUI is imported lazily, with its command line options set the way the server had them, so
+this module is importable without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn as nn
+
+from ..errors import UnsupportedError
+
+# ComfyUI options that change how the network computes; mirrored from the server into workers.
+MIRRORED_ARGS = ("use_split_cross_attention", "use_quad_cross_attention", "use_pytorch_cross_attention",
+                 "disable_xformers", "use_sage_attention", "use_flash_attention", "force_upcast_attention",
+                 "dont_upcast_attention")
+
+
+def prepare_comfy(comfy_args: dict, cpu: bool) -> None:
+    """Set ComfyUI's options before its modules read them at import time."""
+    import comfy.cli_args
+
+    args = comfy.cli_args.args
+    for name, value in comfy_args.items():
+        setattr(args, name, value)
+    args.cpu = cpu
+
+
+def model_class_path(module: nn.Module) -> str:
+    """``module:QualName`` of the server's diffusion model, for the worker to rebuild it."""
+    cls = type(module)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def build_from_spec(spec, device) -> nn.Module:
+    """The server's diffusion model, rebuilt from its config and the baked weights file."""
+    from safetensors.torch import load_file
+
+    extra = spec.extra
+    prepare_comfy(extra.get("comfy_args", {}), cpu=torch.device(device).type == "cpu")
+    import comfy.ops
+
+    module_name, _, qualname = extra["model_class"].partition(":")
+    cls = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    config = dict(spec.config)
+    dtype = getattr(torch, spec.dtype)
+    config["dtype"] = dtype
+    model = cls(**config, device="cpu", operations=comfy.ops.disable_weight_init)
+    state = load_file(spec.path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UnsupportedError(f"the diffusion model's weights do not match its config: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+    return model.to(device=device, dtype=dtype)
+
+
+def model_sampling(model):
+    raise UnsupportedError("ComfyUI models sample in ComfyUI's own loop (the server), not in the worker")
+
+
+class BandAttention:
+    """ComfyUI's ``optimized_attention_override``: every self/joint attention sees the whole image.
+
+    ComfyUI's DiTs call ``optimized_attention`` with the text tokens first and the image tokens
+    last (MMDiT's joint blocks, Flux's double and single blocks), or with image tokens only
+    (SD3.5's second attention). Either way the band's image tokens are the last ``image_tokens``
+    of the keys and values (Flux hands them over after RoPE, so each band's keys carry their
+    own positions); they are replaced by the whole image's, ours fresh, the others' from the
+    band context. Calls are numbered in network order, the same on every rank.
+    """
+
+    def __init__(self, ctx, layer_ids: list[int]):
+        self.ctx = ctx
+        self.layer_ids = layer_ids
+        self.image_tokens = 0
+        self.calls = 0
+
+    def start(self, image_tokens: int) -> dict:
+        """Begin a network call; returns the transformer_options that route attention here."""
+        self.image_tokens = image_tokens
+        self.calls = 0
+        return {"optimized_attention_override": self}
+
+    def finish(self) -> None:
+        if self.calls != len(self.layer_ids):
+            raise UnsupportedError(f"the network ran {self.calls} attentions, the band plan expected "
+                                   f"{len(self.layer_ids)}: this model variant is not supported in bands")
+
+    def __call__(self, func, q, k, v, *args, **kwargs):
+        if kwargs.get("mask") is not None:
+            raise UnsupportedError("masked attention (e.g. a T5 attention mask) is not supported in bands")
+        seq = 2 if kwargs.get("skip_reshape") else 1  # (B, H, S, D), or (B, S, H*D) / (B, S, H, D)
+        if seq == 1:  # MMDiT hands v over as (B, S, H, D) and k as (B, S, H*D): one layout for both
+            k, v = k.reshape(k.shape[0], k.shape[1], -1), v.reshape(v.shape[0], v.shape[1], -1)
+        n_img = self.image_tokens
+        if q.shape[seq] != k.shape[seq] or k.shape[seq] < n_img:
+            raise UnsupportedError("cross-attention inside a DiT block is not supported in bands")
+        if self.calls >= len(self.layer_ids):
+            raise UnsupportedError("the network ran more attentions than the band plan expected")
+        layer_id = self.layer_ids[self.calls]
+        self.calls += 1
+        n_text = k.shape[seq] - n_img
+        k_img, v_img = k.narrow(seq, n_text, n_img), v.narrow(seq, n_text, n_img)
+        kv = self.ctx.whole_tokens(layer_id, torch.cat([k_img, v_img], dim=-1), dim=seq)
+        k_all, v_all = kv.split([k.shape[-1], v.shape[-1]], dim=-1)
+        if n_text:
+            k_all = torch.cat([k.narrow(seq, 0, n_text), k_all], dim=seq)
+            v_all = torch.cat([v.narrow(seq, 0, n_text), v_all], dim=seq)
+        return func(q, k_all.contiguous(), v_all.contiguous(), *args, **kwargs)
+
+
+def attach_band_attention(model: nn.Module, ctx, next_id, sites: int) -> int:
+    """Give ``model`` a ``BandAttention`` for its ``sites`` attention calls per network call."""
+    model._stadi_ctx = ctx
+    model._stadi_attention = BandAttention(ctx, [next_id() for _ in range(sites)])
+    return sites
+
+
+def band_attention(model: nn.Module) -> BandAttention | None:
+    """The model's band attention, or None for an unwrapped (single-process reference) model."""
+    return getattr(model, "_stadi_attention", None)

@@ -1,0 +1,114 @@
+"""Tiny random-weight SD3- and Flux-format diffusion models and a CLIP-L text encoder for tests
+against a real ComfyUI checkout (STADI_COMFYUI_PATH).
+
+* SD3: ComfyUI's MMDiT with SD3.5-medium's structure (RMS qk-norm, a dual-attention first
+  block), 2 blocks of width 128 (ComfyUI derives width = 64 x depth), a 16x16 position table
+  so a 12-row image is a real centre crop. Detected as ``SD3``.
+* Flux: ComfyUI's detector fixes the width (3072, 24 heads, T5 context 4096), so the tiny one is
+  narrow in depth only: one double- and one single-stream block, guidance-embedded (dev-like),
+  CLIP-L pooled vector (768). Detected as ``Flux``.
+* CLIP-L: loaded with ``CLIPLoader(type="sd3")``, ComfyUI's SD3 text encoder without CLIP-G and
+  T5: context zero-padded to 4096, pooled 768 + 1280 zeros. Both models take exactly that.
+
+Files go under ``diffusion_models`` and ``text_encoders``; built in a subprocess with the
+checkout's own classes, checked with its own detector, cached like the SD1.5 checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from comfy_support import _file_lock, _place, cache_dir, comfyui_version, random_fill, require_comfyui
+
+_BUILDER_VERSION = "tiny-dit-v1"
+
+TINY_SD3_CONFIG = {
+    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": 2048,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+    "pos_embed_max_size": 16, "num_patches": 256, "qk_norm": "rms", "x_block_self_attn_layers": [0],
+    "pos_embed_scaling_factor": None, "input_size": None,
+}
+TINY_FLUX_CONFIG = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+    "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1, "depth_single_blocks": 1,
+    "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+}
+KINDS = {"sd3": "SD3", "flux": "Flux", "clip-l": None}  # kind -> the supported_models class ComfyUI must detect
+
+
+def _build_main(kind: str, out: str, seed: int, comfy_dir: str) -> None:
+    """Runs in a subprocess with the ComfyUI checkout importable."""
+    sys.path.insert(0, comfy_dir)
+    import torch
+
+    import comfy.options  # noqa: F401
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_detection
+    import comfy.ops
+    import safetensors.torch
+
+    ops = comfy.ops.disable_weight_init
+    gen = torch.Generator().manual_seed(int(seed))
+    sd: dict = {}
+    if kind == "clip-l":
+        import comfy.sd1_clip
+
+        clip = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float32)
+        random_fill(sd, clip.transformer, "", gen)
+    else:
+        if kind == "sd3":
+            from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper as cls
+            config = TINY_SD3_CONFIG
+        else:
+            from comfy.ldm.flux.model import Flux as cls
+            config = TINY_FLUX_CONFIG
+        net = cls(**config, dtype=torch.float32, device="meta", operations=ops)
+        random_fill(sd, net, "", gen)
+        probe = dict(sd)
+        mc = comfy.model_detection.model_config_from_unet(probe, "")
+        if mc is None or type(mc).__name__ != KINDS[kind]:
+            raise RuntimeError(f"detected as {type(mc).__name__ if mc else None}, not {KINDS[kind]}")
+        again = cls(**{k: v for k, v in mc.unet_config.items() if k != "dtype"}, dtype=torch.float32,
+                    device="meta", operations=ops)
+        want = {k: tuple(v.shape) for k, v in sd.items()}
+        got = {k: tuple(v.shape) for k, v in again.state_dict().items()}
+        if want != got:
+            raise RuntimeError(f"detected network differs: {sorted(set(want) ^ set(got))[:10]}")
+    safetensors.torch.save_file(sd, out, metadata={"format": "pt", "stadi_test": f"{_BUILDER_VERSION} {kind}"})
+    print(json.dumps({"kind": kind, "tensors": len(sd), "params": sum(v.numel() for v in sd.values())}))
+
+
+def write_tiny_model(kind: str, path, seed: int = 0, comfy: Path | None = None, timeout: float = 900.0) -> Path:
+    """Write (a link to) the cached tiny ``kind`` model ("sd3", "flux" or "clip-l") at ``path``."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
+    comfy = Path(comfy) if comfy else require_comfyui()
+    blob = json.dumps({"v": _BUILDER_VERSION, "kind": kind, "sd3": TINY_SD3_CONFIG, "flux": TINY_FLUX_CONFIG,
+                       "seed": seed, "comfy": comfyui_version(comfy)}, sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    cached = cache_dir() / f"tiny-{kind}-{key}.safetensors"
+    with _file_lock(cache_dir() / f"tiny-{kind}-{key}.lock"):
+        if not cached.exists():
+            tmp = cached.with_suffix(f".{os.getpid()}.partial")
+            cmd = [sys.executable, str(Path(__file__).resolve()), kind, str(tmp), str(int(seed)), str(comfy)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+            if proc.returncode != 0 or not tmp.exists():
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise RuntimeError(f"building the tiny {kind} model failed (rc={proc.returncode}):\n"
+                                   f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+            os.replace(tmp, cached)
+    return _place(cached, Path(path))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    _build_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
