@@ -1,6 +1,8 @@
 """The shipped example workflows are well-formed and describe the graphs they claim to.
 
-Two formats of the same four graphs (SD1.5 / SDXL text-to-image, each with and without a LoRA):
+Two formats of the same six graphs (SD1.5 / SDXL text-to-image, each with and without a LoRA, from
+one checkpoint file; SD3.5 medium and Flux.1 dev text-to-image from separate diffusion model, text
+encoder and VAE files):
 
 * ``example_workflows/*.json``: UI format (drag onto the canvas; ComfyUI's templates menu lists
   this folder of an installed pack);
@@ -20,7 +22,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 UI_DIR = REPO / "example_workflows"
 API_DIR = REPO / "workflows" / "api"
-EXPECTED = ["stadi_sd15_txt2img", "stadi_sd15_txt2img_lora", "stadi_sdxl_txt2img", "stadi_sdxl_txt2img_lora"]
+EXPECTED = ["stadi_flux_dev_txt2img", "stadi_sd15_txt2img", "stadi_sd15_txt2img_lora", "stadi_sd3_txt2img",
+            "stadi_sdxl_txt2img", "stadi_sdxl_txt2img_lora"]  # sorted, as the folders list them
 
 # --------------------------------------------------------------------------------------------
 # Node contracts: per class, inputs in INPUT_TYPES order as (name, type, required); a type in
@@ -55,6 +58,40 @@ NODES = {
     },
     "SaveImage": {"inputs": [("images", "IMAGE", True), ("filename_prefix", "STRING", True)], "outputs": []},
     "PreviewImage": {"inputs": [("images", "IMAGE", True)], "outputs": []},
+    # --- separate model files (SD3.5, Flux): nodes.py and comfy_extras/nodes_{sd3,flux,model_advanced}.py ---
+    "UNETLoader": {
+        "inputs": [("unet_name", "COMBO", True),
+                   ("weight_dtype", ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"), True)],
+        "outputs": [("MODEL", "MODEL")],
+    },
+    "DualCLIPLoader": {
+        "inputs": [("clip_name1", "COMBO", True), ("clip_name2", "COMBO", True),
+                   ("type", ("sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"), True),
+                   ("device", ("default", "cpu"), False)],  # optional (an "advanced" widget); the editor sends it
+        "outputs": [("CLIP", "CLIP")],
+    },
+    "TripleCLIPLoader": {
+        "inputs": [("clip_name1", "COMBO", True), ("clip_name2", "COMBO", True), ("clip_name3", "COMBO", True)],
+        "outputs": [("CLIP", "CLIP")],
+    },
+    "VAELoader": {"inputs": [("vae_name", "COMBO", True)], "outputs": [("VAE", "VAE")]},
+    "EmptySD3LatentImage": {
+        "inputs": [("width", "INT", True), ("height", "INT", True), ("batch_size", "INT", True)],
+        "outputs": [("LATENT", "LATENT")],
+    },
+    "ModelSamplingSD3": {
+        "inputs": [("model", "MODEL", True), ("shift", "FLOAT", True)],
+        "outputs": [("MODEL", "MODEL")],
+    },
+    "ModelSamplingFlux": {
+        "inputs": [("model", "MODEL", True), ("max_shift", "FLOAT", True), ("base_shift", "FLOAT", True),
+                   ("width", "INT", True), ("height", "INT", True)],
+        "outputs": [("MODEL", "MODEL")],
+    },
+    "FluxGuidance": {
+        "inputs": [("conditioning", "CONDITIONING", True), ("guidance", "FLOAT", True)],
+        "outputs": [("CONDITIONING", "CONDITIONING")],
+    },
     # --- STADI (the contract the web extension and the workflows are built against) ---
     "STADIClusterProfile": {
         "inputs": [("devices", "STRING", True), ("backend", ("auto", "nccl", "gloo"), True),
@@ -183,43 +220,152 @@ def test_api_workflow_is_valid(path):
                 assert widget_value_ok(kind, value), f"node {nid} ({cls}).{name} = {value!r} is not a {kind}"
 
 
+# What each graph is made of, by the family in its file name (stadi_<family>_...): the model,
+# CLIP and VAE sources as the chain of classes a link passes through back to its origin (nearest
+# first; a LoRA adds LoraLoader in front of the model and CLIP chains), the model files, the
+# latent and the sampler settings.
+FAMILIES = {
+    "sd15": {"model": ["CheckpointLoaderSimple"], "clip": ["CheckpointLoaderSimple"], "vae": ["CheckpointLoaderSimple"],
+             "positive": ["CLIPTextEncode"], "latent": "EmptyLatentImage", "size": 512,
+             "files": {("CheckpointLoaderSimple", "ckpt_name"): "v1-5-pruned-emaonly.safetensors"},
+             "sampler": {"steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal"}},
+    "sdxl": {"model": ["CheckpointLoaderSimple"], "clip": ["CheckpointLoaderSimple"], "vae": ["CheckpointLoaderSimple"],
+             "positive": ["CLIPTextEncode"], "latent": "EmptyLatentImage", "size": 1024,
+             "files": {("CheckpointLoaderSimple", "ckpt_name"): "sd_xl_base_1.0.safetensors"},
+             "sampler": {"steps": 25, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal"}},
+    "sd3": {"model": ["ModelSamplingSD3", "UNETLoader"], "clip": ["TripleCLIPLoader"], "vae": ["VAELoader"],
+            "positive": ["CLIPTextEncode"], "latent": "EmptySD3LatentImage", "size": 1024,
+            "files": {("UNETLoader", "unet_name"): "sd3.5_medium.safetensors",
+                      ("TripleCLIPLoader", "clip_name1"): "clip_l.safetensors",
+                      ("TripleCLIPLoader", "clip_name2"): "clip_g.safetensors",
+                      ("TripleCLIPLoader", "clip_name3"): "t5xxl_fp16.safetensors",
+                      ("VAELoader", "vae_name"): "sd3.5_vae.safetensors"},
+            "sampler": {"steps": 28, "cfg": 4.5, "sampler_name": "euler", "scheduler": "sgm_uniform"}},
+    "flux": {"model": ["ModelSamplingFlux", "UNETLoader"], "clip": ["DualCLIPLoader"], "vae": ["VAELoader"],
+             "positive": ["FluxGuidance", "CLIPTextEncode"], "latent": "EmptySD3LatentImage", "size": 1024,
+             "files": {("UNETLoader", "unet_name"): "flux1-dev.safetensors",
+                       ("DualCLIPLoader", "clip_name1"): "clip_l.safetensors",
+                       ("DualCLIPLoader", "clip_name2"): "t5xxl_fp16.safetensors",
+                       ("VAELoader", "vae_name"): "ae.safetensors"},
+             "sampler": {"steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"}},
+}
+OUTPUT_NODES = {"SaveImage", "PreviewImage"}
+# Node ids every API file shares (workflows/README.md names them; its jq examples edit "6" and "7").
+FIXED_IDS = {"3": "CLIPTextEncode", "4": "CLIPTextEncode", "6": "STADISampler", "7": "STADIClusterProfile",
+             "8": "VAEDecode", "9": "SaveImage", "10": "STADIPatchStitch", "11": "PreviewImage", "12": "PreviewImage"}
+
+
+def family(path: Path) -> str:
+    return path.stem.split("_")[1]
+
+
+def trace(prompt, ref):
+    """The nodes a link passes through back to its origin, nearest first: [(class, node id, output)].
+    A node whose output has the type of one of its link inputs (LoraLoader, ModelSampling*,
+    FluxGuidance) is passed through along that input."""
+    path = []
+    while True:
+        nid, slot = ref
+        cls = prompt[nid]["class_type"]
+        path.append((cls, nid, slot))
+        out_type = NODES[cls]["outputs"][slot][1]
+        through = [n for n, t, _ in NODES[cls]["inputs"] if t == out_type]
+        if not through:
+            return path
+        (name,) = through
+        ref = prompt[nid]["inputs"][name]
+
+
+def classes(path):
+    return [cls for cls, _, _ in path]
+
+
 @pytest.mark.parametrize("path", api_files(), ids=lambda p: p.stem)
 def test_api_workflow_graph(path):
-    """CheckpointLoaderSimple -> [LoraLoader] -> CLIPTextEncode x2 -> EmptyLatentImage ->
-    STADIClusterProfile -> STADISampler -> STADIPatchStitch (with VAE) and VAEDecode -> SaveImage."""
+    """Model loader(s) -> [LoraLoader | ModelSampling*] -> CLIPTextEncode x2 [-> FluxGuidance] ->
+    empty latent -> STADIClusterProfile -> STADISampler -> STADIPatchStitch (with the VAE) and
+    VAEDecode -> SaveImage, followed link by link from the sampler."""
     prompt = load(path)
-    by_class: dict[str, list[str]] = {}
-    for nid, node in prompt.items():
-        by_class.setdefault(node["class_type"], []).append(nid)
-    one = {c: ids[0] for c, ids in by_class.items() if len(ids) == 1}
-    for cls in ("CheckpointLoaderSimple", "EmptyLatentImage", "STADIClusterProfile", "STADISampler",
-                "STADIPatchStitch", "VAEDecode", "SaveImage"):
-        assert cls in one, f"exactly one {cls} expected, got {by_class.get(cls)}"
-    assert len(by_class["CLIPTextEncode"]) == 2
+    fam = FAMILIES[family(path)]
     lora = "lora" in path.stem
-    assert ("LoraLoader" in one) == lora
-    ckpt, sampler = one["CheckpointLoaderSimple"], prompt[one["STADISampler"]]["inputs"]
-    model_src = one["LoraLoader"] if lora else ckpt
+    assert not (lora and fam["model"] != ["CheckpointLoaderSimple"]), "LoRA variants exist for checkpoints only"
+    # Which nodes, and the ids the README documents.
+    want = {"STADISampler": 1, "STADIClusterProfile": 1, "STADIPatchStitch": 1, "VAEDecode": 1, "SaveImage": 1,
+            "PreviewImage": 2, "CLIPTextEncode": 2, fam["latent"]: 1}
+    for chain in (fam["model"], fam["clip"], fam["vae"], fam["positive"]):
+        for cls in chain:
+            want.setdefault(cls, 1)
     if lora:
-        assert prompt[model_src]["inputs"]["model"] == [ckpt, 0] and prompt[model_src]["inputs"]["clip"] == [ckpt, 1]
-    assert sampler["model"] == [model_src, 0]
-    for text_id in by_class["CLIPTextEncode"]:
-        assert prompt[text_id]["inputs"]["clip"] == [model_src, 1]
-    assert {sampler["positive"][0], sampler["negative"][0]} == set(by_class["CLIPTextEncode"])
-    assert sampler["latent_image"] == [one["EmptyLatentImage"], 0]
-    assert sampler["cluster"] == [one["STADIClusterProfile"], 0]
-    stitch = prompt[one["STADIPatchStitch"]]["inputs"]
-    assert stitch["patches"] == [one["STADISampler"], 1] and stitch["vae"] == [ckpt, 2]
-    assert prompt[one["VAEDecode"]]["inputs"] == {"samples": [one["STADISampler"], 0], "vae": [ckpt, 2]}
-    assert prompt[one["SaveImage"]]["inputs"]["images"] == [one["VAEDecode"], 0]
+        want["LoraLoader"] = 1
+    got: dict[str, int] = {}
+    for node in prompt.values():
+        got[node["class_type"]] = got.get(node["class_type"], 0) + 1
+    assert got == want
+    for nid, cls in FIXED_IDS.items():
+        assert prompt[nid]["class_type"] == cls, f"node {nid} should be the {cls}"
+    assert prompt["5"]["class_type"] == fam["latent"]
+    assert prompt["1"]["class_type"] == fam["model"][-1]
+    if lora:
+        assert prompt["2"]["class_type"] == "LoraLoader"
+    if fam["model"] != ["CheckpointLoaderSimple"]:
+        assert prompt["2"]["class_type"] == fam["model"][0]
+        assert prompt["14"]["class_type"] == fam["clip"][0] and prompt["15"]["class_type"] == "VAELoader"
+    if fam["positive"][0] == "FluxGuidance":
+        assert prompt["16"]["class_type"] == "FluxGuidance"
+    # Every node feeds an output node (nothing left dangling).
+    needed, todo = set(), [nid for nid, n in prompt.items() if n["class_type"] in OUTPUT_NODES]
+    while todo:
+        nid = todo.pop()
+        if nid not in needed:
+            needed.add(nid)
+            todo += [v[0] for v in prompt[nid]["inputs"].values() if is_link(v)]
+    assert needed == set(prompt), f"nodes {sorted(set(prompt) - needed)} feed no output"
+    # The sampler's inputs, traced back to their origins.
+    sampler = prompt["6"]["inputs"]
+    lora_front = ["LoraLoader"] if lora else []
+    model = trace(prompt, sampler["model"])
+    assert classes(model) == lora_front + fam["model"]
+    assert model[-1][2] == 0
+    positive, negative = trace(prompt, sampler["positive"]), trace(prompt, sampler["negative"])
+    assert classes(positive) == fam["positive"] and positive[-1][1] == "3"
+    assert classes(negative) == ["CLIPTextEncode"] and negative[-1][1] == "4"
+    for text_id in ("3", "4"):
+        clip = trace(prompt, prompt[text_id]["inputs"]["clip"])
+        assert classes(clip) == lora_front + fam["clip"]
+        if fam["clip"] == ["CheckpointLoaderSimple"]:
+            assert clip[-1][1:] == (model[-1][1], 1), "CLIP from the checkpoint the model comes from"
+    assert sampler["latent_image"] == ["5", 0]
+    assert sampler["cluster"] == ["7", 0]
+    vae = prompt["8"]["inputs"]["vae"]
+    assert classes(trace(prompt, vae)) == fam["vae"]
+    if fam["vae"] == ["CheckpointLoaderSimple"]:
+        assert vae == [model[-1][1], 2]
+    assert prompt["8"]["inputs"]["samples"] == ["6", 0]
+    assert prompt["10"]["inputs"] == {"patches": ["6", 1], "overlap_rows": 4, "vae": vae}
+    assert prompt["9"]["inputs"]["images"] == ["8", 0]
+    assert prompt["11"]["inputs"]["images"] == ["10", 1] and prompt["12"]["inputs"]["images"] == ["10", 2]
     # Realistic defaults.
-    ckpt_name = prompt[ckpt]["inputs"]["ckpt_name"]
-    size = 512 if "sd15" in path.stem else 1024
-    assert ckpt_name == ("v1-5-pruned-emaonly.safetensors" if size == 512 else "sd_xl_base_1.0.safetensors")
-    latent = prompt[one["EmptyLatentImage"]]["inputs"]
+    for (cls, name), value in fam["files"].items():
+        (nid,) = [i for i, n in prompt.items() if n["class_type"] == cls]
+        assert prompt[nid]["inputs"][name] == value, f"{cls}.{name}"
+    size = fam["size"]
+    latent = prompt["5"]["inputs"]
     assert (latent["width"], latent["height"], latent["batch_size"]) == (size, size, 1)
-    assert sampler["sampler_name"] == "euler" and sampler["denoise"] == 1.0 and sampler["cfg"] == 7.0
-    assert sampler["steps"] == (20 if size == 512 else 25)
+    assert {k: sampler[k] for k in fam["sampler"]} == fam["sampler"] and sampler["denoise"] == 1.0
+    by_class = {n["class_type"]: n["inputs"] for n in prompt.values()}
+    if "UNETLoader" in by_class:
+        assert by_class["UNETLoader"]["weight_dtype"] == "default"
+    if family(path) == "sd3":
+        assert by_class["ModelSamplingSD3"]["shift"] == 3.0
+    if family(path) == "flux":
+        flux = by_class["ModelSamplingFlux"]
+        assert (flux["max_shift"], flux["base_shift"]) == (1.15, 0.5)
+        assert (flux["width"], flux["height"]) == (size, size), "ModelSamplingFlux's size is the latent's"
+        assert by_class["FluxGuidance"]["guidance"] == 3.5
+        assert by_class["DualCLIPLoader"]["type"] == "flux" and by_class["DualCLIPLoader"]["device"] == "default"
+        assert prompt["4"]["inputs"]["text"] == "", "cfg 1 ignores the negative prompt: leave it empty"
+    else:
+        assert prompt["4"]["inputs"]["text"], "a negative prompt that cfg > 1 uses"
 
 
 @pytest.mark.parametrize("path", api_files(), ids=lambda p: p.stem)
@@ -389,15 +535,44 @@ def test_ui_and_api_versions_describe_the_same_graph(stem):
     assert ui_widgets == api_widgets
 
 
+# Model loaders: the folder under ComfyUI/models their file widgets list, and those widgets.
+MODEL_FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "UNETLoader": "diffusion_models",
+                 "DualCLIPLoader": "text_encoders", "TripleCLIPLoader": "text_encoders", "VAELoader": "vae"}
+FILE_WIDGETS = {"ckpt_name", "unet_name", "clip_name1", "clip_name2", "clip_name3", "vae_name"}
+# Files published under another name; the workflow's note says to save them under the workflow's.
+RENAMED = {"sd3.5_vae.safetensors": "diffusion_pytorch_model.safetensors"}
+
+
 @pytest.mark.parametrize("path", ui_files(), ids=lambda p: p.stem)
 def test_ui_workflow_has_model_hints_and_titles(path):
-    """Checkpoints carry a download hint (the frontend's missing-models dialog reads
-    properties.models); STADI nodes carry their display names as titles."""
+    """Every model file a loader names carries a download hint (the frontend's missing-models dialog
+    reads properties.models, keeps the entries whose name is one of the node's widget values, and
+    offers downloads from huggingface.co / civitai.com of .safetensors files); a workflow whose files
+    go to several folders says in its note which file goes where; STADI nodes carry their display
+    names as titles."""
     wf = load(path)
-    ckpt = next(n for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple")
-    (model,) = ckpt["properties"]["models"]
-    assert model["name"] == ckpt["widgets_values"][0] and model["directory"] == "checkpoints"
-    assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + model["name"])
+    loaders = [n for n in wf["nodes"] if n["type"] in MODEL_FOLDERS]
+    assert loaders, "no model loader"
+    hints = []
+    for node in loaders:
+        files = [v for name, v in ui_widget_values(node).items() if name in FILE_WIDGETS]
+        models = node["properties"]["models"]
+        assert [m["name"] for m in models] == files, f"node {node['id']} ({node['type']}): hints for {files}"
+        for m in models:
+            assert m["directory"] == MODEL_FOLDERS[node["type"]], m
+            assert m["name"].endswith(".safetensors"), m
+            assert m["url"].startswith("https://huggingface.co/") and "/resolve/" in m["url"], m
+            assert m["url"].endswith("/" + RENAMED.get(m["name"], m["name"])), m
+        hints += models
+    folders = {m["directory"] for m in hints}
+    if folders != {"checkpoints"}:
+        (note,) = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] in UI_ONLY]
+        for folder in folders:
+            assert f"models/{folder}/" in note, f"the note does not name models/{folder}/"
+        for m in hints:
+            assert m["name"] in note, f"the note does not name {m['name']}"
+            if m["name"] in RENAMED:
+                assert RENAMED[m["name"]] in note, f"the note does not say where {m['name']} comes from"
     titles = {n["type"]: n.get("title") for n in wf["nodes"]}
     assert titles["STADISampler"] == "STADI Sampler"
     assert titles["STADIClusterProfile"] == "GPU Cluster Profile (STADI)"
