@@ -60,7 +60,7 @@ def generate(
     batch: int = 1,
     steps: int = 8,
     sampler: str = "euler",
-    scheduler: str = "karras",
+    scheduler: str | None = None,  # None: the model's usual one (karras for eps models, simple for flow)
     cfg: float = 5.0,
     seed: int = 0,
     mode: str = "displaced",
@@ -153,7 +153,7 @@ def reference_generate(
     batch: int = 1,
     steps: int = 8,
     sampler: str = "euler",
-    scheduler: str = "karras",
+    scheduler: str | None = None,
     cfg: float = 5.0,
     seed: int = 0,
 ) -> torch.Tensor:

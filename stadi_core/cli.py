@@ -37,18 +37,17 @@ def _pairs(items):
 def _add_run_args(p):
     p.add_argument("--devices", help="e.g. cpu*2, cuda:0,cuda:1 (default: every GPU, else two CPU workers)")
     p.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"])
-    p.add_argument("--model", default="tiny-sd15", help="tiny-sd15, tiny-sdxl, or a local diffusers folder")
+    p.add_argument("--model", default="tiny-sd15", help="tiny-sd15, tiny-sdxl, tiny-sd3, tiny-sd35, tiny-flux, ... or a local diffusers "
+                   "folder (UNet, SD3 or Flux)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--slowdown", action="append", metavar="DEVICE=X", help="emulate a device X times slower")
     p.add_argument("--speed", action="append", metavar="DEVICE=S", help="manual relative speed of a device")
 
 
 def _spec(args):
-    from .models.spec import ModelSpec
+    from .models.spec import model_spec_for
 
-    if Path(args.model).is_dir():
-        return ModelSpec(path=str(Path(args.model).resolve()), config="local", dtype=args.dtype)
-    return ModelSpec(config=args.model, dtype=args.dtype)
+    return model_spec_for(args.model, args.dtype)
 
 
 def cmd_generate(args) -> int:
@@ -180,7 +179,8 @@ def main(argv=None) -> int:
     g.add_argument("--batch", type=int, default=1)
     g.add_argument("--steps", type=int, default=12)
     g.add_argument("--sampler", default="euler", choices=["euler", "euler_ancestral", "dpmpp_2m"])
-    g.add_argument("--scheduler", default="karras", choices=["karras", "normal", "simple"])
+    g.add_argument("--scheduler", default=None, choices=["karras", "normal", "simple"],
+                   help="default: karras for UNets, simple for flow models (SD3, Flux)")
     g.add_argument("--cfg", type=float, default=5.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--mode", default="displaced", choices=["exact", "displaced"])

@@ -1,6 +1,7 @@
 """Balance benchmark: equal bands vs elastic bands vs elastic + strides, one emulated slow worker.
 
-    python -m stadi_core bench-balance [--slowdown 2] [--height 64] [--steps 12]
+    python -m stadi_core bench-balance [--model tiny-sd15|tiny-sdxl|tiny-sd3|tiny-flux] [--slowdown 2]
+                                       [--height 64] [--steps 12]
 
 The slow worker is emulated by padding its compute to a budget (real compute, then a
 sleep of (X - 1) x its compute time): deterministic, unlike thread throttling. Each
@@ -16,12 +17,12 @@ import torch
 
 from ..api import generate, reference_generate
 from ..cluster import ClusterSpec, DeviceSpec
-from ..models.spec import ModelSpec
+from ..models.spec import model_spec_for
 from ..report import measured_capabilities, psnr
 
 
 def run(args) -> list[dict]:
-    spec = ModelSpec(config=args.model)
+    spec = model_spec_for(args.model)
     slow = args.slowdown
     base = ClusterSpec((DeviceSpec("cpu:0"), DeviceSpec("cpu:1", slowdown=slow)), backend="gloo")
     kw = dict(height=args.height, width=args.width, batch=1, steps=args.steps, sampler="euler", cfg=args.cfg,
@@ -54,7 +55,7 @@ def run(args) -> list[dict]:
 def table(rows, caps, args) -> str:
     eq = rows[0]["wall"]
     out = [f"STADI balance benchmark: 2 CPU workers (gloo), cpu:1 EMULATED {args.slowdown:g}x slower "
-           f"(compute padded to budget), tiny {args.model} random weights, latent {args.height}x{args.width}, "
+           f"(compute padded to budget), {args.model} random weights, latent {args.height}x{args.width}, "
            f"{args.steps} euler steps, displaced mode, warmup {args.warmup}",
            f"capability measured in the equal-band run (band compute with context, per eval): "
            f"cpu:0 {caps[0]:.1f} rows/s, cpu:1 {caps[1]:.1f} rows/s",

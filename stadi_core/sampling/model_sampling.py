@@ -28,8 +28,10 @@ class EpsDiscrete:
     def denoised(self, x: torch.Tensor, out: torch.Tensor, sigma: float) -> torch.Tensor:
         return x - out * sigma
 
-    def sigmas(self, scheduler: str, steps: int) -> list[float]:
-        return self.schedule.sigmas_for(scheduler, steps)
+    default_scheduler = "karras"
+
+    def sigmas(self, scheduler: str | None, steps: int) -> list[float]:
+        return self.schedule.sigmas_for(scheduler or self.default_scheduler, steps)
 
 
 class FlowMatch:
@@ -38,6 +40,8 @@ class FlowMatch:
     ``shift`` is SD3/Flux's time shift; ``multiplier`` maps sigma to the network's timestep
     (1000 for SD3's transformer, 1 for Flux's).
     """
+
+    default_scheduler = "simple"
 
     def __init__(self, shift: float = 3.0, multiplier: float = 1000.0):
         self.shift = shift
@@ -55,8 +59,8 @@ class FlowMatch:
     def _shifted(self, t: float) -> float:
         return self.shift * t / (1 + (self.shift - 1) * t)
 
-    def sigmas(self, scheduler: str, steps: int) -> list[float]:
+    def sigmas(self, scheduler: str | None, steps: int) -> list[float]:
         """Evenly spaced flow times, shifted (ComfyUI's "simple"/"normal" for flow models)."""
-        if scheduler not in ("simple", "normal"):
+        if scheduler not in (None, "simple", "normal"):
             raise UnsupportedError(f"scheduler {scheduler!r} is not offered for flow models: use simple or normal")
         return [self._shifted(1 - i / steps) for i in range(steps)] + [0.0]
