@@ -103,6 +103,14 @@ def test_exact_mode_equals_stock_ksampler(server, family, sampler, cluster, rows
     assert diff <= REL_TOL * scale
 
 
+def test_batch_of_two_with_denoise_below_one_equals_ksampler(server):
+    common = dict(seed=9, steps=4, sampler_name="euler", width=128, height=128, batch_size=2, denoise=0.6)
+    ref = _latent(server, server.run(_workflow("sd3", filename_prefix="b2_ref", **common)))
+    out = _latent(server, server.run(_workflow("sd3", stadi=TWO, filename_prefix="b2_stadi", **common), timeout=600))
+    assert out.shape == ref.shape and out.shape[0] == 2
+    assert (out - ref).abs().max().item() <= REL_TOL * ref.abs().max().item()
+
+
 def test_model_sampling_node_reaches_the_bands(server):
     """ModelSamplingSD3's shift is an object patch: without it the STADI run would differ from stock."""
     common = dict(seed=3, steps=3, sampler_name="euler", width=128, height=128, shift=6.0)
