@@ -10,7 +10,6 @@ exchanged keys carry their own positions.
 from __future__ import annotations
 
 import torch
-from einops import rearrange
 
 from ..errors import UnsupportedError
 from .comfy_common import attach_band_attention, band_attention, build_from_spec, model_sampling  # noqa: F401
@@ -61,7 +60,8 @@ def forward(model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor
     out = model.forward_orig(img, img_ids, context, txt_ids, t, cond.get("y"), cond.get("guidance"), None, options)
     if attention is not None:
         attention.finish()
-    return rearrange(out, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=rows // p, w=width // p, ph=p, pw=p)
+    b, h, w = x.shape[0], rows // p, width // p  # tokens (b, h*w, c*p*p) -> latent (b, c, h*p, w*p)
+    return out.view(b, h, w, -1, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, -1, rows, width)
 
 
 def patch_attention(model, ctx, next_id) -> int:
