@@ -159,16 +159,22 @@ def _place(src: Path, dst: Path) -> Path:
 # Tiny SD1.5 checkpoint
 # --------------------------------------------------------------------------------------------
 
-def tiny_sd15_cache_key(seed: int = 0, comfy: Path | None = None) -> str:
+def _sd15_config(in_channels: int) -> dict:
+    """The tiny UNet's config; 9 input channels make it an inpainting model (latent + mask + masked image)."""
+    return dict(TINY_SD15_UNET_CONFIG, in_channels=in_channels)
+
+
+def tiny_sd15_cache_key(seed: int = 0, comfy: Path | None = None, in_channels: int = 4) -> str:
     comfy = Path(comfy) if comfy else require_comfyui()
     blob = json.dumps(
-        {"v": _BUILDER_VERSION, "cfg": TINY_SD15_UNET_CONFIG, "seed": int(seed), "comfy": comfyui_version(comfy)},
+        {"v": _BUILDER_VERSION, "cfg": _sd15_config(in_channels), "seed": int(seed), "comfy": comfyui_version(comfy)},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def write_tiny_sd15_checkpoint(path, seed: int = 0, comfy: Path | None = None, timeout: float = 600.0) -> Path:
+def write_tiny_sd15_checkpoint(path, seed: int = 0, comfy: Path | None = None, timeout: float = 600.0,
+                               in_channels: int = 4) -> Path:
     """Write (a link to) a small random-weight checkpoint that ComfyUI detects as SD15.
 
     Contents: the reduced UNet of TINY_SD15_UNET_CONFIG under ``model.diffusion_model.``, a full
@@ -178,13 +184,13 @@ def write_tiny_sd15_checkpoint(path, seed: int = 0, comfy: Path | None = None, t
     in cache_dir(); the checkpoint's module layout comes from the checkout's own classes.
     """
     comfy = Path(comfy) if comfy else require_comfyui()
-    key = tiny_sd15_cache_key(seed, comfy)
+    key = tiny_sd15_cache_key(seed, comfy, in_channels)
     cached = cache_dir() / f"tiny-sd15-{key}.safetensors"
     with _file_lock(cache_dir() / f"tiny-sd15-{key}.lock"):
         if not cached.exists():
             tmp = cached.with_suffix(f".{os.getpid()}.partial")
             cmd = [sys.executable, str(Path(__file__).resolve()), "build-checkpoint", str(tmp),
-                   "--seed", str(int(seed)), "--comfyui", str(comfy)]
+                   "--seed", str(int(seed)), "--comfyui", str(comfy), "--in-channels", str(in_channels)]
             env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
             if proc.returncode != 0 or not tmp.exists():
@@ -242,7 +248,7 @@ def random_fill(sd: dict, module, prefix: str, gen) -> None:
         sd[prefix + full] = t.to(torch.float16).contiguous()
 
 
-def _build_checkpoint_main(out: str, seed: int, comfy_dir: str) -> None:
+def _build_checkpoint_main(out: str, seed: int, comfy_dir: str, in_channels: int = 4) -> None:
     """Runs in a subprocess with the ComfyUI checkout importable."""
     sys.path.insert(0, comfy_dir)
     import torch
@@ -259,7 +265,7 @@ def _build_checkpoint_main(out: str, seed: int, comfy_dir: str) -> None:
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     ops = comfy.ops.disable_weight_init  # the layer classes ComfyUI itself builds SD1.5 with
-    unet = UNetModel(**TINY_SD15_UNET_CONFIG, dtype=torch.float32, device="meta", operations=ops)
+    unet = UNetModel(**_sd15_config(in_channels), dtype=torch.float32, device="meta", operations=ops)
     clip = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float32)
     taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
 
@@ -851,12 +857,13 @@ def _main(argv: list[str]) -> int:
     b = sub.add_parser("build-checkpoint", help="write the tiny SD1.5 checkpoint (no cache)")
     b.add_argument("out")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--in-channels", type=int, default=4, help="9 for an inpainting UNet")
     b.add_argument("--comfyui", default=os.environ.get("STADI_COMFYUI_PATH"))
     a = ap.parse_args(argv)
     if a.cmd == "build-checkpoint":
         if not a.comfyui:
             ap.error("--comfyui or STADI_COMFYUI_PATH is required")
-        _build_checkpoint_main(a.out, a.seed, str(Path(a.comfyui).resolve()))
+        _build_checkpoint_main(a.out, a.seed, str(Path(a.comfyui).resolve()), a.in_channels)
     return 0
 
 

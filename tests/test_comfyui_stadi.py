@@ -23,6 +23,7 @@ from comfy_support import (
     load_latent_file,
     require_comfyui,
     sd15_api_workflow,
+    write_tiny_sd15_checkpoint,
 )
 
 pytestmark = [
@@ -32,6 +33,7 @@ pytestmark = [
 ]
 
 CKPT = "stadi_tiny_sd15.safetensors"
+INPAINT_CKPT = "stadi_tiny_sd15_inpaint.safetensors"
 LORA = "stadi_tiny_lora.safetensors"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,9 +44,16 @@ def model_files(tiny_comfy_models):
 
 
 @pytest.fixture(scope="module")
-def server(model_files):
+def inpaint_checkpoint(tmp_path_factory):
+    """The tiny SD1.5 UNet with 9 input channels: ComfyUI makes it an inpainting model (c_concat)."""
+    return write_tiny_sd15_checkpoint(tmp_path_factory.mktemp("inpaint") / INPAINT_CKPT, seed=1,
+                                      comfy=require_comfyui(), in_channels=9)
+
+
+@pytest.fixture(scope="module")
+def server(model_files, inpaint_checkpoint):
     ckpt, lora = model_files
-    with ComfyServer(require_comfyui(), custom_nodes=ComfyServer.stadi_pack(), checkpoints=[ckpt],
+    with ComfyServer(require_comfyui(), custom_nodes=ComfyServer.stadi_pack(), checkpoints=[ckpt, inpaint_checkpoint],
                      loras=[lora]) as srv:
         assert not srv.custom_node_import_failures(), srv.log_tail()
         yield srv
@@ -110,6 +119,34 @@ def test_batch_of_two_with_denoise_below_one_equals_ksampler(server):
     common["filename_prefix"] = "stadib"
     out = _latent(server, server.run(_stadi_workflow("euler", **common), timeout=600))
     assert out.shape == ref.shape and out.shape[0] == 2
+    assert (out - ref).abs().max().item() <= REL_TOL * ref.abs().max().item()
+
+
+def test_inpainting_model_with_a_feathered_mask_equals_ksampler(server):
+    """An inpainting UNet gets mask + masked image concatenated onto x (c_concat) and samples with a
+    noise mask: both reach the bands sliced like the latent."""
+    def inpaint(wf):
+        wf["1"]["inputs"]["ckpt_name"] = INPAINT_CKPT
+        wf["20"] = {"class_type": "EmptyImage", "inputs": {"width": 128, "height": 192, "batch_size": 1,
+                                                            "color": 0x806040}}
+        wf["21"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 128, "height": 192}}
+        wf["22"] = {"class_type": "FeatherMask", "inputs": {"mask": ["21", 0], "left": 0, "top": 64, "right": 48,
+                                                             "bottom": 0}}
+        wf["23"] = {"class_type": "InpaintModelConditioning", "inputs": {
+            "positive": ["3", 0], "negative": ["4", 0], "vae": ["1", 2], "pixels": ["20", 0], "mask": ["22", 0],
+            "noise_mask": True}}
+        wf["6"]["inputs"].update(positive=["23", 0], negative=["23", 1], latent_image=["23", 2])
+        return wf
+
+    common = dict(seed=4, steps=4, cfg=2.0, width=128, height=192)
+    ref = _latent(server, server.run(inpaint(sd15_api_workflow(CKPT, sampler_name="euler", save_image=False,
+                                                               filename_prefix="inp_ref", **common))))
+    wf = inpaint(_stadi_workflow("euler", filename_prefix="inp_stadi", **common))
+    del wf["2"]  # no LoRA on the inpainting model
+    wf["3"]["inputs"]["clip"] = wf["4"]["inputs"]["clip"] = ["1", 1]
+    wf["6"]["inputs"]["model"] = ["1", 0]
+    out = _latent(server, server.run(wf, timeout=600))
+    assert out.shape == ref.shape
     assert (out - ref).abs().max().item() <= REL_TOL * ref.abs().max().item()
 
 
