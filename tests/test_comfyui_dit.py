@@ -176,9 +176,17 @@ def test_every_shipped_dit_api_workflow_completes(server, name):
         del wf[node_id]
     sampler = next(k for k, n in wf.items() if n["class_type"] == "STADISampler")
     wf["99"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 0], "filename_prefix": f"latents/{name}"}}
+    stitch = [k for k, n in wf.items() if n["class_type"] == "STADIPatchStitch"]
+    for node_id in stitch:  # the 16-channel bands stitched without a VAE must be the sampler's latent
+        wf[node_id]["inputs"].pop("vae", None)
+        wf["98"] = {"class_type": "SaveLatent", "inputs": {"samples": [node_id, 0],
+                                                           "filename_prefix": f"latents/stitched_{name}"}}
     entry = server.run(wf, timeout=900)
     files = server.output_files(entry, "99", "latents")
     assert files and torch.isfinite(load_latent_file(files[0])).all()
+    if stitch:
+        stitched = load_latent_file(server.output_files(entry, "98", "latents")[0])
+        assert torch.equal(stitched, load_latent_file(files[0]))
 
 
 # -- the adapters against ComfyUI's own forward, in a subprocess with the checkout importable ------------
