@@ -97,14 +97,18 @@ class StadiRun:
         self.channels = self.adapter.latent_channels(network)
         # stand-in conditioning shapes for the capability measurement
         self.probe_cond = self.adapter.make_conditioning(network, 1, seed=0)["cond"]
-        self.dtype = base.manual_cast_dtype or base.get_dtype()
-        unet_config = dict(base.model_config.unet_config)
+        model_config = base.model_config
+        unet_config = dict(model_config.unet_config)
         unet_config.pop("dtype", None)
-        path, key = baked_network_file(model, self.dtype)
+        path, key = baked_network_file(model)
         mirrored = {k: getattr(comfy.cli_args.args, k) for k in MIRRORED_ARGS if hasattr(comfy.cli_args.args, k)}
-        self.spec = ModelSpec(family=family, config=unet_config, path=path, dtype=str(self.dtype).split(".")[-1],
+        # weights as ComfyUI stores them (fp8 included), computed in its manual-cast dtype where it has one
+        self.spec = ModelSpec(family=family, config=unet_config, path=path, dtype=_dtype_name(base.get_dtype()),
                               extra={"comfy_args": mirrored, "weights_key": key,
-                                     "model_class": model_class_path(network)})
+                                     "model_class": model_class_path(network),
+                                     "compute_dtype": _dtype_name(base.manual_cast_dtype),
+                                     "scaled_fp8": _dtype_name(model_config.scaled_fp8),
+                                     "fp8_optimizations": bool(model_config.optimizations.get("fp8", False))})
 
     # -- planning ----------------------------------------------------------------------------
     def plan(self, height: int, width: int, speeds: list[float] | None = None) -> Plan:
@@ -301,6 +305,10 @@ class StadiRun:
             _CAPABILITIES[(self.spec.key(), device, height, width)] = cap
         return StadiPatches(plan=plan.to_dict(), bands=[s.result for s in states], report=report.to_dict(),
                             latent_extra=latent_extra)
+
+
+def _dtype_name(dtype) -> str | None:
+    return str(dtype).split(".")[-1] if dtype is not None else None
 
 
 def _step_timings(records: list[dict], t_end: float) -> list[dict]:

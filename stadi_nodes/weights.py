@@ -61,17 +61,25 @@ def _folder() -> str:
     return path
 
 
-def identity(model_patcher, dtype: torch.dtype) -> tuple:
-    """Same key <=> same weights: the base model object, its patch set, and the dtype."""
-    return (id(model_patcher.model), str(model_patcher.patches_uuid), str(dtype))
+def identity(model_patcher) -> tuple:
+    """Same key <=> same weights: the base model object and its patch set."""
+    return (id(model_patcher.model), str(model_patcher.patches_uuid))
 
 
-def baked_network_file(model_patcher, dtype: torch.dtype) -> tuple[str, str]:
-    """(path, key) of a safetensors file with the diffusion model's patched weights."""
+def baked_network_file(model_patcher) -> tuple[str, str]:
+    """(path, key) of a safetensors file with the diffusion model's patched weights.
+
+    Every tensor keeps the dtype ComfyUI stores it in (fp8 weights stay fp8: the workers compute
+    with the same manual-cast layers as the server). A patched tensor is computed in float32 and
+    rounded back exactly as ComfyUI's ``patch_weight_to_device`` does (stochastic rounding seeded
+    by its key, which is a plain cast for fp16/bf16/fp32).
+    """
+    import comfy.float
     import comfy.lora
+    import comfy.model_patcher
     from safetensors.torch import save_file
 
-    ident = identity(model_patcher, dtype)
+    ident = identity(model_patcher)
     key = hashlib.sha256(repr(ident).encode()).hexdigest()[:16]
     with _LOCK:
         path = _CACHE.get(ident)
@@ -82,9 +90,15 @@ def baked_network_file(model_patcher, dtype: torch.dtype) -> tuple[str, str]:
         for name, patches in model_patcher.get_key_patches(prefix).items():
             weight, convert = patches[0]
             if len(patches) > 1:
-                weight = comfy.lora.calculate_weight(patches[1:], convert(weight.to(torch.float32, copy=True),
+                if comfy.model_patcher.get_key_weight(model_patcher.model, name)[1] is not None:
+                    from stadi_core.errors import UnsupportedError
+
+                    raise UnsupportedError("STADI Sampler: LoRA on a scaled-fp8 model is not supported yet; load the "
+                                           "model in fp8_e4m3fn/bf16/fp16 (UNETLoader weight_dtype) or use KSampler")
+                patched = comfy.lora.calculate_weight(patches[1:], convert(weight.to(torch.float32, copy=True),
                                                                            inplace=True), name)
-            state[name[len(prefix):]] = weight.to(device="cpu", dtype=dtype).contiguous()
+                weight = comfy.float.stochastic_rounding(patched, weight.dtype, seed=comfy.model_patcher.string_to_seed(name))
+            state[name[len(prefix):]] = weight.to(device="cpu").contiguous()
         path = os.path.join(_folder(), f"network-{key}.safetensors")
         save_file(state, path + ".partial")
         os.replace(path + ".partial", path)

@@ -111,6 +111,27 @@ def test_batch_of_two_with_denoise_below_one_equals_ksampler(server):
     assert (out - ref).abs().max().item() <= REL_TOL * ref.abs().max().item()
 
 
+def test_fp8_weights_stay_fp8_in_the_workers_and_equal_ksampler(server):
+    """UNETLoader's fp8_e4m3fn: ComfyUI keeps fp8 weights and computes in its manual-cast dtype; the
+    workers must do the same (a bf16/fp32 copy would double every GPU's memory for Flux)."""
+    from safetensors import safe_open
+
+    def fp8(wf):
+        wf["1"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+        return wf
+
+    common = dict(seed=2, steps=3, sampler_name="euler", width=128, height=128)
+    ref = _latent(server, server.run(fp8(_workflow("sd3", filename_prefix="fp8_ref", **common))))
+    out = _latent(server, server.run(fp8(_workflow("sd3", stadi=TWO, filename_prefix="fp8_stadi", **common)),
+                                     timeout=600))
+    assert (out - ref).abs().max().item() <= REL_TOL * ref.abs().max().item()
+    baked = max(Path(f"/dev/shm/stadi-weights-{server.pid}").glob("network-*.safetensors"),
+                key=lambda p: p.stat().st_mtime)
+    with safe_open(str(baked), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if k.endswith("qkv.weight")}
+    assert dtypes == {"F8_E4M3"}, dtypes
+
+
 def test_model_sampling_node_reaches_the_bands(server):
     """ModelSamplingSD3's shift is an object patch: without it the STADI run would differ from stock."""
     common = dict(seed=3, steps=3, sampler_name="euler", width=128, height=128, shift=6.0)

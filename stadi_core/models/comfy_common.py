@@ -56,18 +56,30 @@ def build_from_spec(spec, device) -> nn.Module:
     for part in qualname.split("."):
         cls = getattr(cls, part)
     config = dict(spec.config)
-    dtype = getattr(torch, spec.dtype)
-    config["dtype"] = dtype
+    weight_dtype = getattr(torch, spec.dtype)
+    compute_dtype = getattr(torch, extra["compute_dtype"]) if extra.get("compute_dtype") else None
+    scaled_fp8 = getattr(torch, extra["scaled_fp8"]) if extra.get("scaled_fp8") else None
+    # the layer classes the server built the network with: manual-cast layers keep fp8/fp16 weights
+    # and compute in the server's compute dtype, scaled-fp8 layers carry their scales
+    operations = comfy.ops.pick_operations(weight_dtype, compute_dtype, scaled_fp8=scaled_fp8,
+                                           fp8_optimizations=bool(extra.get("fp8_optimizations")))
+    config["dtype"] = weight_dtype
     state = load_file(spec.path, device=str(device))
-    model = cls(**config, device="meta", operations=comfy.ops.disable_weight_init)
+    model = cls(**config, device="meta", operations=operations)
+    # like load_state_dict into a built model: each tensor takes the dtype the network was built with
+    built = {k: v.dtype for k, v in model.state_dict().items()}
+    state = {k: v.to(built[k]) if k in built and v.is_floating_point() and v.dtype != built[k] else v
+             for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise UnsupportedError(f"the diffusion model's weights do not match its config: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
-        model = cls(**config, device="cpu", operations=comfy.ops.disable_weight_init)
+        model = cls(**config, device="cpu", operations=operations)
         model.load_state_dict(state, strict=False)
-    return model.to(device=device, dtype=dtype)
+    model = model.to(device=device)
+    model._stadi_compute_dtype = compute_dtype or weight_dtype  # what inputs are cast to (spec.input_dtype)
+    return model
 
 
 def model_sampling(model):

@@ -31,7 +31,9 @@ FAMILIES: dict[str, ModuleType] = {
     comfy_flux.FAMILY: comfy_flux,
 }
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          # storage only (ComfyUI's fp8 weights, computed in a higher precision by its manual-cast layers)
+          "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,12 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> torch.nn
     if DTYPES[spec.dtype] is not torch.float32:
         model = model.to(dtype=DTYPES[spec.dtype])
     return model.eval().requires_grad_(False)
+
+
+def input_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a network's inputs take: its compute dtype where its weights are stored narrower
+    (ComfyUI's fp8 weights with manual-cast layers), else its weights' dtype."""
+    return getattr(model, "_stadi_compute_dtype", None) or next(model.parameters()).dtype
 
 
 def weights_checksum(model: torch.nn.Module) -> float:

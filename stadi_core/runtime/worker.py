@@ -41,6 +41,13 @@ from .messages import (
 CONNECT_TIMEOUT_S = 60.0
 
 
+def input_dtype(model):
+    """The network's input dtype (models.spec.input_dtype; imported late, like torch)."""
+    from ..models.spec import input_dtype as of_model
+
+    return of_model(model)
+
+
 class JobCancelled(Exception):
     def __init__(self, step: int):
         super().__init__(f"cancelled at step {step}")
@@ -240,7 +247,7 @@ class _Worker:
         from per-shape CUDA graphs (see parallel/graphs.py); exact-mode calls stay eager.
         """
         torch = self.torch
-        dtype = next(model.parameters()).dtype
+        dtype = input_dtype(model)
         forward = spec.adapter.forward
         graphed = None
         if graphs and self.device.type == "cuda":
@@ -312,7 +319,7 @@ class _Worker:
             raise ValueError(f"plan for {plan.world_size} ranks sent to a pool of {self.init.world_size}")
         band = plan.bands[self.init.rank]
         model, ctx, spec, checksum = self._model(job.model, plan.rows)
-        dtype = next(model.parameters()).dtype
+        dtype = input_dtype(model)
         conditioning = {part: {k: torch.from_numpy(v) for k, v in d.items()} for part, d in job.conditioning.items()}
         cond = batched_conditioning(conditioning, job.cfg, self.device, dtype)
         schedule = LoopSchedule(steps=plan.steps, warmup=plan.warmup, stride=band.stride,
@@ -342,7 +349,7 @@ class _Worker:
         from ..parallel import Phase
 
         model, ctx, spec, _ = self._model(job.model, [1] * self.init.world_size)
-        dtype = next(model.parameters()).dtype
+        dtype = input_dtype(model)
         conditioning = make_conditioning(spec, model, job.batch, seed=0)
         cond = batched_conditioning(conditioning, 2.0, self.device, dtype)
         net = self._network(model, ctx, spec, cond, job.slowdown, graphs=job.graphs)
@@ -372,7 +379,7 @@ class _Worker:
         model, ctx, spec, checksum = self._model(job.model, plan.rows)
         self.channel.send(SessionReady(job.job_id, self.init.rank, {"weights_checksum": checksum,
                                                                     "pid": os.getpid()}))
-        dtype = next(model.parameters()).dtype
+        dtype = input_dtype(model)
         while True:
             msg = self.channel.recv()
             if isinstance(msg, SessionEnd):
