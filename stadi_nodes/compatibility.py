@@ -8,19 +8,18 @@ from __future__ import annotations
 
 from stadi_core.errors import UnsupportedError
 
-# ComfyUI network class -> the worker family that runs it in bands
-FAMILY_BY_CLASS = {
-    "comfy.ldm.modules.diffusionmodules.openaimodel:UNetModel": "comfy-unet",  # SD1.x, SD2.x, SDXL
-    "comfy.ldm.modules.diffusionmodules.mmdit:OpenAISignatureMMDITWrapper": "comfy-mmdit",  # SD3, SD3.5
-    "comfy.ldm.flux.model:Flux": "comfy-flux",  # Flux.1 dev / schnell
-}
+def _family_by_class() -> dict[str, str]:
+    """ComfyUI network class -> the worker family that runs it in bands (adapters declare COMFY_CLASS)."""
+    from stadi_core.models.spec import FAMILIES
+
+    return {adapter.COMFY_CLASS: family for family, adapter in FAMILIES.items() if hasattr(adapter, "COMFY_CLASS")}
 
 
 def check_model(model_patcher) -> str:
     """The worker family for this MODEL, or an error that says why it cannot run in bands."""
     diffusion_model = model_patcher.model.diffusion_model
     cls = type(diffusion_model)
-    family = FAMILY_BY_CLASS.get(f"{cls.__module__}:{cls.__qualname__}")
+    family = _family_by_class().get(f"{cls.__module__}:{cls.__qualname__}")
     if family is None:
         raise UnsupportedError(
             f"STADI Sampler: the {type(model_patcher.model).__name__} model ({cls.__name__}) is not supported by the "

@@ -422,3 +422,38 @@ def test_patch_stitch_node_with_and_without_vae():
 def test_patch_stitch_rejects_other_inputs():
     with pytest.raises(ValueError, match="STADI Sampler"):
         PatchStitch().stitch({"samples": torch.zeros(1, 4, 8, 8)}, 4)
+
+
+# -- which ComfyUI networks the sampler takes (compatibility.check_model) -------------------------------
+
+def _patcher_with_network(module: str, qualname: str, **options):
+    """A MODEL-like object holding an instance of a class named like ComfyUI's network class."""
+    cls = type(qualname, (), {"__module__": module, "__qualname__": qualname})
+    base = types.SimpleNamespace(diffusion_model=cls())
+    return types.SimpleNamespace(model=base, model_options={"transformer_options": {}}, wrappers=options.get(
+        "wrappers", {}), object_patches=options.get("object_patches", {}), hook_patches={})
+
+
+@pytest.mark.parametrize("path,family", [
+    ("comfy.ldm.modules.diffusionmodules.openaimodel:UNetModel", "comfy-unet"),
+    ("comfy.ldm.modules.diffusionmodules.mmdit:OpenAISignatureMMDITWrapper", "comfy-mmdit"),
+    ("comfy.ldm.flux.model:Flux", "comfy-flux"),
+])
+def test_supported_networks_map_to_their_worker_family(path, family):
+    from stadi_nodes.compatibility import check_model
+
+    assert check_model(_patcher_with_network(*path.split(":"))) == family
+
+
+def test_other_networks_and_network_wrappers_are_refused_with_what_to_do():
+    from stadi_core.errors import UnsupportedError
+    from stadi_nodes.compatibility import check_model
+
+    with pytest.raises(UnsupportedError, match="Chroma.*KSampler"):
+        check_model(_patcher_with_network("comfy.ldm.chroma.model", "Chroma"))
+    cached = _patcher_with_network("comfy.ldm.flux.model", "Flux",
+                                   wrappers={"diffusion_model": {"teacache": [lambda *a: None]}})
+    with pytest.raises(UnsupportedError, match="teacache.*KSampler"):
+        check_model(cached)
+    with pytest.raises(UnsupportedError, match="object patches"):
+        check_model(_patcher_with_network("comfy.ldm.flux.model", "Flux", object_patches={"diffusion_model.x": 1}))

@@ -17,6 +17,7 @@ from .diffusers_sd3 import band_geometry
 
 FAMILY = "comfy-flux"
 TINY_CONFIGS: dict = {}
+COMFY_CLASS = "comfy.ldm.flux.model:Flux"  # the ComfyUI network this adapter runs (Flux.1 dev / schnell)
 COND_KEYS = ("y", "guidance")  # extra model inputs besides the context that this family accepts
 
 

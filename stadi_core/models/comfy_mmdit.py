@@ -17,6 +17,7 @@ from .diffusers_sd3 import band_geometry
 
 FAMILY = "comfy-mmdit"
 TINY_CONFIGS: dict = {}
+COMFY_CLASS = "comfy.ldm.modules.diffusionmodules.mmdit:OpenAISignatureMMDITWrapper"  # the ComfyUI network this adapter runs (SD3, SD3.5)
 COND_KEYS = ("y",)  # extra model inputs besides the context that this family accepts
 
 

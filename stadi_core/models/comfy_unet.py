@@ -16,6 +16,7 @@ from .comfy_common import build_from_spec, model_sampling  # noqa: F401  (the fa
 
 FAMILY = "comfy-unet"
 TINY_CONFIGS: dict = {}
+COMFY_CLASS = "comfy.ldm.modules.diffusionmodules.openaimodel:UNetModel"  # the ComfyUI network this adapter runs (SD1.x, SD2.x, SDXL)
 COND_KEYS = ("y",)  # extra model inputs besides the context that this family accepts
 
 

@@ -7,7 +7,9 @@ Adding a family is one module that provides: ``FAMILY``, ``TINY_CONFIGS``, ``bui
 ``patch_attention(model, ctx, next_id)``, ``model_sampling(model)`` and
 ``make_conditioning(model, batch, seed)``; a family whose model needs more than a config or a
 folder (ComfyUI's, rebuilt from the server's config and baked weights) adds
-``build_from_spec(spec, device)``.
+``build_from_spec(spec, device)``, and a ComfyUI family names the network class it runs
+(``COMFY_CLASS``, "module:QualName") and the extra model inputs it accepts (``COND_KEYS``): the
+STADI Sampler picks the family from that.
 """
 
 from __future__ import annotations
