@@ -10,6 +10,7 @@ servers that died without cleaning up are removed when the next one starts writi
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
 import shutil
@@ -24,10 +25,30 @@ _KEEP = 2  # baked files kept around (the current model and one more)
 
 
 _PREFIX = "stadi-weights-"
+_SHM = "/dev/shm"
+WEIGHTS_DIR_ENV = "STADI_WEIGHTS_DIR"  # where to write baked weights instead (a fast local disk)
 
 
-def _base() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+def _bases() -> list[str]:
+    """Candidate folders, preferred first: $STADI_WEIGHTS_DIR, else shared memory, else the temp dir."""
+    if os.environ.get(WEIGHTS_DIR_ENV):
+        return [os.environ[WEIGHTS_DIR_ENV]]
+    shm = [_SHM] if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK) else []
+    return shm + [tempfile.gettempdir()]
+
+
+def _base(needed_bytes: int = 0) -> str:
+    """The first candidate with room for ``needed_bytes`` and a margin: shared memory is RAM, and
+    containers often give it only 64 MB (Docker's default), so big models go to the temp dir."""
+    bases = _bases()
+    for base in bases:
+        os.makedirs(base, exist_ok=True)
+        if shutil.disk_usage(base).free >= 2 * needed_bytes:
+            return base
+    from stadi_core.errors import StadiError
+
+    raise StadiError(f"STADI Sampler: no room for the model's {needed_bytes / 2**30:.1f} GiB of weights in "
+                     f"{', '.join(bases)}; free some space or set {WEIGHTS_DIR_ENV} to a folder with room")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -40,9 +61,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_folders(base: str | None = None) -> list[str]:
+def remove_stale_folders(base: str) -> list[str]:
     """Remove weight folders of servers that are gone; returns what was removed."""
-    base = base or _base()
     removed = []
     for name in os.listdir(base):
         pid = name[len(_PREFIX):]
@@ -52,10 +72,15 @@ def remove_stale_folders(base: str | None = None) -> list[str]:
     return removed
 
 
-def _folder() -> str:
-    path = os.path.join(_base(), f"{_PREFIX}{os.getpid()}")
+def remove_stale_weight_folders() -> list[str]:
+    """Sweep every candidate folder (at server start and before each write)."""
+    return [name for base in _bases() if os.path.isdir(base) for name in remove_stale_folders(base)]
+
+
+def _folder(needed_bytes: int) -> str:
+    remove_stale_weight_folders()
+    path = os.path.join(_base(needed_bytes), f"{_PREFIX}{os.getpid()}")
     if not os.path.isdir(path):
-        remove_stale_folders()
         os.makedirs(path, exist_ok=True)
         atexit.register(shutil.rmtree, path, True)
     return path
@@ -97,15 +122,15 @@ def baked_network_file(model_patcher) -> tuple[str, str]:
                                            "model in fp8_e4m3fn/bf16/fp16 (UNETLoader weight_dtype) or use KSampler")
                 patched = comfy.lora.calculate_weight(patches[1:], convert(weight.to(torch.float32, copy=True),
                                                                            inplace=True), name)
-                weight = comfy.float.stochastic_rounding(patched, weight.dtype, seed=comfy.model_patcher.string_to_seed(name))
+                seed = comfy.model_patcher.string_to_seed(name)
+                weight = comfy.float.stochastic_rounding(patched, weight.dtype, seed=seed)
             state[name[len(prefix):]] = weight.to(device="cpu").contiguous()
-        path = os.path.join(_folder(), f"network-{key}.safetensors")
+        needed = sum(t.numel() * t.element_size() for t in state.values())
+        for old in list(_CACHE)[:len(_CACHE) - (_KEEP - 1)]:  # make room before writing the new one
+            with contextlib.suppress(OSError):
+                os.remove(_CACHE.pop(old))
+        path = os.path.join(_folder(needed), f"network-{key}.safetensors")
         save_file(state, path + ".partial")
         os.replace(path + ".partial", path)
         _CACHE[ident] = path
-        for old in list(_CACHE)[:-_KEEP]:
-            try:
-                os.remove(_CACHE.pop(old))
-            except OSError:
-                pass
         return path, key

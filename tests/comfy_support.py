@@ -596,13 +596,19 @@ class ComfyServer:
             time.sleep(0.25)
 
     def stop(self, term_timeout: float = 15.0, kill_timeout: float = 10.0) -> None:
-        """SIGTERM the whole process group (server and anything it spawned), then SIGKILL."""
+        """Ctrl-C the server (as a user would: exit handlers run), then SIGTERM the whole process group
+        (server and anything it spawned), then SIGKILL."""
         p = self.proc
         if p is not None:
             try:
                 pgid = os.getpgid(p.pid)
             except ProcessLookupError:
                 pgid = None
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGINT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=term_timeout)
             if pgid is not None and pgid != os.getpgid(0):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pgid, signal.SIGTERM)

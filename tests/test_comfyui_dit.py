@@ -210,6 +210,16 @@ def test_every_shipped_dit_api_workflow_completes(server, name):
         assert torch.equal(stitched, load_latent_file(files[0]))
 
 
+def test_baked_weights_leave_with_the_server(dit_files):
+    """Shared memory is RAM: a server stopped with Ctrl-C removes the weights it wrote for its workers."""
+    with ComfyServer(require_comfyui(), custom_nodes=ComfyServer.stadi_pack(), diffusion_models=[dit_files["sd3"]],
+                     text_encoders=[dit_files["clip-l"]]) as srv:
+        srv.run(_workflow("sd3", stadi=TWO, steps=1, filename_prefix="leave", width=64, height=64), timeout=600)
+        folder = Path(f"/dev/shm/stadi-weights-{srv.pid}")
+        assert list(folder.glob("network-*.safetensors")), "the test cannot see where the weights went"
+    assert not folder.exists()
+
+
 # -- the adapters against ComfyUI's own forward, in a subprocess with the checkout importable ------------
 
 _ADAPTER_CHECK = r"""
