@@ -1,5 +1,5 @@
-"""Tiny random-weight SD3- and Flux-format diffusion models and a CLIP-L text encoder for tests
-against a real ComfyUI checkout (STADI_COMFYUI_PATH).
+"""Tiny random-weight SD3-, Flux- and SDXL-family diffusion models and CLIP-L / CLIP-G text encoders
+for tests against a real ComfyUI checkout (STADI_COMFYUI_PATH).
 
 * SD3: ComfyUI's MMDiT with SD3.5-medium's structure (RMS qk-norm, a dual-attention first
   block), 2 blocks of width 128 (ComfyUI derives width = 64 x depth), a 16x16 position table
@@ -9,6 +9,11 @@ against a real ComfyUI checkout (STADI_COMFYUI_PATH).
   CLIP-L pooled vector (768). Detected as ``Flux``.
 * CLIP-L: loaded with ``CLIPLoader(type="sd3")``, ComfyUI's SD3 text encoder without CLIP-G and
   T5: context zero-padded to 4096, pooled 768 + 1280 zeros. Both models take exactly that.
+
+* SDXL family: ComfyUI's detector matches Segmind Vega (SDXL's width, context 2048, the 2816-wide
+  size/crop ``y`` conditioning) on the transformer depths alone, so a UNet with Vega's depths but
+  every level at 320 channels is an SDXL-family model of 110M parameters. With CLIP-G (full
+  width, 32 layers, as the detector requires) and CLIP-L through ``DualCLIPLoader(type=sdxl)``.
 
 Files go under ``diffusion_models`` and ``text_encoders``; built in a subprocess with the
 checkout's own classes, checked with its own detector, cached like the SD1.5 checkpoint.
@@ -38,7 +43,15 @@ TINY_FLUX_CONFIG = {
     "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1, "depth_single_blocks": 1,
     "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
 }
-KINDS = {"sd3": "SD3", "flux": "Flux", "clip-l": None}  # kind -> the supported_models class ComfyUI must detect
+TINY_SDXL_CONFIG = {
+    "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2],
+    "channel_mult": [1, 1, 1], "transformer_depth": [0, 0, 1, 1, 2, 2],
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2], "transformer_depth_middle": 1, "context_dim": 2048,
+    "use_spatial_transformer": True, "legacy": False, "num_heads": -1, "num_head_channels": 64,
+    "use_linear_in_transformer": True, "adm_in_channels": 2816, "num_classes": "sequential",
+    "use_temporal_resblock": False, "use_temporal_attention": False, "use_checkpoint": False,
+}
+KINDS = {"sd3": "SD3", "flux": "Flux", "sdxl": "Segmind_Vega", "clip-l": None, "clip-g": None}  # kind -> the supported_models class ComfyUI must detect
 
 
 def _build_main(kind: str, out: str, seed: int, comfy_dir: str) -> None:
@@ -62,10 +75,18 @@ def _build_main(kind: str, out: str, seed: int, comfy_dir: str) -> None:
 
         clip = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float32)
         random_fill(sd, clip.transformer, "", gen)
+    elif kind == "clip-g":
+        import comfy.sdxl_clip
+
+        clip = comfy.sdxl_clip.SDXLClipG(device="meta", dtype=torch.float32)
+        random_fill(sd, clip.transformer, "", gen)
     else:
         if kind == "sd3":
             from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper as cls
             config = TINY_SD3_CONFIG
+        elif kind == "sdxl":
+            from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel as cls
+            config = TINY_SDXL_CONFIG
         else:
             from comfy.ldm.flux.model import Flux as cls
             config = TINY_FLUX_CONFIG
@@ -91,6 +112,7 @@ def write_tiny_model(kind: str, path, seed: int = 0, comfy: Path | None = None, 
         raise ValueError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
     comfy = Path(comfy) if comfy else require_comfyui()
     blob = json.dumps({"v": _BUILDER_VERSION, "kind": kind, "sd3": TINY_SD3_CONFIG, "flux": TINY_FLUX_CONFIG,
+                       "sdxl": TINY_SDXL_CONFIG,
                        "seed": seed, "comfy": comfyui_version(comfy)}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     cached = cache_dir() / f"tiny-{kind}-{key}.safetensors"

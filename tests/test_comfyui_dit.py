@@ -1,4 +1,4 @@
-"""SD3- and Flux-format models under the STADI Sampler inside a real ComfyUI server.
+"""SD3-, Flux- and SDXL-family models under the STADI Sampler inside a real ComfyUI server.
 
 Tiny random-weight networks that ComfyUI's own detector takes for SD3 and Flux (see
 comfy_dit_models.py), loaded with the stock UNETLoader / CLIPLoader, sampled by ComfyUI's
@@ -34,7 +34,8 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parent.parent
 FILES = {"sd3": "stadi_tiny_sd3.safetensors", "flux": "stadi_tiny_flux.safetensors",
-         "clip-l": "stadi_tiny_clip_l.safetensors"}
+         "sdxl": "stadi_tiny_sdxl.safetensors", "clip-l": "stadi_tiny_clip_l.safetensors",
+         "clip-g": "stadi_tiny_clip_g.safetensors"}
 # Latents reach |x| ~ 10-100 with random weights; relative bound as in test_comfyui_stadi.py.
 REL_TOL = 2e-6
 
@@ -48,20 +49,33 @@ def dit_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(dit_files):
     with ComfyServer(require_comfyui(), custom_nodes=ComfyServer.stadi_pack(),
-                     diffusion_models=[dit_files["sd3"], dit_files["flux"]],
-                     text_encoders=[dit_files["clip-l"]]) as srv:
+                     diffusion_models=[dit_files["sd3"], dit_files["flux"], dit_files["sdxl"]],
+                     text_encoders=[dit_files["clip-l"], dit_files["clip-g"]]) as srv:
         assert not srv.custom_node_import_failures(), srv.log_tail()
         yield srv
 
 
+def _sdxl(wf: dict) -> dict:
+    """The same graph for an SDXL-family UNet: SDXL's two text encoders, a 4-channel latent, no shift."""
+    wf["2"] = {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": FILES["clip-l"], "clip_name2": FILES["clip-g"],
+                                                         "type": "sdxl"}}
+    wf["5"]["class_type"] = "EmptyLatentImage"
+    return wf
+
+
 def _workflow(family: str, *, stadi: dict | None = None, **kw) -> dict:
+    if family == "sdxl":
+        kw.setdefault("scheduler", "karras")
+        kw["shift"] = None
+        return _sdxl(_workflow("sd3", stadi=stadi, unet="sdxl", **kw))
     flux = family == "flux"
     kw.setdefault("cfg", 1.0 if flux else 2.0)
     kw.setdefault("shift", 1.15 if flux else 3.0)
+    unet = FILES[kw.pop("unet", family)]
     if stadi is None:
-        return dit_api_workflow(FILES[family], FILES["clip-l"], flux=flux, **kw)
+        return dit_api_workflow(unet, FILES["clip-l"], flux=flux, **kw)
     devices, speeds, mode = stadi["devices"], stadi["speeds"], stadi.get("mode", "exact")
-    wf = dit_api_workflow(FILES[family], FILES["clip-l"], flux=flux, sampler_class="STADISampler",
+    wf = dit_api_workflow(unet, FILES["clip-l"], flux=flux, sampler_class="STADISampler",
                           sampler_extra_inputs={"mode": mode, "warmup_steps": 2, "strides": "auto",
                                                 "cluster": ["10", 0]}, **kw)
     wf["10"] = {"class_type": "STADIClusterProfile", "inputs": {
@@ -85,6 +99,8 @@ THREE = {"devices": "cpu*3", "speeds": "cpu:0=1, cpu:1=2, cpu:2=3"}
     ("sd3", "dpmpp_2m", THREE, [4, 8, 12]),
     ("flux", "euler", THREE, [4, 8, 12]),
     ("flux", "dpmpp_2m", TWO, [10, 14]),
+    ("sdxl", "euler_ancestral", TWO, [8, 16]),  # SDXL family: the 2816-wide size/crop y, UNet bands of 4 rows
+    ("sdxl", "dpmpp_2m", THREE, [4, 8, 12]),
 ])
 def test_exact_mode_equals_stock_ksampler(server, family, sampler, cluster, rows):
     common = dict(seed=7, steps=4, sampler_name=sampler, width=128, height=192)
