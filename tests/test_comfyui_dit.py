@@ -1,9 +1,9 @@
 """SD3-, Flux- and SDXL-family models under the STADI Sampler inside a real ComfyUI server.
 
-Tiny random-weight networks that ComfyUI's own detector takes for SD3 and Flux (see
-comfy_dit_models.py), loaded with the stock UNETLoader / CLIPLoader, sampled by ComfyUI's
-own loop with flow-matching model_sampling (including the ModelSamplingSD3 / ModelSamplingFlux
-nodes, which patch it). Skipped with a reason when no ComfyUI checkout is configured.
+Tiny random-weight networks that ComfyUI's own detector takes for SD3, Flux and an SDXL-family
+UNet (see comfy_dit_models.py), loaded with the stock UNETLoader / CLIPLoader / DualCLIPLoader,
+sampled by ComfyUI's own loop (flow matching with the ModelSamplingSD3 / ModelSamplingFlux
+nodes, which patch it, for the DiTs). Skipped with a reason when no ComfyUI checkout is configured.
 """
 
 from __future__ import annotations
