@@ -8,7 +8,8 @@ from .types import CLUSTER_TYPE, PATCHES_TYPE, StadiCluster, plan_ui_payload
 class STADISampler:
     DESCRIPTION = ("Drop-in KSampler replacement that splits one generation across several GPUs (or CPU "
                    "workers), each denoising a band of rows sized to its speed. 'exact' reproduces KSampler; "
-                   "'displaced' reuses the other bands' context from the last sync step (faster, slight deviation).")
+                   "'displaced' reuses the other bands' context from the last sync step (faster, slight deviation). "
+                   "Models: SD1.x, SD2.x, SDXL, SD3/SD3.5, Flux.1 (LoRA, fp8 weights and ModelSampling nodes included).")
     RETURN_TYPES = ("LATENT", PATCHES_TYPE)
     RETURN_NAMES = ("LATENT", "patches")
     FUNCTION = "sample"
