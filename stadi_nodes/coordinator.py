@@ -95,8 +95,6 @@ class StadiRun:
         self.adapter = FAMILIES[family]
         self.align = self.adapter.alignment(network)
         self.channels = self.adapter.latent_channels(network)
-        # stand-in conditioning shapes for the capability measurement
-        self.probe_cond = self.adapter.make_conditioning(network, 1, seed=0)["cond"]
         model_config = base.model_config
         unet_config = dict(model_config.unet_config)
         unet_config.pop("dtype", None)
@@ -150,12 +148,14 @@ class StadiRun:
 
     def measure(self, plan: Plan, batch: int, width: int) -> list[float]:
         """Rows/s of each device on its band alone (no exchange), one device at a time."""
+        n = 2 * batch
+        # stand-in conditioning shaped for this network (values do not matter for timing)
+        probe = self.adapter.make_conditioning(self.model.model.diffusion_model, n, seed=0)["cond"]
+        cond = {k: v.numpy().astype(np.float32) for k, v in probe.items()}
         pool, session, _ = self._open(plan)
         speeds = []
         try:
             for band in plan.bands:
-                n = 2 * batch
-                cond = {k: np.repeat(v.numpy().astype(np.float32), n, axis=0) for k, v in self.probe_cond.items()}
                 x = np.random.default_rng(0).standard_normal((n, self.channels, band.rows, width)).astype(np.float32)
                 busy = []
                 for _ in range(2):

@@ -20,15 +20,12 @@ checkout's own classes, checked with its own detector, cached like the SD1.5 che
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-from comfy_support import _file_lock, _place, cache_dir, comfyui_version, random_fill, require_comfyui
+from comfy_support import build_cached, check_detected, comfyui_version, random_fill, require_comfyui
 
 _BUILDER_VERSION = "tiny-dit-v1"
 
@@ -92,22 +89,13 @@ def _build_main(kind: str, out: str, seed: int, comfy_dir: str) -> None:
             config = TINY_FLUX_CONFIG
         net = cls(**config, dtype=torch.float32, device="meta", operations=ops)
         random_fill(sd, net, "", gen)
-        probe = dict(sd)
-        mc = comfy.model_detection.model_config_from_unet(probe, "")
-        if mc is None or type(mc).__name__ != KINDS[kind]:
-            raise RuntimeError(f"detected as {type(mc).__name__ if mc else None}, not {KINDS[kind]}")
-        again = cls(**{k: v for k, v in mc.unet_config.items() if k != "dtype"}, dtype=torch.float32,
-                    device="meta", operations=ops)
-        want = {k: tuple(v.shape) for k, v in sd.items()}
-        got = {k: tuple(v.shape) for k, v in again.state_dict().items()}
-        if want != got:
-            raise RuntimeError(f"detected network differs: {sorted(set(want) ^ set(got))[:10]}")
+        check_detected(sd, "", KINDS[kind], cls, ops)
     safetensors.torch.save_file(sd, out, metadata={"format": "pt", "stadi_test": f"{_BUILDER_VERSION} {kind}"})
     print(json.dumps({"kind": kind, "tensors": len(sd), "params": sum(v.numel() for v in sd.values())}))
 
 
 def write_tiny_model(kind: str, path, seed: int = 0, comfy: Path | None = None, timeout: float = 900.0) -> Path:
-    """Write (a link to) the cached tiny ``kind`` model ("sd3", "flux" or "clip-l") at ``path``."""
+    """Write (a link to) the cached tiny ``kind`` model (one of KINDS) at ``path``."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
     comfy = Path(comfy) if comfy else require_comfyui()
@@ -115,21 +103,9 @@ def write_tiny_model(kind: str, path, seed: int = 0, comfy: Path | None = None, 
                        "sdxl": TINY_SDXL_CONFIG,
                        "seed": seed, "comfy": comfyui_version(comfy)}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    cached = cache_dir() / f"tiny-{kind}-{key}.safetensors"
-    with _file_lock(cache_dir() / f"tiny-{kind}-{key}.lock"):
-        if not cached.exists():
-            tmp = cached.with_suffix(f".{os.getpid()}.partial")
-            cmd = [sys.executable, str(Path(__file__).resolve()), kind, str(tmp), str(int(seed)), str(comfy)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                  env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
-            if proc.returncode != 0 or not tmp.exists():
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise RuntimeError(f"building the tiny {kind} model failed (rc={proc.returncode}):\n"
-                                   f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-            os.replace(tmp, cached)
-    return _place(cached, Path(path))
-
+    return build_cached(f"tiny-{kind}-{key}", path, timeout,
+                        lambda tmp: [sys.executable, str(Path(__file__).resolve()), kind, str(tmp), str(int(seed)),
+                                     str(comfy)])
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -184,24 +184,55 @@ def write_tiny_sd15_checkpoint(path, seed: int = 0, comfy: Path | None = None, t
     in cache_dir(); the checkpoint's module layout comes from the checkout's own classes.
     """
     comfy = Path(comfy) if comfy else require_comfyui()
-    key = tiny_sd15_cache_key(seed, comfy, in_channels)
-    cached = cache_dir() / f"tiny-sd15-{key}.safetensors"
-    with _file_lock(cache_dir() / f"tiny-sd15-{key}.lock"):
+    return build_cached(
+        f"tiny-sd15-{tiny_sd15_cache_key(seed, comfy, in_channels)}", path, timeout,
+        lambda tmp: [sys.executable, str(Path(__file__).resolve()), "build-checkpoint", str(tmp), "--seed",
+                     str(int(seed)), "--comfyui", str(comfy), "--in-channels", str(in_channels)])
+
+
+def build_cached(stem: str, path, timeout: float, command) -> Path:
+    """(A link at ``path`` to) ``cache_dir()/<stem>.safetensors``, built once by the subprocess
+    ``command(tmp_path)`` (no GPU), under a file lock so parallel test processes build it once."""
+    cached = cache_dir() / f"{stem}.safetensors"
+    with _file_lock(cache_dir() / f"{stem}.lock"):
         if not cached.exists():
             tmp = cached.with_suffix(f".{os.getpid()}.partial")
-            cmd = [sys.executable, str(Path(__file__).resolve()), "build-checkpoint", str(tmp),
-                   "--seed", str(int(seed)), "--comfyui", str(comfy), "--in-channels", str(in_channels)]
-            env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            proc = subprocess.run(command(tmp), capture_output=True, text=True, timeout=timeout,
+                                  env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
             if proc.returncode != 0 or not tmp.exists():
                 with contextlib.suppress(OSError):
                     tmp.unlink()
-                raise RuntimeError(
-                    f"building the tiny SD1.5 checkpoint failed (rc={proc.returncode}):\n"
-                    f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-                )
+                raise RuntimeError(f"building {stem} failed (rc={proc.returncode}):\n"
+                                   f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
             os.replace(tmp, cached)
     return _place(cached, Path(path))
+
+
+def check_detected(sd: dict, prefix: str, expected: str, cls, operations) -> None:
+    """ComfyUI's own detector must take the network under ``prefix`` of ``sd`` for the supported
+    model ``expected``, and its detected config must rebuild exactly the same tensors. Runs where
+    the checkout is importable (the builder subprocesses)."""
+    import torch
+
+    import comfy.model_detection
+
+    probe = dict(sd)  # detection may pop keys
+    mc = comfy.model_detection.model_config_from_unet(probe, prefix)
+    if mc is None or type(mc).__name__ != expected:
+        raise RuntimeError(f"detected as {type(mc).__name__ if mc else None}, not {expected}")
+    config = {k: v for k, v in mc.unet_config.items() if k != "dtype"}
+    again = cls(**config, dtype=torch.float32, device="meta", operations=operations)
+    want = {k[len(prefix):]: tuple(v.shape) for k, v in sd.items() if k.startswith(prefix)}
+    got = {k: tuple(v.shape) for k, v in again.state_dict().items()}
+    if want != got:
+        raise RuntimeError(f"detected network differs: {sorted(set(want) ^ set(got))[:10]}")
+
+
+def comfyui_marks() -> list:
+    """``pytestmark`` for tests that need the real ComfyUI: marked, and skipped with the reason."""
+    import pytest
+
+    return [pytest.mark.comfyui, pytest.mark.skipif(comfyui_path() is None, reason=SKIP_REASON)]
 
 
 def random_fill(sd: dict, module, prefix: str, gen) -> None:
@@ -276,19 +307,9 @@ def _build_checkpoint_main(out: str, seed: int, comfy_dir: str, in_channels: int
     random_fill(sd, clip, "cond_stage_model.", gen)
     random_fill(sd, taesd, "first_stage_model.", gen)
 
-    # Check with ComfyUI's own detector, on a copy (detection may pop keys).
-    probe = dict(sd)
-    prefix = comfy.model_detection.unet_prefix_from_state_dict(probe)
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(dict(sd))
     assert prefix == TINY_SD15_UNET_PREFIX, prefix
-    mc = comfy.model_detection.model_config_from_unet(probe, prefix)
-    if mc is None or type(mc).__name__ != "SD15":
-        raise RuntimeError(f"detected as {type(mc).__name__ if mc else None}, not SD15")
-    # The detected config must rebuild exactly the same tensors.
-    again = UNetModel(**mc.unet_config, dtype=torch.float32, device="meta", operations=ops)
-    want = {k[len(prefix):]: tuple(v.shape) for k, v in sd.items() if k.startswith(prefix)}
-    got = {k: tuple(v.shape) for k, v in again.state_dict().items()}
-    if want != got:
-        raise RuntimeError(f"detected UNet differs: {sorted(set(want) ^ set(got))[:10]}")
+    check_detected(sd, prefix, "SD15", UNetModel, ops)
 
     import safetensors.torch
 

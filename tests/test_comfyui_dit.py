@@ -20,17 +20,13 @@ from comfy_dit_models import write_tiny_model
 from comfy_support import (
     ComfyExecutionError,
     ComfyServer,
-    comfyui_path,
+    comfyui_marks,
     dit_api_workflow,
     load_latent_file,
     require_comfyui,
 )
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.skipif(comfyui_path() is None,
-                       reason="set STADI_COMFYUI_PATH to a ComfyUI checkout to run the real-ComfyUI tests"),
-]
+pytestmark = comfyui_marks()
 
 REPO = Path(__file__).resolve().parent.parent
 FILES = {"sd3": "stadi_tiny_sd3.safetensors", "flux": "stadi_tiny_flux.safetensors",

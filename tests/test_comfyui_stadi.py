@@ -19,18 +19,14 @@ from helpers import gone
 from comfy_support import (
     ComfyExecutionError,
     ComfyServer,
-    comfyui_path,
+    comfyui_marks,
     load_latent_file,
     require_comfyui,
     sd15_api_workflow,
     write_tiny_sd15_checkpoint,
 )
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.skipif(comfyui_path() is None,
-                       reason="set STADI_COMFYUI_PATH to a ComfyUI checkout to run the real-ComfyUI tests"),
-]
+pytestmark = comfyui_marks()
 
 CKPT = "stadi_tiny_sd15.safetensors"
 INPAINT_CKPT = "stadi_tiny_sd15_inpaint.safetensors"

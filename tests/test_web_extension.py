@@ -31,17 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from comfy_support import (  # noqa: E402
     ComfyServer,
-    comfyui_path,
+    comfyui_marks,
     repo_root,
     require_comfyui,
 )
 
 # Every test but the first (plain Node.js, runs in CI when `node` is installed) needs ComfyUI.
-needs_comfyui = [
-    pytest.mark.comfyui,
-    pytest.mark.skipif(comfyui_path() is None,
-                       reason="set STADI_COMFYUI_PATH to a ComfyUI checkout to run the real-ComfyUI tests"),
-]
+needs_comfyui = comfyui_marks()
 
 
 def comfyui_test(fn):
