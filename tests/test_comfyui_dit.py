@@ -75,7 +75,7 @@ def _workflow(family: str, *, stadi: dict | None = None, **kw) -> dict:
                           sampler_extra_inputs={"mode": mode, "warmup_steps": 2, "strides": "auto",
                                                 "cluster": ["10", 0]}, **kw)
     wf["10"] = {"class_type": "STADIClusterProfile", "inputs": {
-        "devices": devices, "backend": "gloo", "measure": False, "speeds": speeds, "exclude": "",
+        "devices": devices, "backend": "gloo", "measure": stadi.get("measure", False), "speeds": speeds, "exclude": "",
         "emulate_slowdown": ""}}
     return wf
 
@@ -113,6 +113,19 @@ def test_exact_mode_equals_stock_ksampler(server, family, sampler, cluster, rows
           f"(|ref| max {scale:.3g}, relative {diff / scale:.2g})")
     assert out.shape == ref.shape
     assert diff <= REL_TOL * scale
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "sdxl"])
+def test_measured_plan_runs_and_stays_exact(server, family):
+    """measure=True times each device on its band with stand-in conditioning shaped for the network
+    first (the capability probe), then plans from it: the result is still KSampler's."""
+    common = dict(seed=6, steps=2, sampler_name="euler", width=128, height=128)
+    ref = _latent(server, server.run(_workflow(family, filename_prefix=f"mref_{family}", **common), timeout=600))
+    cluster = {"devices": "cpu*2", "speeds": "", "measure": True}
+    entry = server.run(_workflow(family, stadi=cluster, filename_prefix=f"meas_{family}", **common), timeout=900)
+    assert len(entry["outputs"]["6"]["stadi_plan"][0]["bands"]) == 2
+    out = _latent(server, entry)
+    assert (out - ref).abs().max().item() <= REL_TOL * ref.abs().max().item()
 
 
 def test_batch_of_two_with_denoise_below_one_equals_ksampler(server):
