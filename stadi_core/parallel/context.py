@@ -14,8 +14,11 @@ How fresh that context is depends on the phase of the current network call:
 * ``STALE``   – displaced non-sync step: the stored context, no communication.
 
 Stored buffers are allocated once per plan and updated in place (static addresses for
-graph replay). All-gathers are padded to the largest band and trimmed, so bands may be
-unequal (distrifuser's flat buffer assumes equal slices).
+graph replay). So are the all-gather's send and receive buffers (``_Wire``): the send
+buffer is a copy of the fresh tensor, because under CUDA graphs that tensor is a static
+activation the next replay overwrites while an asynchronous collective (NCCL's or gloo's
+own stream) may still be reading it. All-gathers are padded to the largest band and
+trimmed, so bands may be unequal (distrifuser's flat buffer assumes equal slices).
 """
 
 from __future__ import annotations
@@ -49,6 +52,23 @@ class _Pending:
 
 
 @dataclass
+class _Wire:
+    """One exchange key's all-gather buffers, allocated once per plan and reused every step.
+
+    The padding rows of ``send`` are zeroed once; each exchange overwrites only the band's
+    rows. A key's next exchange starts only after its previous one was waited for
+    (``complete_inflight`` runs before every synchronous call), so reuse is race-free.
+    """
+
+    send: torch.Tensor
+    recv: list
+
+    def load(self, local: torch.Tensor, dim: int) -> torch.Tensor:
+        self.send.narrow(dim, 0, local.shape[dim]).copy_(local)
+        return self.send
+
+
+@dataclass
 class CallStats:
     """What one network call spent waiting on other ranks."""
 
@@ -76,6 +96,7 @@ class BandContext:
         self.timeout = timedelta(seconds=timeout_s)
         self.phase = Phase.FRESH
         self._buffers: dict[tuple, list[torch.Tensor]] = {}
+        self._wires: dict[tuple, _Wire] = {}  # all-gather send/receive buffers per exchange key
         self._pending: list[_Pending] = []
         self._inflight: list | None = None  # exchanges started at the last sync step
         self._calls_seen: dict[int, int] = {}
@@ -135,7 +156,7 @@ class BandContext:
             return [(p, g, None) for p, g in zip(pending, self.transport.all_gather_many(sends))]
         out = []
         for p in pending:
-            gathered, work = self._all_gather(p.local, p.dim, p.sizes, async_op=True)
+            gathered, work = self._all_gather(p.key, p.local, p.dim, p.sizes, async_op=True)
             out.append((p, gathered, work))
         return out
 
@@ -152,6 +173,7 @@ class BandContext:
                 raise ValueError("a re-plan cannot change the number of ranks")
             self.rows = list(rows)
             self._buffers.clear()
+            self._wires.clear()
             self.generation += 1
             if self.transport is not None:
                 self.transport.reset()
@@ -194,7 +216,7 @@ class BandContext:
             if self.transport is not None:
                 gathered = self.transport.all_gather_many([(key, _padded(local, dim, max(sizes)))])[0]
             else:
-                gathered = self._all_gather(local, dim, sizes, async_op=False)[0]
+                gathered = self._all_gather(key, local, dim, sizes, async_op=False)[0]
             self.stats.comm_wait_s += time.perf_counter() - t0
             parts = _trim(gathered, sizes, dim)
             stored = self._buffers.get(key)
@@ -215,13 +237,24 @@ class BandContext:
             self._pending.append(_Pending(key, local, list(sizes), dim))
         return parts
 
-    def _all_gather(self, local: torch.Tensor, dim: int, sizes: Sequence[int], async_op: bool):
-        send = _padded(local, dim, max(sizes))
-        gathered = [torch.empty_like(send) for _ in range(self.world_size)]
+    def _all_gather(self, key: tuple, local: torch.Tensor, dim: int, sizes: Sequence[int], async_op: bool):
+        send = self._wire(key, local, dim, max(sizes)).load(local.detach(), dim)
+        gathered = self._wires[key].recv
         self.stats.exchanges += 1
         self.stats.bytes_sent += send.numel() * send.element_size()
         work = dist.all_gather(gathered, send, group=self.group, async_op=async_op)
         return gathered, work
+
+    def _wire(self, key: tuple, local: torch.Tensor, dim: int, size: int) -> _Wire:
+        """The key's buffers; re-made only if the padded shape or dtype changed (a new plan)."""
+        shape = list(local.shape)
+        shape[dim] = size
+        wire = self._wires.get(key)
+        if wire is None or list(wire.send.shape) != shape or wire.send.dtype != local.dtype:
+            send = local.new_zeros(shape)
+            wire = _Wire(send, [torch.empty_like(send) for _ in range(self.world_size)])
+            self._wires[key] = wire
+        return wire
 
     # -- helpers the layers use ------------------------------------------------------------
     def halo(self, layer_id: int, x: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
