@@ -23,3 +23,7 @@ class WorkerError(StadiError, RuntimeError):
 
 class WorkerTimeout(WorkerError):
     """A worker did not answer within its deadline."""
+
+
+class NonFiniteOutput(StadiError, FloatingPointError):
+    """A band's network output held NaN or inf: the run stops at that step, nothing is returned."""

@@ -1,10 +1,8 @@
 """The band context's exchange buffers, on two real gloo processes (no model, no GPU)."""
 
-import os
 import socket
 from datetime import timedelta
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -157,3 +157,19 @@ def test_non_finite_band_is_refused_not_returned():
     check_finite([good, good], plan)
     with pytest.raises(WorkerError, match=r"rank 1 \(cpu:1\) returned 1 non-finite values in rows \[8,16\)"):
         check_finite([good, bad], plan)
+
+
+def test_fp16_overflow_stops_the_run_at_the_first_bad_step_and_the_next_run_works():
+    """A CFG of 1e5 in float16 overflows the network input a few steps in (a real overflow, not a
+    planted NaN): the run stops at that step, says where and what to try, and shows no traceback."""
+    spec = ModelSpec(dtype="float16")
+    kw = dict(height=32, width=32, steps=8, seed=0, mode="displaced", warmup=2, strides="off")
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=r"rank \d \(cpu:\d\) failed.*NaN/inf values .* at step \d") as err:
+        generate(spec, "cpu*2", cfg=1e5, **kw)
+    assert time.monotonic() - t0 < 60
+    message = str(err.value)
+    assert "traceback" not in message and "bfloat16" in message and "mode 'exact'" in message
+    step = int(message.split(" at step ")[1].split()[0])
+    assert step < kw["steps"] - 1, "the overflow should stop the run early, not at its end"
+    assert generate(spec, "cpu*2", cfg=2.0, **kw).latent.isfinite().all()

@@ -3,6 +3,7 @@
     python -m stadi_core.bench.gpu graphs      # band compute, eager vs CUDA graphs, full/half/quarter
     python -m stadi_core.bench.gpu mps         # 70%/30% CUDA-MPS emulation: 1 worker vs equal vs elastic vs +strides
     python -m stadi_core.bench.gpu all
+    python -m stadi_core.bench.gpu diagnose    # which ingredient turns two bands non-finite (transport, MPS, graphs, mode)
 
 SDXL architecture with random fp16 weights (nothing is downloaded). The heterogeneous
 cluster is EMULATED on one GPU with CUDA MPS (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE per
@@ -20,6 +21,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 
 from ..api import generate, profile
 from ..cluster import ClusterSpec, DeviceSpec
@@ -27,8 +29,8 @@ from ..models.spec import ModelSpec
 from ..report import measured_capabilities, psnr
 
 
-def _spec(model: str) -> ModelSpec:
-    return ModelSpec(config=model, dtype="float16")
+def _spec(model: str, dtype: str = "float16") -> ModelSpec:
+    return ModelSpec(config=model, dtype=dtype)
 
 
 def bench_graphs(args) -> str:
@@ -81,7 +83,7 @@ def mps_daemon():
 def bench_mps(args) -> str:
     from ..runtime.pool import shutdown_pools
 
-    spec = _spec(args.model)
+    spec = _spec(args.model, args.dtype)
     px = args.mps_size
     latent = px // 8
     kw = dict(height=latent, width=latent, batch=1, steps=args.steps, sampler="euler", cfg=5.0, seed=0,
@@ -94,65 +96,177 @@ def bench_mps(args) -> str:
         devs = (DeviceSpec("cuda:0", mps_percent=pct[0]), DeviceSpec("cuda:0.1", mps_percent=pct[1]))
         equal = ClusterSpec(tuple(DeviceSpec(d.name, relative_speed=1.0, mps_percent=d.mps_percent) for d in devs),
                             backend="gloo")
-        generate(spec, equal, mode="displaced", strides="off", **dict(kw, steps=args.warmup + 2))  # start, capture
-        eq = generate(spec, equal, mode="displaced", strides="off", **kw)
-        measured = ClusterSpec(devs, backend="gloo").with_capabilities(measured_capabilities(eq.report))
+
+        def warm_then_run(cluster, strides):
+            generate(spec, cluster, mode="displaced", strides=strides, **dict(kw, steps=args.warmup + 2))  # capture
+            return generate(spec, cluster, mode="displaced", strides=strides, **kw)
+
+        eq = _attempt(lambda: warm_then_run(equal, "off"))
+        if isinstance(eq, str):  # no measured speeds: plan from the MPS shares instead
+            measured = ClusterSpec(tuple(DeviceSpec(d.name, relative_speed=float(d.mps_percent),
+                                                    mps_percent=d.mps_percent) for d in devs), backend="gloo")
+        else:
+            measured = ClusterSpec(devs, backend="gloo").with_capabilities(measured_capabilities(eq.report))
         runs = [("1 worker, 100% GPU", single), (f"equal bands {pct[0]}/{pct[1]}", eq)]
         for name, strides in (("elastic bands", "off"), ("elastic + strides", "auto")):
-            generate(spec, measured, mode="displaced", strides=strides, **dict(kw, steps=args.warmup + 2))
-            runs.append((name, generate(spec, measured, mode="displaced", strides=strides, **kw)))
+            runs.append((name, _attempt(lambda: warm_then_run(measured, strides))))
         table = _mps_table(args, runs, single, eq, latent)
         print(table, flush=True)
         shutdown_pools()
     return table
 
 
+def _attempt(run):
+    """``run()``'s result, or the first line of the deliberate error that stopped it (the table goes on)."""
+    from ..errors import StadiError
+    from ..runtime.pool import shutdown_pools
+
+    try:
+        return run()
+    except StadiError as exc:
+        shutdown_pools()
+        return str(exc).splitlines()[0][:400]
+
+
 def _mps_table(args, runs, single, eq, latent) -> str:
+    from ..runtime.pool import same_gpu_exchange
+
     px, pct = args.mps_size, args.split
     ref = single.latent
     base = single.report.denoise_s
-    equal_s = eq.report.denoise_s
+    equal_s = None if isinstance(eq, str) else eq.report.denoise_s
+    speeds = ("(the equal-band run failed: elastic bands planned from the MPS shares)" if equal_s is None else
+              ", ".join(f"{k} {v:.0f} rows/s" for k, v in measured_capabilities(eq.report).items()))
     out = [f"CUDA MPS emulation on one GPU: workers at {pct[0]}% / {pct[1]}% of the SMs (EMULATED heterogeneity); "
-           f"{args.model} random fp16 weights, {px}x{px} ({latent}x{latent} latent), {args.steps} euler steps, "
-           f"displaced mode, warmup {args.warmup}, CUDA graphs {'off' if args.eager else 'on'}; "
-           f"same-GPU exchange through CUDA IPC",
-           f"capabilities measured in the equal-band run: " + ", ".join(
-               f"{k} {v:.0f} rows/s" for k, v in measured_capabilities(eq.report).items()),
+           f"{args.model} random {args.dtype} weights, {px}x{px} ({latent}x{latent} latent), {args.steps} euler "
+           f"steps, displaced mode, warmup {args.warmup}, CUDA graphs {'off' if args.eager else 'on'}; "
+           f"same-GPU exchange: {same_gpu_exchange()}",
+           f"capabilities measured in the equal-band run: {speeds}",
            "",
            f"{'configuration':<20} {'rows':>9} {'strides':>7} {'latency s':>9} {'/equal':>7} {'/1 worker':>9} "
            f"{'r0 idle%':>8} {'r0 comm%':>8} {'r1 idle%':>8} {'r1 comm%':>8} {'PSNR dB':>8}"]
     for name, res in runs:
+        if isinstance(res, str):
+            out.append(f"{name:<20} FAILED: {res}")
+            continue
         rep = res.report
         cells = []
         for r in rep.ranks:
             cells += [f"{r.idle_pct:>8.1f}", f"{100 * r.comm_s / max(r.wall_s, 1e-9):>8.1f}"]
         cells += [" " * 8] * (4 - len(cells))
+        vs_equal = f"{rep.denoise_s / equal_s:>7.2f}" if equal_s else f"{'-':>7}"
         out.append(f"{name:<20} {'/'.join(str(r.rows) for r in rep.ranks):>9} "
                    f"{','.join(str(r.stride) for r in rep.ranks):>7} {rep.denoise_s:>9.3f} "
-                   f"{rep.denoise_s / equal_s:>7.2f} {rep.denoise_s / base:>9.2f} {' '.join(cells)} "
+                   f"{vs_equal} {rep.denoise_s / base:>9.2f} {' '.join(cells)} "
                    f"{psnr(res.latent, ref):>8.1f}")
     for name, res in runs:
-        out.extend(f"note ({name}): {n}" for n in res.report.notes)
+        if not isinstance(res, str):
+            out.extend(f"note ({name}): {n}" for n in res.report.notes)
     out.append("latency = makespan of the denoising loops on warm workers (graphs captured in a previous run); "
                "PSNR vs the 1-worker image (random weights: judge trends)")
+    return "\n".join(out)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ingredient mix of a two-band run on one device (see ``diagnose``)."""
+
+    name: str
+    mode: str = "displaced"
+    graphs: bool = False
+    mps: bool = False
+    exchange: str = "cuda-ipc"  # same-GPU exchange (STADI_SAME_GPU_EXCHANGE)
+    gpu_only: bool = True
+
+
+DIAGNOSE_VARIANTS = (
+    Variant("exact, eager", mode="exact", gpu_only=False),
+    Variant("displaced, eager", gpu_only=False),
+    Variant("displaced, eager, gloo", exchange="gloo"),
+    Variant("displaced, graphs", graphs=True),
+    Variant("displaced, graphs, gloo", graphs=True, exchange="gloo"),
+    Variant("displaced, eager, MPS", mps=True),
+    Variant("displaced, graphs, MPS", graphs=True, mps=True),
+)
+
+
+def diagnose(args) -> str:
+    """Two equal bands on one device, one ingredient changed per row, each against one worker.
+
+    The 2048x2048 SDXL fp16 MPS benchmark once returned all-NaN latents for every two-band
+    configuration (docs/gpu_bench_h100_mps_INVALID_nonfinite.txt) while one worker stayed
+    finite; a non-finite run now stops at its first bad step and names it, so this table
+    says which ingredient (mode, CUDA graphs, CUDA MPS, CUDA IPC vs gloo) brings it in.
+    A failed row does not stop the others.
+    """
+    from ..errors import StadiError
+    from ..runtime.pool import shutdown_pools
+
+    spec = _spec(args.model, args.dtype)
+    latent = args.mps_size // 8
+    kw = dict(height=latent, width=latent, batch=1, steps=args.steps, sampler="euler", cfg=5.0, seed=0,
+              warmup=args.warmup, stall_timeout_s=300, strides="off")
+    gpu = args.device == "cuda"
+    single = generate(spec, f"{args.device}:0", mode="displaced", **kw)
+    out = [f"two equal bands on one {args.device} device vs one worker: {args.model} random {args.dtype} weights, "
+           f"{args.mps_size}x{args.mps_size} ({latent}x{latent} latent), {args.steps} euler steps, cfg 5, "
+           f"warmup {args.warmup}; MPS rows at {args.split[0]}% / {args.split[1]}%",
+           f"one worker: finite {bool(single.latent.isfinite().all())}, |x| max {single.latent.abs().max():.3g}",
+           "",
+           f"{'variant':<26} {'result':<9} {'max |diff|':>10} {'PSNR dB':>8} {'latency s':>9}  notes"]
+    for v in DIAGNOSE_VARIANTS:
+        if v.gpu_only and not gpu:
+            out.append(f"{v.name:<26} {'skipped':<9} {'':>10} {'':>8} {'':>9}  needs CUDA")
+            continue
+        shutdown_pools()  # each row starts its own pool: MPS and the exchange are fixed at start
+        pct = args.split if v.mps else (None, None)
+        cluster = ClusterSpec(tuple(DeviceSpec(f"{args.device}:{i}" if not gpu else ("cuda:0", "cuda:0.1")[i],
+                                               relative_speed=1.0, mps_percent=pct[i]) for i in range(2)),
+                              backend="gloo")
+        old = os.environ.get("STADI_SAME_GPU_EXCHANGE")
+        os.environ["STADI_SAME_GPU_EXCHANGE"] = v.exchange
+        try:
+            with mps_daemon() if v.mps else contextlib.nullcontext():
+                if v.graphs:  # capture in a first run, as the benchmark does
+                    generate(spec, cluster, mode=v.mode, graphs=True, **dict(kw, steps=args.warmup + 2))
+                res = generate(spec, cluster, mode=v.mode, graphs=v.graphs, **kw)
+                shutdown_pools()
+            diff = float((res.latent - single.latent).abs().max())
+            notes = "; ".join(res.report.notes)
+            out.append(f"{v.name:<26} {'finite':<9} {diff:>10.3g} {psnr(res.latent, single.latent):>8.1f} "
+                       f"{res.report.denoise_s:>9.3f}  {notes}")
+        except StadiError as exc:
+            out.append(f"{v.name:<26} {'FAILED':<9} {'':>10} {'':>8} {'':>9}  {str(exc).splitlines()[0][:400]}")
+        finally:
+            if old is None:
+                os.environ.pop("STADI_SAME_GPU_EXCHANGE", None)
+            else:
+                os.environ["STADI_SAME_GPU_EXCHANGE"] = old
+    shutdown_pools()
+    out.append("FAILED rows name the first step whose network output held NaN/inf and its call kind "
+               "(fresh: context exchanged inside the layers; refresh/stale: displaced context)")
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m stadi_core.bench.gpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["graphs", "mps", "all"])
+    p.add_argument("what", choices=["graphs", "mps", "all", "diagnose"])
     p.add_argument("--model", default="sdxl")
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
-    p.add_argument("--mps-size", type=int, default=2048)
+    p.add_argument("--mps-size", type=int, default=2048, help="image size (px) of the mps and diagnose runs")
     p.add_argument("--split", type=int, nargs=2, default=[70, 30])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--eager", action="store_true", help="no CUDA graphs in the MPS runs")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="random weights' dtype (mps and diagnose)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="'diagnose' on cpu runs the rows that need no GPU (a smoke test of the script)")
     p.add_argument("--out", help="append the tables to this file")
     args = p.parse_args(argv)
-    for what, fn in (("graphs", bench_graphs), ("mps", bench_mps)):
-        if args.what in (what, "all"):
+    for what, fn in (("graphs", bench_graphs), ("mps", bench_mps), ("diagnose", diagnose)):
+        if args.what == what or (args.what == "all" and what != "diagnose"):
             table = fn(args)
             print(table, flush=True)
             if args.out:  # each table as soon as it exists: a later failure keeps it

@@ -24,7 +24,7 @@ from multiprocessing.connection import Listener
 from multiprocessing.connection import wait as wait_connections
 from typing import Callable, Sequence
 
-from ..errors import WorkerError, WorkerTimeout
+from ..errors import PlanError, WorkerError, WorkerTimeout
 from .messages import (
     BandOutput,
     BandResult,
@@ -105,6 +105,7 @@ class WorkerPool:
 
         import torch.distributed as dist
 
+        same_gpu_exchange()  # a bad setting is refused before any process starts
         port = 0
         if self.world_size > 1:
             self._store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False,
@@ -176,7 +177,7 @@ class WorkerPool:
         self.conns = [conns[r] for r in range(self.world_size)]
         gpus = {d.split(":")[1].split(".")[0] for d in self.devices if d.startswith("cuda")}
         same_gpu = len(gpus) == 1 and all(d.startswith("cuda") for d in self.devices) and self.world_size > 1
-        transport = "cuda-ipc" if same_gpu and self.backend == "gloo" else "dist"
+        transport = "cuda-ipc" if same_gpu and self.backend == "gloo" and same_gpu_exchange() == "cuda-ipc" else "dist"
         for rank, (conn, device) in enumerate(zip(self.conns, self.devices)):
             conn.send(WorkerInit(rank=rank, world_size=self.world_size, device=device, backend=self.backend,
                                  store_host=self.host, store_port=store_port, store_prefix=prefix,
@@ -265,10 +266,8 @@ class WorkerPool:
                     self._raise_dead(rank, doing)
                 last_heard[rank] = time.monotonic()
                 if isinstance(msg, WorkerFailure):
-                    raise WorkerError(
-                        f"worker rank {rank} ({self.devices[rank]}) failed while {doing}: {msg.message}\n"
-                        f"--- worker traceback ---\n{msg.traceback}"
-                    )
+                    raise WorkerError(f"worker rank {rank} ({self.devices[rank]}) failed while {doing}: "
+                                      + _failure_text(msg))
                 if isinstance(msg, Cancelled):
                     cancelled[rank] = msg
                 elif is_final(msg):
@@ -360,8 +359,7 @@ class Session:
                     if isinstance(msg, BandOutput) and msg.call_id == call_id:
                         return msg
                     if isinstance(msg, WorkerFailure):
-                        raise WorkerError(f"worker rank {rank} ({pool.devices[rank]}) failed: {msg.message}\n"
-                                          f"--- worker traceback ---\n{msg.traceback}")
+                        raise WorkerError(f"worker rank {rank} ({pool.devices[rank]}) failed: " + _failure_text(msg))
                     if isinstance(msg, Cancelled):
                         raise JobCancelledError(f"interrupted at step {msg.step}")
                     continue
@@ -393,6 +391,25 @@ class Session:
                     conn.send(SessionEnd(self.job_id))
         finally:
             self.pool._lock.release()
+
+
+def same_gpu_exchange() -> str:
+    """How workers sharing one GPU exchange: ``cuda-ipc`` (default) or ``gloo`` (through the host).
+
+    Set by ``STADI_SAME_GPU_EXCHANGE``; gloo is the slow, simple path to compare against
+    when CUDA IPC is suspected of misbehaving on a machine.
+    """
+    value = os.environ.get("STADI_SAME_GPU_EXCHANGE", "cuda-ipc")
+    if value not in ("cuda-ipc", "gloo"):
+        raise PlanError(f"STADI_SAME_GPU_EXCHANGE={value!r}: use 'cuda-ipc' or 'gloo'")
+    return value
+
+
+def _failure_text(msg: WorkerFailure) -> str:
+    """A worker's failure for the user: a deliberate error alone, anything else with its traceback."""
+    if not msg.traceback:
+        return msg.message
+    return f"{msg.message}\n--- worker traceback ---\n{msg.traceback}"
 
 
 # -- warm pools shared across calls ----------------------------------------------------------

@@ -17,6 +17,7 @@ import traceback
 from datetime import timedelta
 from multiprocessing.connection import Client
 
+from ..errors import StadiError
 from .messages import (
     BandCall,
     BandOutput,
@@ -203,6 +204,8 @@ class _Worker:
                     raise TypeError(f"unknown job {type(job).__name__}")
             except JobCancelled as exc:
                 self.channel.send(Cancelled(job.job_id, self.init.rank, exc.step))
+            except StadiError as exc:  # a deliberate error says what to change: no traceback
+                self.channel.send(WorkerFailure(job.job_id, self.init.rank, str(exc), ""))
             except BaseException as exc:
                 self.channel.send(WorkerFailure(job.job_id, self.init.rank,
                                                 f"{type(exc).__name__}: {exc}", traceback.format_exc()))
@@ -372,6 +375,7 @@ class _Worker:
         torch = self.torch
         from ..parallel import Phase
         from ..planner import Plan
+        from ..sampling.band_loop import require_finite
 
         plan = Plan.from_dict(job.plan)
         if plan.world_size != self.init.world_size:
@@ -404,6 +408,7 @@ class _Worker:
                     t0 = time.perf_counter()
                     out, comm = net(torch.from_numpy(msg.x), torch.from_numpy(msg.timesteps), phase)
                     busy = time.perf_counter() - t0 - comm
+                require_finite(out, msg.step, phase)
             finally:
                 ctx.local_only = False
             self.channel.send(BandOutput(job.job_id, msg.call_id, self.init.rank, out.numpy(), busy, comm))

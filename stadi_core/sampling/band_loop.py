@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import NonFiniteOutput
 from ..parallel.context import Phase
 from .noise import FullLatentNoise
 from .samplers import make_sampler
@@ -100,6 +101,7 @@ def run_band(
             c0 = time.perf_counter()
             last_raw, comm = _timed_call(network, x_in, model_sampling.timestep(sigma), phase)
             busy = time.perf_counter() - c0 - comm
+            require_finite(last_raw, i, phase)
         eps = cfg_combine(last_raw.float(), cfg, batch)
         denoised = model_sampling.denoised(x, eps, sigma)
         x = solver.step(i, x, denoised, sigma, sigma_next, lambda k: noise.step(k, rows))
@@ -108,6 +110,23 @@ def run_band(
         if on_step is not None:
             on_step(timing)
     return x, timings
+
+
+def require_finite(out: torch.Tensor, step: int, phase: Phase) -> None:
+    """Stop at the first network call whose output holds NaN/inf, saying where it happened.
+
+    A non-finite band poisons every later step and, through the exchange, the other bands;
+    the step and the kind of call (fresh / refresh / stale context) are what tell an fp16
+    overflow from a broken exchange.
+    """
+    bad = int((~torch.isfinite(out)).sum())
+    if bad:
+        raise NonFiniteOutput(
+            f"the network output held {bad} NaN/inf values of {out.numel()} at step {step} "
+            f"({phase.value} call); the run was stopped and nothing was returned. Causes seen: fp16 overflow "
+            "in the model or a very high CFG (try bfloat16 or float32, or a lower CFG), or an exchange that "
+            "does not work on this machine (try mode 'exact': if that is finite, report the displaced failure)"
+        )
 
 
 def _timed_call(network: Network, x_in, t, phase):
