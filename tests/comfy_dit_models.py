@@ -7,6 +7,8 @@ for tests against a real ComfyUI checkout (STADI_COMFYUI_PATH).
 * Flux: ComfyUI's detector fixes the width (3072, 24 heads, T5 context 4096), so the tiny one is
   narrow in depth only: one double- and one single-stream block, guidance-embedded (dev-like),
   CLIP-L pooled vector (768). Detected as ``Flux``.
+* Flux Fill: the same with 96 input channels (latent + masked-image latent + 8x8-packed mask).
+  Detected as ``FluxInpaint``.
 * CLIP-L: loaded with ``CLIPLoader(type="sd3")``, ComfyUI's SD3 text encoder without CLIP-G and
   T5: context zero-padded to 4096, pooled 768 + 1280 zeros. Both models take exactly that.
 
@@ -48,7 +50,10 @@ TINY_SDXL_CONFIG = {
     "use_linear_in_transformer": True, "adm_in_channels": 2816, "num_classes": "sequential",
     "use_temporal_resblock": False, "use_temporal_attention": False, "use_checkpoint": False,
 }
-KINDS = {"sd3": "SD3", "flux": "Flux", "sdxl": "Segmind_Vega", "clip-l": None, "clip-g": None}  # kind -> the supported_models class ComfyUI must detect
+TINY_FLUX_FILL_CONFIG = dict(TINY_FLUX_CONFIG, in_channels=96)
+# kind -> the supported_models class ComfyUI must detect
+KINDS = {"sd3": "SD3", "flux": "Flux", "flux-fill": "FluxInpaint", "sdxl": "Segmind_Vega", "clip-l": None,
+         "clip-g": None}
 
 
 def _build_main(kind: str, out: str, seed: int, comfy_dir: str) -> None:
@@ -86,7 +91,7 @@ def _build_main(kind: str, out: str, seed: int, comfy_dir: str) -> None:
             config = TINY_SDXL_CONFIG
         else:
             from comfy.ldm.flux.model import Flux as cls
-            config = TINY_FLUX_CONFIG
+            config = TINY_FLUX_FILL_CONFIG if kind == "flux-fill" else TINY_FLUX_CONFIG
         net = cls(**config, dtype=torch.float32, device="meta", operations=ops)
         random_fill(sd, net, "", gen)
         check_detected(sd, "", KINDS[kind], cls, ops)

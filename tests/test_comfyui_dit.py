@@ -30,6 +30,7 @@ pytestmark = comfyui_marks()
 
 REPO = Path(__file__).resolve().parent.parent
 FILES = {"sd3": "stadi_tiny_sd3.safetensors", "flux": "stadi_tiny_flux.safetensors",
+         "flux-fill": "stadi_tiny_flux_fill.safetensors",
          "sdxl": "stadi_tiny_sdxl.safetensors", "clip-l": "stadi_tiny_clip_l.safetensors",
          "clip-g": "stadi_tiny_clip_g.safetensors"}
 # Latents reach |x| ~ 10-100 with random weights; relative bound as in test_comfyui_stadi.py.
@@ -45,7 +46,7 @@ def dit_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(dit_files):
     with ComfyServer(require_comfyui(), custom_nodes=ComfyServer.stadi_pack(),
-                     diffusion_models=[dit_files["sd3"], dit_files["flux"], dit_files["sdxl"]],
+                     diffusion_models=[dit_files[k] for k in ("sd3", "flux", "flux-fill", "sdxl")],
                      text_encoders=[dit_files["clip-l"], dit_files["clip-g"]]) as srv:
         assert not srv.custom_node_import_failures(), srv.log_tail()
         yield srv
@@ -126,6 +127,28 @@ def test_measured_plan_runs_and_stays_exact(server, family):
     assert len(entry["outputs"]["6"]["stadi_plan"][0]["bands"]) == 2
     out = _latent(server, entry)
     assert (out - ref).abs().max().item() <= REL_TOL * ref.abs().max().item()
+
+
+def test_flux_fill_with_a_noise_mask_equals_ksampler(server):
+    """Flux Fill (96 input channels): ComfyUI concatenates a masked-image latent and the 8x8-packed
+    mask (here from the noise mask) onto x, 80 extra channels that must reach the bands sliced like
+    the latent; the noise mask itself too."""
+    def fill(wf):
+        wf["21"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 128, "height": 192}}
+        wf["22"] = {"class_type": "FeatherMask", "inputs": {"mask": ["21", 0], "left": 0, "top": 64, "right": 48,
+                                                             "bottom": 0}}
+        wf["24"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["5", 0], "mask": ["22", 0]}}
+        wf["6"]["inputs"]["latent_image"] = ["24", 0]
+        return wf
+
+    common = dict(seed=3, steps=4, sampler_name="euler", width=128, height=192, unet="flux-fill")
+    ref = _latent(server, server.run(fill(_workflow("flux", filename_prefix="fill_ref", **common)), timeout=600))
+    out = _latent(server, server.run(fill(_workflow("flux", stadi=TWO, filename_prefix="fill_stadi", **common)),
+                                     timeout=900))
+    diff = (out - ref).abs().max().item()
+    print(f"flux fill bands [10, 14]: max |STADI exact - KSampler| = {diff:.3g}")
+    assert out.shape == ref.shape
+    assert diff <= REL_TOL * ref.abs().max().item()
 
 
 def test_batch_of_two_with_denoise_below_one_equals_ksampler(server):
