@@ -15,7 +15,7 @@ from .planner import Plan, make_plan
 from .report import RunReport
 from .runtime.messages import GenerateJob, MeasureJob
 from .runtime.pool import get_pool
-from .sampling.band_loop import LoopSchedule, run_band
+from .sampling.band_loop import NON_FINITE_HINT, LoopSchedule, count_non_finite, run_band
 from .sampling.noise import FullLatentNoise
 from .sampling.samplers import make_sampler
 
@@ -121,14 +121,10 @@ def generate(
 def check_finite(bands: Sequence[torch.Tensor], plan: Plan) -> None:
     """Refuse to hand back a latent with NaN/inf: a corrupted result must not pass silently."""
     for band, b in zip(bands, plan.bands):
-        bad = int((~torch.isfinite(band)).sum())
+        bad = count_non_finite(band)
         if bad:
-            raise WorkerError(
-                f"rank {b.rank} ({b.device}) returned {bad} non-finite values in rows [{b.row_start},"
-                f"{b.row_start + b.rows}): the result was discarded. Causes seen: fp16 overflow in the model, "
-                "or an exchange transport that does not work on this machine; try mode 'exact' or float32 "
-                "to tell them apart"
-            )
+            raise WorkerError(f"rank {b.rank} ({b.device}) returned {bad} non-finite values in rows [{b.row_start},"
+                              f"{b.row_start + b.rows}): the result was discarded. {NON_FINITE_HINT}")
 
 
 def _worker_env(by_name: dict, devices: list[str]) -> list[dict]:

@@ -112,6 +112,15 @@ def run_band(
     return x, timings
 
 
+NON_FINITE_HINT = ("Causes seen: fp16 overflow in the model or a very high CFG (try bfloat16 or float32, or a lower "
+                   "CFG), or an exchange that does not work on this machine (try mode 'exact': if that is finite, "
+                   "report the displaced failure)")
+
+
+def count_non_finite(t: torch.Tensor) -> int:
+    return int((~torch.isfinite(t)).sum())
+
+
 def require_finite(out: torch.Tensor, step: int, phase: Phase) -> None:
     """Stop at the first network call whose output holds NaN/inf, saying where it happened.
 
@@ -119,14 +128,10 @@ def require_finite(out: torch.Tensor, step: int, phase: Phase) -> None:
     the step and the kind of call (fresh / refresh / stale context) are what tell an fp16
     overflow from a broken exchange.
     """
-    bad = int((~torch.isfinite(out)).sum())
+    bad = count_non_finite(out)
     if bad:
-        raise NonFiniteOutput(
-            f"the network output held {bad} NaN/inf values of {out.numel()} at step {step} "
-            f"({phase.value} call); the run was stopped and nothing was returned. Causes seen: fp16 overflow "
-            "in the model or a very high CFG (try bfloat16 or float32, or a lower CFG), or an exchange that "
-            "does not work on this machine (try mode 'exact': if that is finite, report the displaced failure)"
-        )
+        raise NonFiniteOutput(f"the network output held {bad} NaN/inf values of {out.numel()} at step {step} "
+                              f"({phase.value} call); the run was stopped and nothing was returned. {NON_FINITE_HINT}")
 
 
 def _timed_call(network: Network, x_in, t, phase):
