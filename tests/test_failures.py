@@ -173,3 +173,40 @@ def test_fp16_overflow_stops_the_run_at_the_first_bad_step_and_the_next_run_work
     step = int(message.split(" at step ")[1].split()[0])
     assert step < kw["steps"] - 1, "the overflow should stop the run early, not at its end"
     assert generate(spec, "cpu*2", cfg=2.0, **kw).latent.isfinite().all()
+
+
+def test_per_call_session_refuses_a_non_finite_band_output_and_the_pool_recovers():
+    """The ComfyUI path (one BandCall per network call): a NaN in the band's input gives a NaN
+    output, which the worker refuses with the step and call kind instead of sending it back."""
+    import numpy as np
+    import torch
+
+    from stadi_core.models.spec import build_model, make_conditioning
+    from stadi_core.planner import make_plan
+    from stadi_core.runtime.messages import BandCall, SessionStart
+    from stadi_core.runtime.pool import get_pool
+
+    spec = ModelSpec()
+    model = build_model(spec, torch.device("cpu"))
+    cond = make_conditioning(spec, model, 1, seed=0)["cond"]
+    plan = make_plan(16, [1.0], devices=["cpu:0"], steps=4, mode="exact")
+    x = np.zeros((1, 4, 16, 16), dtype=np.float32)
+    x[0, 0, 5, 5] = np.nan
+
+    def call(pool, step, x):
+        session = pool.open_session(lambda job_id: SessionStart(job_id, spec.to_dict(), plan.to_dict()))
+        try:
+            return session.call(0, lambda job_id, call_id: BandCall(
+                job_id, call_id, step, "fresh", x, np.array([500.0], dtype=np.float32),
+                {k: v.numpy() for k, v in cond.items()}), stall_timeout_s=60)
+        finally:
+            session.close()
+
+    pool = get_pool(["cpu:0"], "gloo")
+    with pytest.raises(WorkerError, match=r"rank 0 \(cpu:0\) failed: the network output held \d+ NaN/inf values "
+                                          r"of \d+ at step 3 \(fresh call\)") as err:
+        call(pool, 3, x)
+    assert "traceback" not in str(err.value)
+    pool = get_pool(["cpu:0"], "gloo")  # the failed session stopped the pool; a fresh one answers
+    out = call(pool, 0, np.nan_to_num(x))
+    assert np.isfinite(out.out).all() and out.out.shape == (1, 4, 16, 16)
