@@ -96,12 +96,7 @@ def bench_mps(args) -> str:
         devs = (DeviceSpec("cuda:0", mps_percent=pct[0]), DeviceSpec("cuda:0.1", mps_percent=pct[1]))
         equal = ClusterSpec(tuple(DeviceSpec(d.name, relative_speed=1.0, mps_percent=d.mps_percent) for d in devs),
                             backend="gloo")
-
-        def warm_then_run(cluster, strides):
-            generate(spec, cluster, mode="displaced", strides=strides, **dict(kw, steps=args.warmup + 2))  # capture
-            return generate(spec, cluster, mode="displaced", strides=strides, **kw)
-
-        eq = _attempt(lambda: warm_then_run(equal, "off"))
+        eq = _attempt(lambda: _warm_then_run(spec, equal, kw, strides="off"))
         if isinstance(eq, str):  # no measured speeds: plan from the MPS shares instead
             measured = ClusterSpec(tuple(DeviceSpec(d.name, relative_speed=float(d.mps_percent),
                                                     mps_percent=d.mps_percent) for d in devs), backend="gloo")
@@ -109,11 +104,33 @@ def bench_mps(args) -> str:
             measured = ClusterSpec(devs, backend="gloo").with_capabilities(measured_capabilities(eq.report))
         runs = [("1 worker, 100% GPU", single), (f"equal bands {pct[0]}/{pct[1]}", eq)]
         for name, strides in (("elastic bands", "off"), ("elastic + strides", "auto")):
-            runs.append((name, _attempt(lambda: warm_then_run(measured, strides))))
+            runs.append((name, _attempt(lambda: _warm_then_run(spec, measured, kw, strides=strides))))
         table = _mps_table(args, runs, single, eq, latent)
         print(table, flush=True)
         shutdown_pools()
     return table
+
+
+def _warm_then_run(spec, cluster, kw: dict, **opts):
+    """A short run first (start the pool, build, capture CUDA graphs), then the measured one."""
+    run = dict(kw, mode="displaced")
+    run.update(opts)
+    generate(spec, cluster, **dict(run, steps=run["warmup"] + 2))
+    return generate(spec, cluster, **run)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """``os.environ[name] = value`` for the duration (read by pools started inside)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def _attempt(run):
@@ -199,7 +216,6 @@ def diagnose(args) -> str:
     says which ingredient (mode, CUDA graphs, CUDA MPS, CUDA IPC vs gloo) brings it in.
     A failed row does not stop the others.
     """
-    from ..errors import StadiError
     from ..runtime.pool import shutdown_pools
 
     spec = _spec(args.model, args.dtype)
@@ -223,25 +239,16 @@ def diagnose(args) -> str:
         cluster = ClusterSpec(tuple(DeviceSpec(f"{args.device}:{i}" if not gpu else ("cuda:0", "cuda:0.1")[i],
                                                relative_speed=1.0, mps_percent=pct[i]) for i in range(2)),
                               backend="gloo")
-        old = os.environ.get("STADI_SAME_GPU_EXCHANGE")
-        os.environ["STADI_SAME_GPU_EXCHANGE"] = v.exchange
-        try:
-            with mps_daemon() if v.mps else contextlib.nullcontext():
-                if v.graphs:  # capture in a first run, as the benchmark does
-                    generate(spec, cluster, mode=v.mode, graphs=True, **dict(kw, steps=args.warmup + 2))
-                res = generate(spec, cluster, mode=v.mode, graphs=v.graphs, **kw)
-                shutdown_pools()
-            diff = float((res.latent - single.latent).abs().max())
-            notes = "; ".join(res.report.notes)
-            out.append(f"{v.name:<26} {'finite':<9} {diff:>10.3g} {psnr(res.latent, single.latent):>8.1f} "
-                       f"{res.report.denoise_s:>9.3f}  {notes}")
-        except StadiError as exc:
-            out.append(f"{v.name:<26} {'FAILED':<9} {'':>10} {'':>8} {'':>9}  {str(exc).splitlines()[0][:400]}")
-        finally:
-            if old is None:
-                os.environ.pop("STADI_SAME_GPU_EXCHANGE", None)
-            else:
-                os.environ["STADI_SAME_GPU_EXCHANGE"] = old
+        with _env("STADI_SAME_GPU_EXCHANGE", v.exchange), mps_daemon() if v.mps else contextlib.nullcontext():
+            res = (_attempt(lambda: _warm_then_run(spec, cluster, kw, mode=v.mode, graphs=True)) if v.graphs
+                   else _attempt(lambda: generate(spec, cluster, mode=v.mode, **kw)))
+            shutdown_pools()  # before the MPS daemon quits
+        if isinstance(res, str):
+            out.append(f"{v.name:<26} {'FAILED':<9} {'':>10} {'':>8} {'':>9}  {res}")
+            continue
+        diff = float((res.latent - single.latent).abs().max())
+        out.append(f"{v.name:<26} {'finite':<9} {diff:>10.3g} {psnr(res.latent, single.latent):>8.1f} "
+                   f"{res.report.denoise_s:>9.3f}  {'; '.join(res.report.notes)}")
     shutdown_pools()
     out.append("FAILED rows name the first step whose network output held NaN/inf and its call kind "
                "(fresh: context exchanged inside the layers; refresh/stale: displaced context)")

@@ -238,12 +238,12 @@ class BandContext:
         return parts
 
     def _all_gather(self, key: tuple, local: torch.Tensor, dim: int, sizes: Sequence[int], async_op: bool):
-        send = self._wire(key, local, dim, max(sizes)).load(local.detach(), dim)
-        gathered = self._wires[key].recv
+        wire = self._wire(key, local, dim, max(sizes))
+        send = wire.load(local.detach(), dim)
         self.stats.exchanges += 1
         self.stats.bytes_sent += send.numel() * send.element_size()
-        work = dist.all_gather(gathered, send, group=self.group, async_op=async_op)
-        return gathered, work
+        work = dist.all_gather(wire.recv, send, group=self.group, async_op=async_op)
+        return wire.recv, work
 
     def _wire(self, key: tuple, local: torch.Tensor, dim: int, size: int) -> _Wire:
         """The key's buffers; re-made only if the padded shape or dtype changed (a new plan)."""
