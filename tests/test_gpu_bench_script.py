@@ -1,7 +1,11 @@
 """The GPU bench script's diagnose table, run for real on CPU workers (the rows that need
 no GPU), so a lent GPU's one call does not die on a script error."""
 
+import pytest
+
 from stadi_core.bench import gpu
+from stadi_core.errors import PlanError
+from stadi_core.runtime.pool import same_gpu_exchange
 
 
 def test_diagnose_runs_its_cpu_rows_and_skips_the_gpu_ones(tmp_path, capsys):
@@ -18,11 +22,6 @@ def test_diagnose_runs_its_cpu_rows_and_skips_the_gpu_ones(tmp_path, capsys):
 
 
 def test_same_gpu_exchange_setting_is_checked(monkeypatch):
-    import pytest
-
-    from stadi_core.errors import PlanError
-    from stadi_core.runtime.pool import same_gpu_exchange
-
     monkeypatch.setenv("STADI_SAME_GPU_EXCHANGE", "nccl")
     with pytest.raises(PlanError, match="use 'cuda-ipc' or 'gloo'"):
         same_gpu_exchange()

@@ -224,6 +224,7 @@ def diagnose(args) -> str:
               warmup=args.warmup, stall_timeout_s=300, strides="off")
     gpu = args.device == "cuda"
     single = generate(spec, f"{args.device}:0", mode="displaced", **kw)
+    shutdown_pools()  # each row starts its own pool: MPS and the exchange are fixed at start
     out = [f"two equal bands on one {args.device} device vs one worker: {args.model} random {args.dtype} weights, "
            f"{args.mps_size}x{args.mps_size} ({latent}x{latent} latent), {args.steps} euler steps, cfg 5, "
            f"warmup {args.warmup}; MPS rows at {args.split[0]}% / {args.split[1]}%",
@@ -234,7 +235,6 @@ def diagnose(args) -> str:
         if v.gpu_only and not gpu:
             out.append(f"{v.name:<26} {'skipped':<9} {'':>10} {'':>8} {'':>9}  needs CUDA")
             continue
-        shutdown_pools()  # each row starts its own pool: MPS and the exchange are fixed at start
         pct = args.split if v.mps else (None, None)
         cluster = ClusterSpec(tuple(DeviceSpec(f"{args.device}:{i}" if not gpu else ("cuda:0", "cuda:0.1")[i],
                                                relative_speed=1.0, mps_percent=pct[i]) for i in range(2)),
@@ -242,14 +242,13 @@ def diagnose(args) -> str:
         with _env("STADI_SAME_GPU_EXCHANGE", v.exchange), mps_daemon() if v.mps else contextlib.nullcontext():
             res = (_attempt(lambda: _warm_then_run(spec, cluster, kw, mode=v.mode, graphs=True)) if v.graphs
                    else _attempt(lambda: generate(spec, cluster, mode=v.mode, **kw)))
-            shutdown_pools()  # before the MPS daemon quits
+            shutdown_pools()  # the row's own pool, before the MPS daemon quits
         if isinstance(res, str):
             out.append(f"{v.name:<26} {'FAILED':<9} {'':>10} {'':>8} {'':>9}  {res}")
             continue
         diff = float((res.latent - single.latent).abs().max())
         out.append(f"{v.name:<26} {'finite':<9} {diff:>10.3g} {psnr(res.latent, single.latent):>8.1f} "
                    f"{res.report.denoise_s:>9.3f}  {'; '.join(res.report.notes)}")
-    shutdown_pools()
     out.append("FAILED rows name the first step whose network output held NaN/inf and its call kind "
                "(fresh: context exchanged inside the layers; refresh/stale: displaced context)")
     return "\n".join(out)
