@@ -26,11 +26,13 @@ __all__ = [
 # Samplers that evaluate the network once per step: skipping a step on a band is then the
 # same as one larger step there. Others (heun, dpm_2, dpmpp_sde, ...) must use stride 1.
 ONE_EVAL_SAMPLERS = frozenset({
-    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "ddim", "lms", "dpm_fast",
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "ddim", "lms",
     "dpmpp_2m", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "uni_pc",
     "uni_pc_bh2", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm",
     "lcm", "er_sde", "gradient_estimation",
 })
+# dpm_fast evaluates the network 1-3 times per step (its orders), dpm_adaptive as often as its error
+# control asks: neither can take strides, and dpm_adaptive's step size is an image-wide norm.
 MODES = ("exact", "displaced")
 
 # choose_strides score weights: staleness grows with L, quality cost with the share of rows
@@ -67,6 +69,7 @@ class Plan:
     stride_option: str = "auto"  # "auto" | "off" | "explicit"
     sampler: str = "euler"
     max_stride: int = 4
+    ragged: bool = False  # the last band may end off the alignment (the network takes any height)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bands", tuple(self.bands))
@@ -141,6 +144,7 @@ class Plan:
             "height": self.height, "align": self.align, "steps": self.steps, "warmup": self.warmup,
             "mode": self.mode, "sync_period": self.sync_period, "notes": list(self.notes),
             "stride_option": self.stride_option, "sampler": self.sampler, "max_stride": self.max_stride,
+            "ragged": self.ragged,
             "bands": [{"rank": b.rank, "device": b.device, "row_start": b.row_start, "rows": b.rows,
                        "stride": b.stride, "speed": b.speed} for b in self.bands],
         }
@@ -157,12 +161,21 @@ class Plan:
 
 
 # --------------------------------------------------------------------------------------
-def split_rows(height: int, weights: Sequence[float], align: int) -> list[int]:
+def split_rows(height: int, weights: Sequence[float], align: int, ragged: bool = False) -> list[int]:
     """Rows proportional to weights, each a multiple of align, summing to height.
 
     Largest-remainder rounding on units of `align` rows (exact rational arithmetic, so ties
     are deterministic: the earlier rank wins). A weight whose share rounds to 0 units gets 0.
+    With ``ragged`` the height need not be a multiple of align: the rows past the last whole
+    unit go to the last band that has any, so every band boundary stays on the alignment
+    (a network that handles any size, as ComfyUI's UNet does, then computes the same rows).
     """
+    if ragged and align >= 1 and height % align:
+        whole = max(1, height // align) * align
+        rows = split_rows(whole, weights, align)
+        last = max(i for i, r in enumerate(rows) if r)
+        rows[last] += height - whole
+        return rows
     if align < 1 or height % align != 0:
         raise PlanError(f"height {height} is not a multiple of the alignment {align}")
     if not weights or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
@@ -225,7 +238,7 @@ def choose_strides(speeds: Sequence[float], height: int, align: int, max_stride:
 
 
 def _check_options(height: int, n: int, align: int, steps: int, warmup: int, mode: str,
-                   max_stride: int) -> None:
+                   max_stride: int, ragged: bool = False) -> None:
     if steps < 1:
         raise PlanError(f"steps {steps}: a run needs at least 1 step")
     if warmup < 0:
@@ -242,10 +255,10 @@ def _check_options(height: int, n: int, align: int, steps: int, warmup: int, mod
         raise PlanError(f"max_stride {max_stride} must be at least 1 (1 turns strides off)")
     if align < 1:
         raise PlanError(f"alignment {align} must be at least 1 row")
-    if height < 1 or height % align != 0:
+    if height < 1 or (height % align != 0 and not ragged):
         raise PlanError(f"latent height {height} is not a multiple of {align} rows: "
                         f"use an image height that is a multiple of {align * 8} px")
-    units = height // align
+    units = max(1, height // align) if ragged else height // align
     if n < 1:
         raise PlanError("no devices to plan for: add at least one device")
     if n > units:
@@ -255,13 +268,17 @@ def _check_options(height: int, n: int, align: int, steps: int, warmup: int, mod
 
 def make_plan(height: int, speeds: Sequence[float], *, devices: Sequence[str] | None = None,
               align: int = 8, steps: int, warmup: int = 2, mode: str = "displaced",
-              strides: str | Sequence[int] = "auto", sampler: str = "euler", max_stride: int = 4) -> Plan:
-    """Plan bands and strides for devices of the given planning speeds (band order = list order)."""
+              strides: str | Sequence[int] = "auto", sampler: str = "euler", max_stride: int = 4,
+              ragged: bool = False) -> Plan:
+    """Plan bands and strides for devices of the given planning speeds (band order = list order).
+
+    ``ragged``: the network takes any height (the last band then ends off the alignment).
+    """
     speeds = [float(s) for s in speeds]
     names = list(devices) if devices is not None else [f"rank{i}" for i in range(len(speeds))]
     if len(names) != len(speeds):
         raise PlanError(f"{len(names)} device names for {len(speeds)} speeds: give one speed per device")
-    _check_options(height, len(speeds), align, steps, warmup, mode, max_stride)
+    _check_options(height, len(speeds), align, steps, warmup, mode, max_stride, ragged)
     bad = [f"{n}={s}" for n, s in zip(names, speeds) if not math.isfinite(s) or s <= 0]
     if bad:
         raise PlanError(f"speeds must be positive: {', '.join(bad)}")
@@ -294,12 +311,12 @@ def make_plan(height: int, speeds: Sequence[float], *, devices: Sequence[str] | 
             return expl
         if mode == "exact" or option == "off" or sampler not in ONE_EVAL_SAMPLERS:
             return [1] * len(spd)
-        return list(choose_strides(spd, height, align, max_stride))
+        return list(choose_strides(spd, max(align, height - height % align), align, max_stride))
 
     # Drop ranks whose share rounds to zero rows, then re-plan the rest (their strides may change).
     while True:
         ks = pick(speeds, explicit)
-        rows = split_rows(height, [s * k for s, k in zip(speeds, ks)], align)
+        rows = split_rows(height, [s * k for s, k in zip(speeds, ks)], align, ragged)
         zero = [i for i, r in enumerate(rows) if r == 0]
         if not zero:
             break
@@ -316,7 +333,7 @@ def make_plan(height: int, speeds: Sequence[float], *, devices: Sequence[str] | 
         start += r
     return Plan(height=height, align=align, steps=steps, warmup=warmup, mode=mode, bands=tuple(bands),
                 sync_period=_lcm(ks), notes=tuple(notes), stride_option=option, sampler=sampler,
-                max_stride=max_stride)
+                max_stride=max_stride, ragged=ragged)
 
 
 def replan(plan: Plan, seconds_per_eval: Sequence[float]) -> Plan:
@@ -330,6 +347,6 @@ def replan(plan: Plan, seconds_per_eval: Sequence[float]) -> Plan:
     strides: str | Sequence[int] = plan.strides if plan.stride_option == "explicit" else plan.stride_option
     new = make_plan(plan.height, speeds, devices=plan.devices, align=plan.align, steps=plan.steps,
                     warmup=plan.warmup, mode=plan.mode, strides=strides, sampler=plan.sampler,
-                    max_stride=plan.max_stride)
+                    max_stride=plan.max_stride, ragged=plan.ragged)
     notes = list(dict.fromkeys(plan.notes + new.notes + ("re-planned from measured warmup timings",)))
     return replace(new, notes=tuple(notes))

@@ -7,6 +7,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # helpers such as comfy_support
 
+import pack_loader  # noqa: E402,F401  - the repository as the node pack ``stadi_pack`` (its ComfyUI layer: stadi_pack.nodes)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _stop_worker_pools():

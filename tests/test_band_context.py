@@ -38,15 +38,15 @@ def _displaced_rounds(rank: int, port: int, queue) -> None:
         for step in (1, 2):
             ctx.begin_call(Phase.REFRESH)  # completes the previous round's exchange first
             if step == 2:
-                seen.append([t.clone() for t in ctx._buffers[(7, 0)]])
+                seen.append([t.clone() for t in ctx._buffers[(0, 7, 0)]])
             local = _band(rank, step)
             ctx.exchange(7, local, 1, ROWS)
             ctx.end_call()  # starts the asynchronous all-gather
             local.fill_(float("nan"))  # the "next replay" writes into the tensor that was sent
-            wire = ctx._wires[(7, 0)]
+            wire = ctx._wires[(0, 7, 0)]
             addresses.append((wire.send.data_ptr(), tuple(t.data_ptr() for t in wire.recv)))
         ctx.begin_call(Phase.REFRESH)
-        seen.append([t.clone() for t in ctx._buffers[(7, 0)]])
+        seen.append([t.clone() for t in ctx._buffers[(0, 7, 0)]])
         ctx.end_call()
         queue.put((rank, seen, addresses, None))
     except BaseException as exc:  # report instead of hanging the parent

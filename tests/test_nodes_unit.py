@@ -17,12 +17,12 @@ import torch
 
 from stadi_core.cluster import ClusterSpec
 from stadi_core.planner import make_plan
-from stadi_nodes import device_discovery
-from stadi_nodes.cluster_profile_node import GPUClusterProfile, build_cluster
-from stadi_nodes.device_discovery import devices_fingerprint, discover_devices
-from stadi_nodes.patch_stitch_node import NO_VAE_TEXT, PatchStitch, band_extensions, decode_bands, stitch_decoded
-from stadi_nodes.plan_picture import device_colour, plan_image
-from stadi_nodes.types import StadiCluster, StadiPatches
+from stadi_pack.nodes import device_discovery
+from stadi_pack.nodes.cluster_profile_node import GPUClusterProfile, build_cluster
+from stadi_pack.nodes.device_discovery import devices_fingerprint, discover_devices
+from stadi_pack.nodes.patch_stitch_node import NO_VAE_TEXT, PatchStitch, band_extensions, decode_bands, stitch_decoded
+from stadi_pack.nodes.plan_picture import device_colour, plan_image
+from stadi_pack.nodes.types import StadiCluster, StadiPatches
 
 DEVICE_KEYS = {"name", "kind", "label", "memory_total_mb", "memory_used_mb", "utilization_pct", "source"}
 
@@ -37,7 +37,7 @@ def gpus(n: int) -> list[dict]:
 
 # ------------------------------------------------------------------------------ schemas
 def test_registry_has_the_two_nodes():
-    import stadi_nodes
+    import stadi_pack.nodes as stadi_nodes
 
     assert stadi_nodes.NODE_CLASS_MAPPINGS["STADIClusterProfile"] is GPUClusterProfile
     assert stadi_nodes.NODE_CLASS_MAPPINGS["STADIPatchStitch"] is PatchStitch
@@ -76,8 +76,8 @@ def test_patch_stitch_schema():
 
 
 def test_node_modules_do_not_import_comfy():
-    code = ("import sys, stadi_nodes, stadi_nodes.cluster_profile_node, stadi_nodes.patch_stitch_node, "
-            "stadi_nodes.plan_picture, stadi_nodes.device_discovery; "
+    code = ("import sys; sys.path.insert(0, 'tests'); import pack_loader, stadi_pack.nodes.cluster_profile_node, "
+            "stadi_pack.nodes.patch_stitch_node, stadi_pack.nodes.plan_picture, stadi_pack.nodes.device_discovery; "
             "print(sorted(m for m in sys.modules if m == 'comfy' or m.startswith(('comfy.', 'nodes', 'server', 'folder_paths'))))")
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
@@ -440,21 +440,22 @@ def _patcher_with_network(module: str, qualname: str, **options):
     ("comfy.ldm.flux.model:Flux", "comfy-flux"),
 ])
 def test_supported_networks_map_to_their_worker_family(path, family):
-    from stadi_nodes.compatibility import check_model
+    from stadi_pack.nodes.compatibility import check_model
 
     assert check_model(_patcher_with_network(*path.split(":"))) == family
 
 
 def test_other_networks_and_network_wrappers_are_refused_with_what_to_do():
     from stadi_core.errors import UnsupportedError
-    from stadi_nodes.compatibility import check_model
+    from stadi_pack.nodes.compatibility import check_model
 
     with pytest.raises(UnsupportedError, match="Chroma.*KSampler"):
         check_model(_patcher_with_network("comfy.ldm.chroma.model", "Chroma"))
     cached = _patcher_with_network("comfy.ldm.flux.model", "Flux",
                                    wrappers={"diffusion_model": {"teacache": [lambda *a: None]}})
-    with pytest.raises(UnsupportedError, match="teacache.*KSampler"):
-        check_model(cached)
+    with pytest.raises(UnsupportedError, match="teacache.*set strides off"):
+        check_model(cached)  # per-rank loops: a step cache would see one band's rows
+    assert check_model(cached, lockstep=True) == "comfy-flux"  # one loop: the cache sees the whole image
     with pytest.raises(UnsupportedError, match="object patches"):
         check_model(_patcher_with_network("comfy.ldm.flux.model", "Flux", object_patches={"diffusion_model.x": 1}))
 
@@ -463,7 +464,7 @@ def test_other_networks_and_network_wrappers_are_refused_with_what_to_do():
 
 def test_weights_folder_honours_the_env_and_refuses_when_nothing_has_room(tmp_path, monkeypatch):
     from stadi_core.errors import StadiError
-    from stadi_nodes import weights
+    from stadi_pack.nodes import weights
 
     monkeypatch.setenv(weights.WEIGHTS_DIR_ENV, str(tmp_path))
     assert weights._base(1024) == str(tmp_path)
@@ -473,7 +474,7 @@ def test_weights_folder_honours_the_env_and_refuses_when_nothing_has_room(tmp_pa
 
 def test_shared_memory_too_small_falls_back_to_the_temp_dir(tmp_path, monkeypatch):
     """Docker gives /dev/shm 64 MB by default: a model that does not fit goes to the temp dir."""
-    from stadi_nodes import weights
+    from stadi_pack.nodes import weights
 
     monkeypatch.delenv(weights.WEIGHTS_DIR_ENV, raising=False)
     monkeypatch.setattr(weights.tempfile, "gettempdir", lambda: str(tmp_path))
@@ -485,7 +486,7 @@ def test_shared_memory_too_small_falls_back_to_the_temp_dir(tmp_path, monkeypatc
 
 
 def test_stale_weight_folders_of_dead_servers_are_removed(tmp_path):
-    from stadi_nodes import weights
+    from stadi_pack.nodes import weights
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()

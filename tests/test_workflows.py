@@ -387,7 +387,7 @@ def test_stadi_nodes_follow_the_contract(path):
 def test_contract_matches_the_node_classes():
     """When the node pack is importable here, its INPUT_TYPES / RETURN_TYPES are the contract."""
     try:
-        import stadi_nodes
+        import stadi_pack.nodes as stadi_nodes
     except Exception as exc:  # ComfyUI-only imports: the real-ComfyUI tests cover it then
         pytest.skip(f"stadi_nodes not importable without ComfyUI: {exc}")
     mapping = stadi_nodes.NODE_CLASS_MAPPINGS

@@ -6,7 +6,7 @@
 // steps and wall time, and the run's notes. The "GPU Cluster Profile (STADI)" node shows the
 // devices it found (name, label, memory, utilisation) and its notes.
 //
-// Data comes from the nodes' execution "ui" (stadi_nodes/types.py plan_ui_payload and
+// Data comes from the nodes' execution "ui" (nodes/types.py plan_ui_payload and
 // StadiCluster.to_ui) through node.onExecuted(output). Everything is drawn on the node canvas
 // (onDrawForeground) below the widgets; the node grows to fit. No dependencies.
 

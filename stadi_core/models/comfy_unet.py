@@ -18,6 +18,7 @@ FAMILY = "comfy-unet"
 TINY_CONFIGS: dict = {}
 COMFY_CLASS = "comfy.ldm.modules.diffusionmodules.openaimodel:UNetModel"  # the ComfyUI network this adapter runs (SD1.x, SD2.x, SDXL)
 COND_KEYS = ("y",)  # extra model inputs besides the context that this family accepts
+ANY_SIZE = True  # ComfyUI's UNet takes any latent size (ceil-sized downsamples, upsamples to the skip size)
 
 
 def alignment(model) -> int:

@@ -13,6 +13,10 @@ How fresh that context is depends on the phase of the current network call:
   rank's longer evaluation instead of waiting for it.
 * ``STALE``   – displaced non-sync step: the stored context, no communication.
 
+Context is kept per call slot: the n-th network call of a sampler step (``slot``) only ever
+reads context stored by slot n of an earlier step, so a cond call and an uncond call that
+ComfyUI sends apart (prompts of different lengths) never read each other's activations.
+
 Stored buffers are allocated once per plan and updated in place (static addresses for
 graph replay). So are the all-gather's send and receive buffers (``_Wire``): the send
 buffer is a copy of the fresh tensor, because under CUDA graphs that tensor is a static
@@ -103,14 +107,19 @@ class BandContext:
         self.stats = CallStats()
         self.generation = 0  # bumped whenever stored buffers are re-created
         self.local_only = False  # measure a band alone: no exchange, image-border context
+        self.slot = 0  # which call of the sampler step this is (context is kept per slot)
+        self.width = 0  # latent columns of the current call (sizes of a ragged last band)
+        self.ragged_align = 0  # >0: bands start on this alignment and the last one may end off it
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} outside a world of {self.world_size}")
 
     # -- lifecycle of one network call -------------------------------------------------
-    def begin_call(self, phase: Phase) -> None:
+    def begin_call(self, phase: Phase, slot: int = 0, width: int = 0) -> None:
         if phase is not Phase.FRESH and not self._buffers and self.world_size > 1:
             raise RuntimeError("displaced context used before any synchronous step filled it")
         self.phase = phase
+        self.slot = slot
+        self.width = width
         self._calls_seen.clear()
         self.stats = CallStats()
         if phase is not Phase.STALE:
@@ -160,7 +169,7 @@ class BandContext:
             out.append((p, gathered, work))
         return out
 
-    def reset(self, rows: Sequence[int] | None = None) -> None:
+    def reset(self, rows: Sequence[int] | None = None, ragged_align: int = 0) -> None:
         """Start a new run: stored buffers survive only if the band layout is unchanged.
 
         Keeping them (a warmup step overwrites them in place) keeps their addresses, so
@@ -168,6 +177,7 @@ class BandContext:
         """
         self._pending = []
         self.complete_inflight(store=False)  # a new run starts with a synchronous step anyway
+        self.ragged_align = ragged_align
         if rows is not None and list(rows) != self.rows:
             if len(rows) != self.world_size:
                 raise ValueError("a re-plan cannot change the number of ranks")
@@ -188,8 +198,15 @@ class BandContext:
     def total_rows(self) -> int:
         return sum(self.rows)
 
-    def sizes_like(self, local_size: int) -> list[int]:
-        """Every rank's extent along a band-proportional dimension, from ours."""
+    def sizes_like(self, local_size: int, rows: int | None = None) -> list[int]:
+        """Every rank's extent along a band-proportional dimension, from ours.
+
+        ``rows``: our band's rows at this layer, when the caller knows them (a GroupNorm's
+        count spans channels too). With a ragged last band extents are not proportional to
+        the bands' rows: they are found from the layer's downsampling factor instead.
+        """
+        if self.ragged_align:
+            return self._ragged_sizes(local_size, rows)
         mine = self.rows[self.rank]
         sizes = []
         for r in self.rows:
@@ -203,6 +220,24 @@ class BandContext:
             sizes.append(num // mine)
         return sizes
 
+    def _extent(self, rank: int, factor: int) -> int:
+        """Rows of ``rank``'s band after downsampling the whole latent by ``factor`` (ceil, as convs do)."""
+        start = sum(self.rows[:rank])
+        end = start + self.rows[rank]
+        return -(-end // factor) - -(-start // factor)
+
+    def _ragged_sizes(self, local_size: int, rows: int | None) -> list[int]:
+        factor = 1
+        while factor <= self.ragged_align:
+            mine = self._extent(self.rank, factor)
+            if (rows == mine) if rows is not None else (mine * -(-self.width // factor) == local_size):
+                per_row = local_size // mine
+                return [self._extent(r, factor) * per_row for r in range(self.world_size)]
+            factor *= 2
+        raise UnsupportedError(f"band of {self.rows[self.rank]} latent rows reaches a layer with {local_size} "
+                               f"values that match no downsampling of bands {self.rows} up to {self.ragged_align}x: "
+                               "use an image height that is a multiple of the model's alignment")
+
     # -- the one exchange primitive ------------------------------------------------------
     def exchange(self, layer_id: int, local: torch.Tensor, dim: int, sizes: Sequence[int]) -> list[torch.Tensor]:
         """All ranks' tensors along ``dim`` (rank order), ours always fresh."""
@@ -210,7 +245,7 @@ class BandContext:
             return [local]
         n = self._calls_seen.get(layer_id, 0)
         self._calls_seen[layer_id] = n + 1
-        key = (layer_id, n)
+        key = (self.slot, layer_id, n)
         if self.phase is Phase.FRESH:
             t0 = time.perf_counter()
             if self.transport is not None:
@@ -277,7 +312,7 @@ class BandContext:
         sizes = self.sizes_like(tokens.shape[dim])
         return torch.cat(self.exchange(layer_id, tokens, dim, sizes), dim=dim)
 
-    def group_moments(self, layer_id: int, mean: torch.Tensor, m2: torch.Tensor, count: int):
+    def group_moments(self, layer_id: int, mean: torch.Tensor, m2: torch.Tensor, count: int, rows: int | None = None):
         """Global (mean, biased variance) per group from every band's local moments.
 
         Chan's parallel merge: each band contributes its count, mean and sum of squared
@@ -287,7 +322,7 @@ class BandContext:
         if self.world_size == 1 or self.local_only:
             return mean, m2 / count
         parts = self.exchange(layer_id, torch.stack([mean, m2]), 0, [2] * self.world_size)
-        counts = self.sizes_like(count)
+        counts = self.sizes_like(count, rows)
         total = float(sum(counts))
         # python-scalar weights: no host-to-device copy, so this is legal inside CUDA graph capture
         g_mean = sum(p[0] * (n / total) for p, n in zip(parts, counts))

@@ -62,7 +62,7 @@ class PatchGroupNorm(nn.Module):
         count = xg.shape[-1]
         mean = xg.mean(-1)
         m2 = ((xg - mean.unsqueeze(-1)) ** 2).sum(-1)
-        g_mean, g_var = self.ctx.group_moments(self.layer_id, mean, m2, count)
+        g_mean, g_var = self.ctx.group_moments(self.layer_id, mean, m2, count, rows=x.shape[2] if x.dim() > 2 else None)
         y = (xg - g_mean.unsqueeze(-1)) * torch.rsqrt(g_var.unsqueeze(-1) + norm.eps)
         y = y.reshape(x.shape)
         if norm.affine:

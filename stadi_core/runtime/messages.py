@@ -161,6 +161,7 @@ class BandCall:
     cancel: bool = False
     signature: int = 0  # equal on every rank for the same call; a mismatch means the loops diverged
     measure_only: bool = False  # time the band alone, no exchange (capability measurement)
+    slot: int = 0  # the n-th network call of this sampler step: context is kept per slot
 
 
 @dataclass
@@ -176,3 +177,11 @@ class BandOutput:
 @dataclass
 class SessionEnd:
     job_id: int
+
+
+@dataclass
+class SessionClosed:
+    """A rank's answer to SessionEnd: it left the session (also after a cancel) and waits for jobs."""
+
+    job_id: int
+    rank: int

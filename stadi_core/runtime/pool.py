@@ -33,6 +33,7 @@ from .messages import (
     Hello,
     MeasureResult,
     Ready,
+    SessionClosed,
     SessionEnd,
     SessionReady,
     Shutdown,
@@ -373,24 +374,92 @@ class Session:
                     self.failed = exc
                 raise
 
+    def call_all(self, make_calls: dict, stall_timeout_s: float = 120.0) -> dict:
+        """One BandCall to each rank in ``make_calls`` at once (lockstep); {rank: BandOutput}.
+
+        Every connection is watched together, so a rank that fails while the others wait in a
+        collective for it is reported at once instead of after the collective's timeout.
+        """
+        if self.failed is not None:
+            raise WorkerError(f"the session already failed: {self.failed}")
+        pool = self.pool
+        expected = {}
+        try:
+            for rank, make_call in make_calls.items():
+                call_id = next(self._call_ids)
+                pool.conns[rank].send(make_call(self.job_id, call_id))
+                expected[rank] = call_id
+            outputs: dict[int, BandOutput] = {}
+            last_heard = {rank: time.monotonic() for rank in expected}
+            by_conn = {pool.conns[rank]: rank for rank in expected}
+            while len(outputs) < len(expected):
+                waiting = [c for c, r in by_conn.items() if r not in outputs]
+                for conn in wait_connections(waiting, timeout=0.25):
+                    rank = by_conn[conn]
+                    try:
+                        msg = conn.recv()
+                    except (EOFError, OSError):
+                        pool._raise_dead(rank, "evaluating a band")
+                    last_heard[rank] = time.monotonic()
+                    if isinstance(msg, BandOutput) and msg.call_id == expected[rank]:
+                        outputs[rank] = msg
+                    elif isinstance(msg, WorkerFailure):
+                        raise WorkerError(f"worker rank {rank} ({pool.devices[rank]}) failed: " + _failure_text(msg))
+                    elif isinstance(msg, Cancelled):
+                        raise JobCancelledError(f"interrupted at step {msg.step}")
+                pool._check_health(list(expected), outputs, last_heard, stall_timeout_s, "evaluating a band")
+            return outputs
+        except JobCancelledError:
+            self.cancel_requested = True
+            raise
+        except BaseException as exc:
+            if self.failed is None:
+                self.failed = exc
+            raise
+
     def cancel(self) -> None:
         """Ask every rank to stop at its next agreed step."""
         self.cancel_requested = True
         self.pool.cancel()
 
-    def close(self) -> None:
-        """End the session; on failure or cancel the pool is restarted to drop half-done state."""
+    def close(self, ack_timeout_s: float = 30.0) -> None:
+        """End the session. The pool stays warm when every rank confirms it left the session
+        (also after a cancel: the ranks stop together at an agreed step); a failure, or a rank
+        that does not confirm in time, restarts the pool to drop half-done state."""
         if self._closed:
             return
         self._closed = True
         try:
-            if self.failed is not None or self.cancel_requested:
+            if self.failed is None and not self._end_all(ack_timeout_s):
+                self.failed = WorkerTimeout("a worker did not leave the session")
+            if self.failed is not None:
                 self.pool.close(force=True)
-            else:
-                for conn in self.pool.conns:
-                    conn.send(SessionEnd(self.job_id))
         finally:
             self.pool._lock.release()
+
+    def _end_all(self, timeout_s: float) -> bool:
+        """Send SessionEnd to every rank and drain each connection up to its SessionClosed."""
+        pool = self.pool
+        try:
+            for conn in pool.conns:
+                conn.send(SessionEnd(self.job_id))
+        except (OSError, BrokenPipeError):
+            return False
+        open_conns = {conn: rank for rank, conn in enumerate(pool.conns)}
+        deadline = time.monotonic() + timeout_s
+        while open_conns and time.monotonic() < deadline:
+            for conn in wait_connections(list(open_conns), timeout=0.25):
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    return False
+                if isinstance(msg, SessionClosed) and msg.job_id == self.job_id:
+                    open_conns.pop(conn)
+                elif isinstance(msg, WorkerFailure):
+                    return False
+            if any(p.poll() is not None for p in pool.procs):
+                return False
+        return not open_conns
 
 
 def same_gpu_exchange() -> str:

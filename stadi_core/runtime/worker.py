@@ -30,6 +30,7 @@ from .messages import (
     MeasureJob,
     MeasureResult,
     Ready,
+    SessionClosed,
     SessionEnd,
     SessionReady,
     SessionStart,
@@ -167,6 +168,7 @@ class _Worker:
                     self.transport = None
                     self.transport_name = f"gloo through the host (CUDA IPC unusable: {failure})"
         self.models: dict[str, tuple] = {}  # spec key -> (model, ctx, spec, checksum)
+        self.loads = 0  # models built so far: a warm pool answers the next prompt without a load
         self._graphs: dict = {}  # id(model) -> GraphedBand (CUDA graphs per input shape)
         threading.Thread(target=self._heartbeat, name="stadi-heartbeat", daemon=True).start()
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -190,6 +192,9 @@ class _Worker:
                 break
             if isinstance(job, CancelRequest):
                 self.channel.cancel_requested = False  # arrived after its job ended
+                continue
+            if isinstance(job, SessionEnd):  # the session already ended here (cancelled or failed)
+                self.channel.send(SessionClosed(job.job_id, self.init.rank))
                 continue
             self.channel.job_id = job.job_id
             self.channel.cancel_requested = False
@@ -217,7 +222,7 @@ class _Worker:
             dist.destroy_process_group()
 
     # -- model cache ---------------------------------------------------------------------
-    def _model(self, spec_dict: dict, rows):
+    def _model(self, spec_dict: dict, rows, ragged_align: int = 0):
         from ..models.spec import ModelSpec, build_model, weights_checksum
         from ..parallel import BandContext, make_patch_parallel
 
@@ -229,6 +234,7 @@ class _Worker:
             if self.device.type == "cuda":
                 self.torch.cuda.empty_cache()
             model = build_model(spec, self.device)
+            self.loads += 1
             if self.device.type == "cuda" and spec.dtype == "float32":
                 # TF32 rounds fp32 convs/matmuls to ~1e-3 and differently for different band
                 # shapes; an fp32 model asks for fp32 results (exact mode is the oracle).
@@ -240,7 +246,7 @@ class _Worker:
             make_patch_parallel(model, ctx, spec.adapter.patch_attention)
             self.models[key] = (model, ctx, spec, checksum)
         model, ctx, spec, checksum = self.models[key]
-        ctx.reset(rows)
+        ctx.reset(rows, ragged_align)
         return model, ctx, spec, checksum
 
     def _network(self, model, ctx, spec, cond, slowdown: float, graphs: bool = False):
@@ -263,8 +269,8 @@ class _Worker:
                                       ctx)
                 self._graphs = {id(model): graphed}
 
-        def call(x_in, t, phase):
-            ctx.begin_call(phase)
+        def call(x_in, t, phase, slot: int = 0):
+            ctx.begin_call(phase, slot, x_in.shape[-1])
             start = time.perf_counter()
             if isinstance(t, torch.Tensor):
                 ts = t.to(self.device, torch.float32)
@@ -380,13 +386,16 @@ class _Worker:
         plan = Plan.from_dict(job.plan)
         if plan.world_size != self.init.world_size:
             raise ValueError(f"plan for {plan.world_size} ranks sent to a pool of {self.init.world_size}")
-        model, ctx, spec, checksum = self._model(job.model, plan.rows)
-        self.channel.send(SessionReady(job.job_id, self.init.rank, {"weights_checksum": checksum,
-                                                                    "pid": os.getpid()}))
+        loads = self.loads
+        model, ctx, spec, checksum = self._model(job.model, plan.rows, plan.align if plan.ragged else 0)
+        self.channel.send(SessionReady(job.job_id, self.init.rank, {"weights_checksum": checksum, "pid": os.getpid(),
+                                                                    "loaded_weights": self.loads > loads,
+                                                                    "loads": self.loads}))
         dtype = input_dtype(model)
         while True:
             msg = self.channel.recv()
             if isinstance(msg, SessionEnd):
+                self.channel.send(SessionClosed(job.job_id, self.init.rank))
                 return
             if isinstance(msg, CancelRequest):
                 continue
@@ -396,9 +405,9 @@ class _Worker:
             if msg.cancel:
                 self.channel.cancel_requested = True
             if phase is not Phase.STALE and not msg.measure_only:
-                self._agree(msg.step, msg.signature)
-            elif self.channel.poll_cancel():
-                raise JobCancelled(msg.step)
+                self._agree(msg.step, msg.signature)  # a cancel stops every rank here, together
+            else:
+                self.channel.poll_cancel()  # noted; the next sync step acts on it (ranks leave together)
             cond = {k: torch.from_numpy(v).to(self.device, dtype if v.dtype.kind == "f" else None)
                     for k, v in msg.cond.items()}
             net = self._network(model, ctx, spec, cond, job.slowdown)
@@ -406,7 +415,7 @@ class _Worker:
             try:
                 with torch.inference_mode():
                     t0 = time.perf_counter()
-                    out, comm = net(torch.from_numpy(msg.x), torch.from_numpy(msg.timesteps), phase)
+                    out, comm = net(torch.from_numpy(msg.x), torch.from_numpy(msg.timesteps), phase, msg.slot)
                     busy = time.perf_counter() - t0 - comm
                 require_finite(out, msg.step, phase)
             finally:

@@ -37,11 +37,21 @@ class BandNetwork(torch.nn.Module):
             return getattr(object.__getattribute__(self, "_real"), name)
 
     def forward(self, x, timesteps, context=None, control=None, transformer_options={}, **extra):
+        # the real networks run their DIFFUSION_MODEL wrappers (step caches such as EasyCache) around
+        # their forward; so does this one, around the band call, with transformer_options last as they expect
+        import comfy.patcher_extension as ext
+
+        wrappers = ext.get_all_wrappers(ext.WrappersMP.DIFFUSION_MODEL, transformer_options)
+        return ext.WrapperExecutor.new_class_executor(self._forward, self, wrappers).execute(
+            x, timesteps, context, control, transformer_options, **extra)
+
+    def _forward(self, x, timesteps, context, control, transformer_options, **extra):
         return self._call(x, timesteps, context, control, transformer_options, extra)
 
 
-def private_shell(model_patcher):
-    """A shallow copy of the patcher's BaseModel with the patcher's object patches applied.
+def private_shell(model_patcher, **replace):
+    """A shallow copy of the patcher's BaseModel with the patcher's object patches applied
+    (then ``replace``'s attributes, e.g. ``diffusion_model=BandNetwork(...)``).
 
     The copy shares the network modules but owns its module, parameter and buffer tables and its
     per-loop state (``current_patcher``), so concurrent rank loops do not disturb each other or
@@ -56,5 +66,7 @@ def private_shell(model_patcher):
     for name, obj in model_patcher.object_patches.items():
         if "." in name:  # would reach into the shared modules; compatibility refuses these first
             raise UnsupportedError(f"STADI Sampler: object patch {name!r} is not supported; use KSampler")
+        comfy.utils.set_attr(shell, name, obj)
+    for name, obj in replace.items():
         comfy.utils.set_attr(shell, name, obj)
     return shell

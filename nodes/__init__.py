@@ -12,6 +12,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 _NODES = [
     ("cluster_profile_node", "GPUClusterProfile", "STADIClusterProfile", "GPU Cluster Profile (STADI)"),
     ("sampler_node", "STADISampler", "STADISampler", "STADI Sampler"),
+    ("parallel_model_node", "STADIParallelModel", "STADIParallelModel", "STADI Parallel Model"),
     ("patch_stitch_node", "PatchStitch", "STADIPatchStitch", "Patch Stitch (STADI)"),
 ]
 

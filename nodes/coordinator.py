@@ -1,0 +1,62 @@
+"""The STADI Sampler's coordinator inside the ComfyUI server (DESIGN §3): picks the execution shape.
+
+- Plans with every stride 1 (exact mode, strides off, equal devices, multi-evaluation or adaptive
+  samplers) run in **lockstep** (lockstep.py): one stock sampler loop, each network call split
+  into bands, so everything image-wide works unchanged.
+- Plans with strides > 1 run **per-rank loops** (rank_loops.py), where anything image-wide is
+  refused before the run.
+Both keep ComfyUI's noise, sigmas, progress bar, preview and interrupt semantics.
+"""
+
+from __future__ import annotations
+
+from . import compatibility
+from .deployment import Deployment
+from .lockstep import LockstepPatch
+from .rank_loops import RankLoops
+from .types import StadiCluster, StadiPatches
+
+
+class StadiRun:
+    """One STADI Sampler execution: plan, execution shape, stitched bands and report."""
+
+    def __init__(self, model, *, cluster: StadiCluster | None, mode: str, warmup: int, strides: str,
+                 sampler_name: str, steps: int):
+        self.deployment = Deployment(model, cluster=cluster, mode=mode, warmup=warmup, strides=strides,
+                                     sampler_name=sampler_name, steps=steps)
+        self.model, self.cluster = model, self.deployment.cluster
+        self.mode, self.warmup, self.sampler_name, self.steps = mode, warmup, sampler_name, steps
+
+    def plan(self, height: int, width: int, speeds=None):
+        return self.deployment.plan(height, width, speeds)
+
+    def sample(self, noise, latent_image, *, positive, negative, cfg, scheduler, denoise, noise_mask, seed,
+               latent_extra: dict) -> StadiPatches:
+        compatibility.check_conditioning(positive, negative)
+        batch, _, height, width = latent_image.shape
+        plan = self.deployment.measured_plan(batch, height, width)
+        if any(b.stride > 1 for b in plan.bands):
+            compatibility.check_model(self.model, lockstep=False)
+            bands, report = RankLoops(self.deployment, plan).sample(
+                noise, latent_image, positive=positive, negative=negative, cfg=cfg, scheduler=scheduler,
+                denoise=denoise, noise_mask=noise_mask, seed=seed)
+            return StadiPatches(plan=plan.to_dict(), bands=bands, report=report.to_dict(), latent_extra=latent_extra)
+        return self._lockstep(noise, latent_image, positive=positive, negative=negative, cfg=cfg, scheduler=scheduler,
+                              denoise=denoise, noise_mask=noise_mask, seed=seed, latent_extra=latent_extra)
+
+    def _lockstep(self, noise, latent_image, *, positive, negative, cfg, scheduler, denoise, noise_mask, seed,
+                  latent_extra):
+        import comfy.sample
+        import comfy.utils
+        import latent_preview
+
+        patch = LockstepPatch(self.cluster, self.mode, self.warmup)
+        model = patch.apply(self.model)
+        callback = latent_preview.prepare_callback(model, self.steps)
+        out = comfy.sample.sample(model, noise, self.steps, cfg, self.sampler_name, scheduler, positive, negative,
+                                  latent_image, denoise=denoise, noise_mask=noise_mask, callback=callback,
+                                  disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        plan = patch.last_plan
+        bands = [out[:, :, b.row_start:b.row_end].cpu() for b in plan.bands]
+        return StadiPatches(plan=plan.to_dict(), bands=bands, report=patch.last_report.to_dict(),
+                            latent_extra=latent_extra)

@@ -1,0 +1,217 @@
+"""What a STADI run needs before its first network call: the workers' model spec, the plan, a session.
+
+Shared by both execution shapes (lockstep.py: one sampler loop, every call scattered to the ranks;
+rank_loops.py: one loop per rank, for strides). Built from the final ModelPatcher, so LoRAs and
+ModelSampling nodes applied anywhere upstream reach the workers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from stadi_core.cluster import ClusterSpec
+from stadi_core.errors import StadiError
+from stadi_core.models.comfy_common import MIRRORED_ARGS, model_class_path
+from stadi_core.models.spec import FAMILIES, ModelSpec
+from stadi_core.parallel import Phase
+from stadi_core.planner import Plan, make_plan
+from stadi_core.runtime.messages import BandCall, SessionStart
+from stadi_core.runtime.pool import get_pool
+
+from . import compatibility
+from .types import StadiCluster
+from .weights import baked_network_file
+
+# rows/s measured per (model key, device, latent H, W): plans of later runs start from these
+CAPABILITIES: dict[tuple, float] = {}
+
+
+def default_cluster() -> StadiCluster:
+    n = torch.cuda.device_count()
+    spec = ClusterSpec.parse(f"cuda*{n}" if n else "cpu*2")
+    return StadiCluster(spec, notes=[] if n else ["no GPU found: running on 2 CPU workers"])
+
+
+def dtype_name(dtype) -> str | None:
+    return str(dtype).split(".")[-1] if dtype is not None else None
+
+
+class Deployment:
+    """One model on one cluster: the spec the workers rebuild it from, plans, sessions."""
+
+    def __init__(self, model, *, cluster: StadiCluster | None, mode: str, warmup: int, strides: str,
+                 sampler_name: str, steps: int):
+        import comfy.cli_args
+
+        family = compatibility.check_model(model, lockstep=True)  # strided runs check the rest (coordinator)
+        self.model = model
+        self.cluster = cluster or default_cluster()
+        self.mode, self.warmup, self.strides = mode, warmup, strides
+        self.sampler_name, self.steps = sampler_name, steps
+        base = model.model
+        network = base.diffusion_model
+        self.adapter = FAMILIES[family]
+        self.align = self.adapter.alignment(network)
+        self.any_size = bool(getattr(self.adapter, "ANY_SIZE", False))
+        self.channels = self.adapter.latent_channels(network)
+        model_config = base.model_config
+        unet_config = dict(model_config.unet_config)
+        unet_config.pop("dtype", None)
+        path, key = baked_network_file(model)
+        mirrored = {k: getattr(comfy.cli_args.args, k) for k in MIRRORED_ARGS if hasattr(comfy.cli_args.args, k)}
+        # weights as ComfyUI stores them (fp8 included), computed in its manual-cast dtype where it has one
+        self.spec = ModelSpec(family=family, config=unet_config, path=path, dtype=dtype_name(base.get_dtype()),
+                              extra={"comfy_args": mirrored, "weights_key": key,
+                                     "model_class": model_class_path(network),
+                                     "compute_dtype": dtype_name(base.manual_cast_dtype),
+                                     "scaled_fp8": dtype_name(getattr(model_config, "scaled_fp8", None)),
+                                     "fp8_optimizations": bool(model_config.optimizations.get("fp8", False))})
+
+    def plan(self, height: int, width: int, speeds: list[float] | None = None) -> Plan:
+        spec = self.cluster.spec
+        spec.validate_available()
+        active = spec.active()
+        if speeds is None:
+            speeds = []
+            for d in active:
+                cached = CAPABILITIES.get((self.spec.key(), d.name, height, width))
+                speeds.append(d.relative_speed or cached or d.planning_speed())
+        align = self.align
+        if width % align and not self.any_size:
+            raise StadiError(f"latent width {width} is not a multiple of {align} for this model: use an image width "
+                             f"that is a multiple of {8 * align} px")
+        if height % align and not self.any_size:
+            raise StadiError(f"latent height {height} is not a multiple of {align} for this model: use an image "
+                             f"height that is a multiple of {8 * align} px")
+        return make_plan(height, speeds, devices=[d.name for d in active], align=align, steps=self.steps,
+                         warmup=self.warmup, mode=self.mode, strides=self.strides, sampler=self.sampler_name,
+                         ragged=self.any_size)
+
+    def measured_plan(self, batch: int, height: int, width: int) -> Plan:
+        """The plan, from this model's measured device speeds when the cluster asks for them."""
+        plan = self.plan(height, width)
+        if self.cluster.measure and plan.world_size > 1 and not all(
+                (self.spec.key(), b.device, height, width) in CAPABILITIES for b in plan.bands):
+            for band, s in zip(plan.bands, self.measure(plan, batch, width)):
+                CAPABILITIES[(self.spec.key(), band.device, height, width)] = s
+            plan = self.plan(height, width)
+        return plan
+
+    def remember(self, capabilities: dict, height: int, width: int) -> None:
+        for device, cap in capabilities.items():
+            CAPABILITIES[(self.spec.key(), device, height, width)] = cap
+
+    def _pool(self, plan: Plan):
+        import comfy.model_base
+
+        # comfy is a namespace package: locate the checkout through one of its modules
+        comfy_root = os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_base.__file__)))
+        return get_pool([b.device for b in plan.bands], self.cluster.spec.resolved_backend(),
+                        extra_sys_path=[comfy_root])
+
+    def slowdowns(self, plan: Plan) -> list[float]:
+        by_name = {d.name: d for d in self.cluster.spec.active()}
+        return [by_name[b.device].slowdown for b in plan.bands]
+
+    def open(self, plan: Plan):
+        """(pool, session) with the model loaded on every rank of the plan."""
+        slowdowns = self.slowdowns(plan)
+        pool = self._pool(plan)
+
+        def per_rank(start, rank):
+            start.slowdown = slowdowns[rank]
+            return start
+
+        session = pool.open_session(lambda job_id: SessionStart(job_id, self.spec.to_dict(), plan.to_dict()),
+                                    per_rank=per_rank)
+        return pool, session
+
+    def measure(self, plan: Plan, batch: int, width: int) -> list[float]:
+        """Rows/s of each device on its band alone (no exchange), one device at a time."""
+        n = 2 * batch
+        # stand-in conditioning shaped for this network (values do not matter for timing)
+        probe = self.adapter.make_conditioning(self.model.model.diffusion_model, n, seed=0)["cond"]
+        cond = {k: v.numpy().astype(np.float32) for k, v in probe.items()}
+        pool, session = self.open(plan)
+        speeds = []
+        try:
+            for band in plan.bands:
+                x = np.random.default_rng(0).standard_normal((n, self.channels, band.rows, width)).astype(np.float32)
+                busy = []
+                for _ in range(2):
+                    out = session.call(band.rank, lambda job_id, call_id: BandCall(
+                        job_id, call_id, 0, Phase.FRESH.value, x, np.full((n,), 500.0, np.float32), cond,
+                        measure_only=True))
+                    busy.append(out.busy_s)
+                speeds.append(band.rows / busy[-1])
+        finally:
+            session.close()
+        return speeds
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.contiguous().numpy()
+
+
+def step_index(transformer_options: dict) -> int:
+    """The sampler step a network call belongs to, from the sigma schedule ComfyUI passes along."""
+    from stadi_core.errors import UnsupportedError
+
+    sample_sigmas = transformer_options.get("sample_sigmas")
+    sigmas = transformer_options.get("sigmas")
+    if sample_sigmas is None or sigmas is None:
+        raise UnsupportedError("STADI: the sampler did not provide its sigma schedule")
+    s = float(sigmas.max())
+    return max(0, int((sample_sigmas >= s * (1 - 1e-6)).sum()) - 1)
+
+
+def call_inputs(adapter, x, timesteps, context, control, transformer_options: dict, extra: dict):
+    """Check one network call's inputs and return (timesteps, conditioning) as the workers take them."""
+    from stadi_core.errors import UnsupportedError
+
+    if control is not None:
+        raise UnsupportedError("STADI: ControlNet residuals reached the model; use KSampler")
+    unknown = sorted(k for k, v in extra.items() if v is not None and k not in adapter.COND_KEYS)
+    if unknown:
+        raise UnsupportedError(f"STADI: model inputs {unknown} (e.g. reference latents of an edit model, a text "
+                               "attention mask) are not supported in bands; use KSampler")
+    compatibility.check_call_options(transformer_options)
+    cond = {"context": as_numpy(context)}
+    cond.update({k: as_numpy(extra[k]) for k in adapter.COND_KEYS if extra.get(k) is not None})
+    return as_numpy(timesteps.float()), cond
+
+
+class CallSlots:
+    """Numbers the network calls of each sampler step: slot n of a step only ever reuses slot n.
+
+    ComfyUI sends cond and uncond apart when they cannot be batched (prompts of different
+    lengths), multi-evaluation samplers call several times per step: each such call keeps its
+    own context and its own reused output.
+    """
+
+    def __init__(self):
+        self.step = None
+        self.count = 0
+
+    def next(self, step: int) -> int:
+        if step != self.step:
+            self.step, self.count = step, 0
+        slot = self.count
+        self.count += 1
+        return slot
+
+
+def step_timings(records: list[dict], t_end: float) -> list[dict]:
+    """Per-call records -> per-call timings in the engine's StepTiming layout."""
+    out = []
+    for i, r in enumerate(records):
+        nxt = records[i + 1]["t0"] if i + 1 < len(records) else t_end
+        out.append(dict(step=r["step"], computed=r["computed"], phase=r["phase"], busy_s=r["busy_s"],
+                        comm_s=r["comm_s"], wall_s=nxt - r["t0"]))
+    return out

@@ -1,0 +1,151 @@
+"""Lockstep execution: ONE stock sampler loop in the server; each network call runs in bands.
+
+DistriFusion's shape inside ComfyUI. The sampler, guider, CFG functions, wrappers and step
+caches all see the true full tensors, so everything image-wide (RescaleCFG, PerpNeg, EasyCache,
+dpm_adaptive's error norm...) works unchanged; only the diffusion network's forward is split:
+the call's rows are scattered to the ranks, each computes its band with the others' context,
+and the band outputs are gathered into the full output.
+
+It is attached to a clone of the MODEL with ComfyUI's own wrapper mechanism, nothing global:
+- OUTER_SAMPLE: per sampling run, plan from the latent's shape, open a session on the warm
+  workers, close it afterwards (an Interrupt ends the run between calls: the pool stays warm);
+- PREPARE_SAMPLING: load nothing on the server (the workers hold the weights) and hand the
+  loop a private shell of the BaseModel whose diffusion network is a ``BandNetwork``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+
+import torch
+
+from stadi_core.errors import StadiError
+from stadi_core.parallel import Phase
+from stadi_core.report import RunReport
+from stadi_core.runtime.messages import BandCall
+
+from .band_network import BandNetwork, private_shell
+from .deployment import CallSlots, Deployment, call_inputs, step_index, step_timings
+from .types import StadiCluster
+
+WRAPPER_KEY = "stadi_lockstep"
+_RUN: contextvars.ContextVar = contextvars.ContextVar("stadi_lockstep_run", default=None)
+
+
+class LockstepRun:
+    """One sampling run: the plan, the session, and the scatter/gather of each network call."""
+
+    def __init__(self, deployment: Deployment, noise_shape):
+        batch, _, height, width = noise_shape
+        self.deployment = deployment
+        self.plan = deployment.measured_plan(batch, height, width)
+        self.height, self.width = height, width
+        self.pool, self.session = deployment.open(self.plan)
+        self.slots = CallSlots()
+        self.filled: dict[int, tuple] = {}  # slot -> input shapes its stored context was made from
+        self.records = [[] for _ in self.plan.bands]
+        self.t_start = time.perf_counter()
+
+    def network_call(self, x, timesteps, context, control, transformer_options, extra):
+        plan = self.plan
+        timesteps, cond = call_inputs(self.deployment.adapter, x, timesteps, context, control, transformer_options,
+                                      extra)
+        step = step_index(transformer_options)
+        slot = self.slots.next(step)
+        shapes = (tuple(x.shape),) + tuple((k, v.shape) for k, v in sorted(cond.items()))
+        fresh = plan.mode == "exact" or step < plan.warmup or self.filled.get(slot) != shapes
+        phase = Phase.FRESH if fresh else Phase.REFRESH
+        signature = hash((step, slot, shapes)) % (1 << 50)
+        bands = {b.rank: x[:, :, b.row_start:b.row_end].detach().cpu().float().contiguous().numpy()
+                 for b in plan.bands}
+
+        def band_call(rank):
+            return lambda job_id, call_id: BandCall(job_id, call_id, step, phase.value, bands[rank], timesteps, cond,
+                                                    signature=signature, slot=slot)
+
+        t0 = time.perf_counter()
+        outs = self.session.call_all({b.rank: band_call(b.rank) for b in plan.bands})
+        if fresh:
+            self.filled[slot] = shapes
+        for b in plan.bands:
+            o = outs[b.rank]
+            self.records[b.rank].append(dict(step=step, computed=True, phase=phase.value, busy_s=o.busy_s,
+                                             comm_s=o.comm_s, t0=t0))
+        out = torch.cat([torch.from_numpy(outs[b.rank].out) for b in plan.bands], dim=2)
+        return out.to(device=x.device, dtype=x.dtype)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def report(self) -> RunReport:
+        wall = time.perf_counter() - self.t_start
+        timings = [step_timings(r, self.t_start + wall) for r in self.records]
+        report = RunReport.from_results(self.plan, timings, wall, slowdowns=self.deployment.slowdowns(self.plan),
+                                        pool_pids=self.pool.pids(),
+                                        checksums={r: self.session.ready[r].info.get("weights_checksum")
+                                                   for r in self.session.ready})
+        report.notes.append("lockstep: one sampler loop in the server, every network call split into bands")
+        loaded = sorted(r for r, m in self.session.ready.items() if m.info.get("loaded_weights"))
+        report.notes.append(f"weights loaded by ranks {loaded}" if loaded else "weights already loaded (warm workers)")
+        report.notes.extend(self.deployment.cluster.notes)
+        return report
+
+
+class LockstepPatch:
+    """The settings of one STADI Parallel Model (or lockstep STADI Sampler) and its two wrappers."""
+
+    def __init__(self, cluster: StadiCluster | None, mode: str, warmup: int):
+        self.cluster, self.mode, self.warmup = cluster, mode, warmup
+        self.last_report: RunReport | None = None
+        self.last_plan = None
+
+    def apply(self, model):
+        """A clone of ``model`` whose sampling runs in lockstep bands."""
+        import comfy.patcher_extension as ext
+
+        from . import compatibility
+
+        compatibility.check_model(model, lockstep=True)
+        clone = model.clone()
+        clone.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, self.outer_sample)
+        clone.add_wrapper_with_key(ext.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY, self.prepare_sampling)
+        return clone
+
+    def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        guider = executor.class_obj
+        patcher = guider.model_patcher
+        from . import compatibility
+
+        compatibility.check_model(patcher, lockstep=True)  # nodes applied after this one are checked too
+        compatibility.check_guider_conds(guider)
+        steps = max(1, int(sigmas.shape[-1]) - 1)
+        deployment = Deployment(patcher, cluster=self.cluster, mode=self.mode, warmup=min(self.warmup, steps),
+                                strides="off", sampler_name="lockstep", steps=steps)
+        run = LockstepRun(deployment, tuple(noise.shape))
+        token = _RUN.set(run)
+        try:
+            out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        finally:  # also on Interrupt: it is raised between network calls, the workers are idle then
+            _RUN.reset(token)
+            run.close()
+        self.last_plan = run.plan
+        self.last_report = run.report()
+        deployment.remember(_measured(self.last_report), run.height, run.width)
+        return out
+
+    def prepare_sampling(self, executor, model, noise_shape, conds, model_options=None, **kwargs):
+        """Load nothing in the server; the loop runs on a shell whose network is the band scatter."""
+        run = _RUN.get()
+        if run is None:
+            raise StadiError("STADI Parallel Model: sampling started outside a STADI run (another node re-entered "
+                             "the sampler); use KSampler for this workflow")
+        shell = private_shell(model, diffusion_model=BandNetwork(model.model.diffusion_model, run.network_call))
+        shell.current_patcher = model  # pre_run() sets it on the shared model, the loop reads it here
+        return shell, conds, []
+
+
+def _measured(report: RunReport) -> dict:
+    from stadi_core.report import measured_capabilities
+
+    return measured_capabilities(report)
