@@ -95,14 +95,19 @@ def baked_network_file(model_patcher) -> tuple[str, str]:
     """(path, key) of a safetensors file with the diffusion model's patched weights.
 
     Every tensor keeps the dtype ComfyUI stores it in (fp8 weights stay fp8: the workers compute
-    with the same manual-cast layers as the server). A patched tensor is computed in float32 and
-    rounded back exactly as ComfyUI's ``patch_weight_to_device`` does (stochastic rounding seeded
-    by its key, which is a plain cast for fp16/bf16/fp32).
+    with the same manual-cast layers as the server). A patched tensor is computed the way the
+    installed ComfyUI patches it (``comfy_api.lora_bake_settings``: float32 in 0.3.64's
+    ``patch_weight_to_device``, ``lora_compute_dtype`` or the inference dtype in newer versions)
+    and rounded back to the stored dtype with ComfyUI's stochastic rounding and seed (a plain cast
+    for fp16/bf16/fp32). Weights the workers cannot rebuild (quantized tensors, weight wrappers,
+    per-layer attention configs) are refused first.
     """
     import comfy.float
     import comfy.lora
     import comfy.model_patcher
     from safetensors.torch import save_file
+
+    from . import comfy_api
 
     ident = identity(model_patcher)
     key = hashlib.sha256(repr(ident).encode()).hexdigest()[:16]
@@ -110,6 +115,7 @@ def baked_network_file(model_patcher) -> tuple[str, str]:
         path = _CACHE.get(ident)
         if path and os.path.exists(path):
             return path, key
+        comfy_api.refuse_unrebuildable_weights(model_patcher)
         prefix = "diffusion_model."
         state = {}
         for name, patches in model_patcher.get_key_patches(prefix).items():
@@ -120,9 +126,11 @@ def baked_network_file(model_patcher) -> tuple[str, str]:
 
                     raise UnsupportedError("STADI Sampler: LoRA on a scaled-fp8 model is not supported yet; load the "
                                            "model in fp8_e4m3fn/bf16/fp16 (UNETLoader weight_dtype) or use KSampler")
-                patched = comfy.lora.calculate_weight(patches[1:], convert(weight.to(torch.float32, copy=True),
-                                                                           inplace=True), name)
-                seed = comfy.model_patcher.string_to_seed(name)
+                patch_dtype, intermediate_dtype, seed_key = comfy_api.lora_bake_settings(model_patcher, name, weight)
+                patched = comfy.lora.calculate_weight(patches[1:], convert(weight.to(patch_dtype, copy=True),
+                                                                           inplace=True), name,
+                                                      intermediate_dtype=intermediate_dtype)
+                seed = comfy_api.string_to_seed(seed_key)
                 weight = comfy.float.stochastic_rounding(patched, weight.dtype, seed=seed)
             state[name[len(prefix):]] = weight.to(device="cpu").contiguous()
         needed = sum(t.numel() * t.element_size() for t in state.values())

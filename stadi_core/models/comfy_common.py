@@ -10,6 +10,7 @@ this module is importable without ComfyUI.
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import torch
 import torch.nn as nn
@@ -19,7 +20,8 @@ from ..errors import UnsupportedError
 # ComfyUI options that change how the network computes; mirrored from the server into workers.
 MIRRORED_ARGS = ("use_split_cross_attention", "use_quad_cross_attention", "use_pytorch_cross_attention",
                  "disable_xformers", "use_sage_attention", "use_flash_attention", "force_upcast_attention",
-                 "dont_upcast_attention")
+                 "dont_upcast_attention",
+                 "use_ck_attention")  # newer ComfyUI (Comfy Kitchen attention); the server mirrors only what it has
 
 
 def prepare_comfy(comfy_args: dict, cpu: bool) -> None:
@@ -30,6 +32,77 @@ def prepare_comfy(comfy_args: dict, cpu: bool) -> None:
     for name, value in comfy_args.items():
         setattr(args, name, value)
     args.cpu = cpu
+
+
+def accepted_kwargs(fn, kwargs: dict) -> dict:
+    """The part of ``kwargs`` that ``fn``'s signature takes by name (all of it if ``fn`` takes ``**kwargs``).
+
+    ComfyUI adds and removes keyword parameters between versions; the pack calls its functions by
+    keyword and passes only what the installed version has (feature detection, not version strings).
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature: pass everything
+        return dict(kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs)
+    named = {n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                         inspect.Parameter.KEYWORD_ONLY)}
+    return {k: v for k, v in kwargs.items() if k in named}
+
+
+def has_parameter(fn, name: str) -> bool:
+    """Whether ``fn`` declares a parameter called ``name`` (a ``**kwargs`` catch-all does not count)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def call_by_keyword(fn, what: str, required: tuple = (), **kwargs):
+    """``fn(**kwargs)`` with only the keywords its signature has; the ``required`` ones must be there.
+
+    A parameter we must hand over (a band's tokens, its positions) that the installed ComfyUI no
+    longer has by that name means the adapter would compute something else: refuse instead.
+    """
+    passed = accepted_kwargs(fn, kwargs)
+    missing = [k for k in required if k not in passed]
+    if missing:
+        raise UnsupportedError(f"{what} of this ComfyUI has no parameter {', '.join(missing)}: the band adapter "
+                               "does not know this version's signature; use KSampler")
+    return fn(**passed)
+
+
+def pick_operations(pick, weight_dtype, compute_dtype, *, scaled_fp8=None, fp8_optimizations=False):
+    """The layer classes ``comfy.ops.pick_operations`` (``pick``) gives for the server's dtypes.
+
+    ComfyUI 0.3.64 takes ``scaled_fp8=`` (scaled-fp8 checkpoints get their own layers); newer
+    versions dropped it (scaled-fp8 files load as quantized tensors via ``model_config``) and take
+    ``fp8_optimizations=`` and ``model_config=`` by keyword. Only keywords ``pick`` declares are
+    passed; a scaled-fp8 model on a ComfyUI without ``scaled_fp8`` cannot be rebuilt (the server
+    refuses it first, see nodes/comfy_api.py).
+    """
+    kwargs = {}
+    if has_parameter(pick, "fp8_optimizations"):
+        kwargs["fp8_optimizations"] = bool(fp8_optimizations)
+    if scaled_fp8 is not None:
+        if not has_parameter(pick, "scaled_fp8"):
+            raise UnsupportedError("the server's model has scaled-fp8 weights, but this ComfyUI's "
+                                   "comfy.ops.pick_operations has no scaled_fp8 parameter (it loads such files as "
+                                   "quantized tensors, which the workers cannot rebuild); load an fp8_e4m3fn/bf16/"
+                                   "fp16 model or use KSampler")
+        kwargs["scaled_fp8"] = scaled_fp8
+    return pick(weight_dtype, compute_dtype, **kwargs)
+
+
+def archive_model_dtypes(model: nn.Module) -> None:
+    """What newer ComfyUI's BaseModel does right after building its network (records each
+    parameter's dtype for its lazy casts); absent in 0.3.64, then nothing to do."""
+    import comfy.model_management
+
+    archive = getattr(comfy.model_management, "archive_model_dtypes", None)
+    if archive is not None:
+        archive(model)
 
 
 def model_class_path(module: nn.Module) -> str:
@@ -61,11 +134,12 @@ def build_from_spec(spec, device) -> nn.Module:
     scaled_fp8 = getattr(torch, extra["scaled_fp8"]) if extra.get("scaled_fp8") else None
     # the layer classes the server built the network with: manual-cast layers keep fp8/fp16 weights
     # and compute in the server's compute dtype, scaled-fp8 layers carry their scales
-    operations = comfy.ops.pick_operations(weight_dtype, compute_dtype, scaled_fp8=scaled_fp8,
-                                           fp8_optimizations=bool(extra.get("fp8_optimizations")))
+    operations = pick_operations(comfy.ops.pick_operations, weight_dtype, compute_dtype, scaled_fp8=scaled_fp8,
+                                 fp8_optimizations=bool(extra.get("fp8_optimizations")))
     config["dtype"] = weight_dtype
     state = load_file(spec.path, device=str(device))
     model = cls(**config, device="meta", operations=operations)
+    archive_model_dtypes(model)
     # like load_state_dict into a built model: each tensor takes the dtype the network was built with
     built = {k: v.dtype for k, v in model.state_dict().items()}
     state = {k: v.to(built[k]) if k in built and v.is_floating_point() and v.dtype != built[k] else v
@@ -76,6 +150,7 @@ def build_from_spec(spec, device) -> nn.Module:
                                f"unexpected {unexpected[:5]}")
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         model = cls(**config, device="cpu", operations=operations)
+        archive_model_dtypes(model)
         model.load_state_dict(state, strict=False)
     model = model.to(device=device)
     model._stadi_compute_dtype = compute_dtype or weight_dtype  # what inputs are cast to (spec.input_dtype)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import UnsupportedError
-from .comfy_common import attach_band_attention, band_attention, build_from_spec, model_sampling  # noqa: F401
+from .comfy_common import (attach_band_attention, band_attention, build_from_spec, call_by_keyword,  # noqa: F401
+                           model_sampling)
 from .diffusers_sd3 import band_geometry
 
 FAMILY = "comfy-mmdit"
@@ -79,7 +80,11 @@ def forward(model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor
         context = model.context_embedder(context)
     attention = band_attention(model)
     options = attention.start((rows // p) * (width // p)) if attention is not None else {}
-    h = model.forward_core_with_concat(h, c, context, None, options)
+    # by keyword, only what this ComfyUI's signature has (0.3.64 and the newest read take
+    # (x, c_mod, context, control, transformer_options); docs/COMFYUI_COMPATIBILITY.md)
+    h = call_by_keyword(model.forward_core_with_concat, "MMDiT.forward_core_with_concat",
+                        required=("x", "c_mod", "transformer_options") + (("context",) if context is not None else ()),
+                        x=h, c_mod=c, context=context, control=None, transformer_options=options)
     if attention is not None:
         attention.finish()
     return model.unpatchify(h, hw=(rows, width))[:, :, :rows, :width]
