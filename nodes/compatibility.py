@@ -59,10 +59,8 @@ def check_model(model_patcher, lockstep: bool = False) -> str:
 
 def _refuse_variants(model_patcher) -> None:
     """Newer ComfyUI model types that reuse a supported network class (Flux.2, LongCat-Image...)."""
-    try:
-        from .comfy_api import refuse_unsupported_variants
-    except ImportError:
-        return
+    from .comfy_api import refuse_unsupported_variants
+
     refuse_unsupported_variants(model_patcher)
 
 

@@ -21,7 +21,7 @@ from stadi_core.planner import Plan, make_plan
 from stadi_core.runtime.messages import BandCall, SessionStart
 from stadi_core.runtime.pool import get_pool
 
-from . import compatibility
+from . import comfy_api, compatibility
 from .types import StadiCluster
 from .weights import baked_network_file
 
@@ -66,8 +66,8 @@ class Deployment:
         self.spec = ModelSpec(family=family, config=unet_config, path=path, dtype=dtype_name(base.get_dtype()),
                               extra={"comfy_args": mirrored, "weights_key": key,
                                      "model_class": model_class_path(network),
-                                     "compute_dtype": dtype_name(base.manual_cast_dtype),
-                                     "scaled_fp8": dtype_name(getattr(model_config, "scaled_fp8", None)),
+                                     "compute_dtype": dtype_name(comfy_api.compute_dtype(model)),
+                                     "scaled_fp8": dtype_name(comfy_api.scaled_fp8_dtype(model_config)),
                                      "fp8_optimizations": bool(model_config.optimizations.get("fp8", False))})
 
     def plan(self, height: int, width: int, speeds: list[float] | None = None) -> Plan:

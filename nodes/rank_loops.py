@@ -25,6 +25,7 @@ from stadi_core.runtime.messages import BandCall
 from stadi_core.runtime.pool import JobCancelledError
 from stadi_core.sampling.band_loop import LoopSchedule
 
+from . import comfy_api
 from .band_network import BandNetwork, private_shell
 from .deployment import CallSlots, Deployment, call_inputs, step_index, step_timings
 
@@ -97,9 +98,6 @@ class RankLoops:
         preview_lock = threading.Lock()
         total_steps = [plan.steps]
 
-        def load_nothing(executor, model, noise_shape, conds, model_options=None, **kwargs):
-            return model.model, conds, []  # the workers hold the weights: the server loads nothing
-
         def make_callback(state: _RankState):
             def callback(step, x0, x, total):
                 total_steps[0] = total
@@ -119,7 +117,7 @@ class RankLoops:
                     clone.model = private_shell(clone, diffusion_model=BandNetwork(
                         d.model.model.diffusion_model, self._network_call(session, state)))
                     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "stadi",
-                                               load_nothing)
+                                               comfy_api.load_nothing)
                     out = comfy.sample.sample(clone, noise, plan.steps, cfg, d.sampler_name, scheduler, positive,
                                               negative, latent_image, denoise=denoise, noise_mask=noise_mask,
                                               callback=make_callback(state), disable_pbar=True, seed=seed)

@@ -238,4 +238,4 @@ def test_the_prompt_after_an_interrupt_loads_no_weights(server, speeds):
         with pytest.raises(ComfyExecutionError):
             server.wait(pid, timeout=120)
     after = server.run(_stadi("after", speeds, steps=2), timeout=300)
-    assert "weights already loaded (warm workers)" in _notes(after), (_notes(warm), _notes(after))
+    assert "weights already loaded (warm workers)" in _notes(after), (_notes(warm), _notes(after), server.log_tail(30))

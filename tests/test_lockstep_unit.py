@@ -176,3 +176,41 @@ def test_image_wide_features_name_their_node_and_only_strided_runs_refuse_them()
         check_model(patcher)
     assert check_model(patcher, lockstep=True) == "comfy-unet"
     assert image_wide_features(_Patcher()) == []
+
+
+# -- the PREPARE_SAMPLING wrapper under both ComfyUI signatures --------------------------------------------------
+def test_prepare_sampling_wrapper_takes_the_old_and_the_new_signature(monkeypatch):
+    """0.3.64 calls it as (model, noise_shape, conds, model_options=); newer ComfyUI adds force_full_load=
+    and force_offload=. Either way the loop gets a shell whose network is the band scatter and nothing loads."""
+    import sys
+    import types
+
+    from stadi_pack.nodes import lockstep
+    from stadi_pack.nodes.band_network import BandNetwork
+
+    def set_attr(obj, attr, value):
+        prev = getattr(obj, attr)
+        setattr(obj, attr, value)
+        return prev
+
+    comfy = types.ModuleType("comfy")
+    comfy.utils = types.SimpleNamespace(set_attr=set_attr)
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.utils", comfy.utils)
+    base = torch.nn.Module()
+    base.diffusion_model = torch.nn.Linear(1, 1)
+    base.model_sampling = "stock"
+    patcher = types.SimpleNamespace(model=base, object_patches={"model_sampling": "patched"})
+    run = types.SimpleNamespace(network_call=lambda *a: "band output")
+    patch = lockstep.LockstepPatch(None, "exact", 0)
+    token = lockstep._RUN.set(run)
+    try:
+        for kwargs in ({"model_options": {}}, {"model_options": {}, "force_full_load": False, "force_offload": True}):
+            shell, conds, loaded = patch.prepare_sampling(None, patcher, (1, 4, 8, 8), {"positive": []}, **kwargs)
+            assert isinstance(shell.diffusion_model, BandNetwork) and shell.model_sampling == "patched"
+            assert shell.current_patcher is patcher and loaded == [] and conds == {"positive": []}
+            assert isinstance(base.diffusion_model, torch.nn.Linear) and base.model_sampling == "stock"  # untouched
+    finally:
+        lockstep._RUN.reset(token)
+    with pytest.raises(Exception, match="outside a STADI run"):
+        patch.prepare_sampling(None, patcher, (1, 4, 8, 8), {}, model_options={})

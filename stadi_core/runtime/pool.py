@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import logging
 import os
 import queue
 import secrets
@@ -43,6 +44,7 @@ from .messages import (
 )
 
 _job_ids = itertools.count(1)
+_log = logging.getLogger("stadi")
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -87,6 +89,7 @@ class WorkerPool:
         self.info: list[Ready] = []
         self._store = None
         self._lock = threading.Lock()  # one job at a time per pool
+        self._send_locks: list[threading.Lock] = []  # per connection: rank threads and a cancel share it
         self.broken = False
         self.loaded_model_key: str | None = None  # what the workers hold (for the ComfyUI weight cache)
 
@@ -176,6 +179,7 @@ class WorkerPool:
                 raise WorkerError(f"unexpected greeting {hello!r}")
             conns[hello.rank] = conn
         self.conns = [conns[r] for r in range(self.world_size)]
+        self._send_locks = [threading.Lock() for _ in self.conns]
         gpus = {d.split(":")[1].split(".")[0] for d in self.devices if d.startswith("cuda")}
         same_gpu = len(gpus) == 1 and all(d.startswith("cuda") for d in self.devices) and self.world_size > 1
         transport = "cuda-ipc" if same_gpu and self.backend == "gloo" and same_gpu_exchange() == "cuda-ipc" else "dist"
@@ -242,10 +246,16 @@ class WorkerPool:
                 self.close(force=True)
                 raise
 
+    def send(self, rank: int, msg) -> None:
+        """One whole message to ``rank``: a large pickle goes out in several writes, and a cancel from
+        the prompt thread must not land between the writes of a band call from a rank thread."""
+        with self._send_locks[rank]:
+            self.conns[rank].send(msg)
+
     def cancel(self) -> None:
-        for conn in self.conns:
+        for rank in range(len(self.conns)):
             try:
-                conn.send(CancelRequest())
+                self.send(rank, CancelRequest())
             except (OSError, BrokenPipeError):
                 pass
 
@@ -347,7 +357,7 @@ class Session:
         pool = self.pool
         conn = pool.conns[rank]
         call_id = next(self._call_ids)
-        conn.send(make_call(self.job_id, call_id))
+        pool.send(rank, make_call(self.job_id, call_id))
         last_heard = time.monotonic()
         while True:
             try:
@@ -357,7 +367,7 @@ class Session:
                     except (EOFError, OSError):
                         pool._raise_dead(rank, "evaluating a band")
                     last_heard = time.monotonic()
-                    if isinstance(msg, BandOutput) and msg.call_id == call_id:
+                    if isinstance(msg, BandOutput) and msg.call_id == call_id and msg.job_id == self.job_id:
                         return msg
                     if isinstance(msg, WorkerFailure):
                         raise WorkerError(f"worker rank {rank} ({pool.devices[rank]}) failed: " + _failure_text(msg))
@@ -387,7 +397,7 @@ class Session:
         try:
             for rank, make_call in make_calls.items():
                 call_id = next(self._call_ids)
-                pool.conns[rank].send(make_call(self.job_id, call_id))
+                pool.send(rank, make_call(self.job_id, call_id))
                 expected[rank] = call_id
             outputs: dict[int, BandOutput] = {}
             last_heard = {rank: time.monotonic() for rank in expected}
@@ -401,7 +411,7 @@ class Session:
                     except (EOFError, OSError):
                         pool._raise_dead(rank, "evaluating a band")
                     last_heard[rank] = time.monotonic()
-                    if isinstance(msg, BandOutput) and msg.call_id == expected[rank]:
+                    if isinstance(msg, BandOutput) and msg.call_id == expected[rank] and msg.job_id == self.job_id:
                         outputs[rank] = msg
                     elif isinstance(msg, WorkerFailure):
                         raise WorkerError(f"worker rank {rank} ({pool.devices[rank]}) failed: " + _failure_text(msg))
@@ -432,6 +442,8 @@ class Session:
         try:
             if self.failed is None and not self._end_all(ack_timeout_s):
                 self.failed = WorkerTimeout("a worker did not leave the session")
+                _log.warning("STADI: a worker did not confirm the end of its session within %.0f s; the worker pool "
+                             "restarts", ack_timeout_s)
             if self.failed is not None:
                 self.pool.close(force=True)
         finally:
@@ -441,8 +453,8 @@ class Session:
         """Send SessionEnd to every rank and drain each connection up to its SessionClosed."""
         pool = self.pool
         try:
-            for conn in pool.conns:
-                conn.send(SessionEnd(self.job_id))
+            for rank in range(len(pool.conns)):
+                pool.send(rank, SessionEnd(self.job_id))
         except (OSError, BrokenPipeError):
             return False
         open_conns = {conn: rank for rank, conn in enumerate(pool.conns)}
