@@ -16,6 +16,7 @@ It is attached to a clone of the MODEL with ComfyUI's own wrapper mechanism, not
 from __future__ import annotations
 
 import contextvars
+import logging
 import time
 
 import torch
@@ -29,6 +30,7 @@ from .band_network import BandNetwork, private_shell
 from .deployment import CallSlots, Deployment, call_inputs, step_index, step_timings
 from .types import StadiCluster
 
+log = logging.getLogger("stadi")
 WRAPPER_KEY = "stadi_lockstep"
 _RUN: contextvars.ContextVar = contextvars.ContextVar("stadi_lockstep_run", default=None)
 
@@ -85,7 +87,13 @@ class LockstepRun:
                                         pool_pids=self.pool.pids(),
                                         checksums={r: self.session.ready[r].info.get("weights_checksum")
                                                    for r in self.session.ready})
-        report.notes.append("lockstep: one sampler loop in the server, every network call split into bands")
+        calls = self.records[0]
+        per_step = max((sum(1 for r in calls if r["step"] == s) for s in {r["step"] for r in calls}), default=0)
+        refresh = sum(1 for r in calls if r["phase"] != Phase.FRESH.value)
+        note = (f"lockstep: one sampler loop in the server; {len(calls)} network calls split into bands, up to "
+                f"{per_step} per step, {refresh} with displaced context")
+        report.notes.append(note)
+        log.info("STADI %s", note)
         loaded = sorted(r for r, m in self.session.ready.items() if m.info.get("loaded_weights"))
         report.notes.append(f"weights loaded by ranks {loaded}" if loaded else "weights already loaded (warm workers)")
         report.notes.extend(self.deployment.cluster.notes)

@@ -27,6 +27,7 @@ THREE = ("cpu*3", "cpu:0=1, cpu:1=2, cpu:2=3")
 LONG_PROMPT = " ".join(["a red house by a calm lake under a cloudy sky with tall pine trees"] * 30)  # > 5 chunks
 
 
+
 @pytest.fixture(scope="module")
 def server(tiny_comfy_models):
     ckpt, lora = tiny_comfy_models
@@ -160,37 +161,57 @@ def test_step_cache_in_lockstep_equals_the_same_cache_on_one_device(server, cach
 
 # -- displaced mode and strides: cond and uncond sent apart keep their own context and reuse -----------------
 
+def _concat(wf: dict, first: str, links: list, node_prefix: str) -> list:
+    """ConditioningConcat of ``links`` onto ``first`` (token-wise: one CLIP chunk more per link)."""
+    link = [first, 0]
+    for i, other in enumerate(links):
+        wf[f"{node_prefix}{i}"] = {"class_type": "ConditioningConcat",
+                                   "inputs": {"conditioning_to": link, "conditioning_from": other}}
+        link = [f"{node_prefix}{i}", 0]
+    return link
+
+
 def _five_chunk_pair(prefix: str, batched: bool, sampler_class="KSampler", extra=None) -> dict:
-    """A 5-chunk positive against a negative ComfyUI sends apart (1 chunk) or batched with it (the same
-    chunk concatenated 5 times: attention over repeated tokens is the same attention)."""
-    wf = sd15_api_workflow(CKPT, save_image=False, filename_prefix=prefix, positive=LONG_PROMPT, seed=8, steps=6,
-                           cfg=4.0, width=128, height=192, sampler_class=sampler_class, sampler_extra_inputs=extra)
+    """A positive of exactly 5 CLIP chunks against a negative that ComfyUI sends apart (1 chunk: 385 vs
+    77 tokens is more padding than it batches) or batched with it (the negative's chunk concatenated 5
+    times: attention over repeated tokens is the same attention, and 385 = 385 tokens batch)."""
+    wf = sd15_api_workflow(CKPT, save_image=False, filename_prefix=prefix, seed=8, steps=6, cfg=4.0, width=128,
+                           height=192, sampler_class=sampler_class, sampler_extra_inputs=extra)
+    texts = ["a red house by a lake", "a cloudy sky", "tall pine trees", "a small boat", "mountains at dawn"]
+    for i, text in enumerate(texts[1:]):
+        wf[f"3{i}"] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 1]}}
+    wf["3"]["inputs"]["text"] = texts[0]
+    wf["6"]["inputs"]["positive"] = _concat(wf, "3", [[f"3{i}", 0] for i in range(4)], "35")
     if batched:
-        link = ["4", 0]
-        for i in range(4):
-            wf[f"4{i}"] = {"class_type": "ConditioningConcat", "inputs": {"conditioning_to": link,
-                                                                           "conditioning_from": ["4", 0]}}
-            link = [f"4{i}", 0]
-        wf["6"]["inputs"]["negative"] = link
+        wf["6"]["inputs"]["negative"] = _concat(wf, "4", [["4", 0]] * 4, "45")
     return wf
 
 
+def _calls_per_step(server) -> list[str]:
+    return [line.split("up to ")[1].split(" per step")[0] for line in server.log_text().splitlines()
+            if "STADI lockstep:" in line]
+
+
 def test_displaced_keeps_cond_and_uncond_context_apart(server):
+    seen = len(_calls_per_step(server))
     apart = _latent(server, _parallel(_five_chunk_pair("dapart", False), mode="displaced", warmup=2))
     together = _latent(server, _parallel(_five_chunk_pair("dtogether", True), mode="displaced", warmup=2))
+    assert _calls_per_step(server)[seen:] == ["2", "1"], "cond/uncond were not sent apart, then batched"
     _assert_exact(apart, together, "displaced, cond/uncond apart vs batched")
 
 
 def test_strides_keep_cond_and_uncond_reuse_apart(server):
     extra = {"mode": "displaced", "warmup_steps": 1, "strides": "auto", "cluster": ["50", 0]}
-    outs = []
+    outs, evals = [], []
     for batched in (False, True):
         wf = _five_chunk_pair(f"s{batched}", batched, "STADISampler", extra)
         wf["50"] = _cluster(("cpu*2", "cpu:0=1, cpu:1=0.3"))
         entry = server.run(wf, timeout=600)
-        strides = [b["stride"] for b in entry["outputs"]["6"]["stadi_plan"][0]["bands"]]
-        assert strides == [1, 2], strides
+        bands = entry["outputs"]["6"]["stadi_plan"][0]["bands"]
+        assert [b["stride"] for b in bands] == [1, 2], bands
+        evals.append(bands[0]["evals"])
         outs.append(load_latent_file(server.output_files(entry, "7", "latents")[0]))
+    assert evals[0] == 2 * evals[1], f"cond/uncond were not sent apart, then batched: evals {evals}"
     _assert_exact(outs[0], outs[1], "strides (1, 2), cond/uncond apart vs batched")
 
 

@@ -100,29 +100,31 @@ def test_displaced_context_is_kept_per_call_slot(model_and_cond):
     """Two interleaved call slots (cond and uncond sent apart) in one session give what each slot gives
     alone: a slot's displaced context never comes from the other slot."""
     _, conds = model_and_cond
-    plan = make_plan(16, [1.0, 1.0], devices=["cpu:0", "cpu:1"], steps=3, warmup=1, mode="displaced",
+    plan = make_plan(16, [1.0, 1.0], devices=["cpu:0", "cpu:1"], steps=4, warmup=1, mode="displaced",
                      strides="off")
+    phases = ["fresh", "refresh", "stale", "refresh"]  # a stride-2 schedule: stale steps between syncs
     rng = np.random.default_rng(1)
-    xs = [[rng.standard_normal((1, 4, 16, 16)).astype(np.float32) for _ in range(2)] for _ in range(3)]
+    xs = [[rng.standard_normal((1, 4, 16, 16)).astype(np.float32) for _ in range(2)] for _ in phases]
     pool = get_pool(["cpu:0", "cpu:1"], "gloo")
 
     def run(slots, keyed=True):
         session = _session(pool, plan)
         try:
-            return {(step, s): _scatter(session, plan, xs[step][s], step, "fresh" if step == 0 else "refresh",
-                                        conds[s], slot=s if keyed else 0)
-                    for step in range(3) for s in slots}
+            return {(step, s): _scatter(session, plan, xs[step][s], step, phase, conds[s], slot=s if keyed else 0)
+                    for step, phase in enumerate(phases) for s in slots}
         finally:
             session.close()
 
     def close(a, b):
         return np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
-    both, alone = run([0, 1]), run([1])
-    assert all(close(both[(step, 1)], alone[(step, 1)]) for step in range(3))
+    both = run([0, 1])
+    for s in (0, 1):  # a stale step of slot 0 must not see slot 1's later exchange land either
+        alone = run([s])
+        assert all(close(both[(step, s)], alone[(step, s)]) for step in range(len(phases))), s
     # keyed by layer only (the old behaviour), slot 1 reads slot 0's context and differs: the check can fail
     shared = run([0, 1], keyed=False)
-    assert close(shared[(0, 1)], alone[(0, 1)]) and not close(shared[(2, 1)], alone[(2, 1)])
+    assert close(shared[(0, 1)], alone[(0, 1)]) and not close(shared[(3, 1)], alone[(3, 1)])
 
 
 def test_a_cancelled_session_leaves_the_pool_warm(model_and_cond):

@@ -102,7 +102,7 @@ class BandContext:
         self._buffers: dict[tuple, list[torch.Tensor]] = {}
         self._wires: dict[tuple, _Wire] = {}  # all-gather send/receive buffers per exchange key
         self._pending: list[_Pending] = []
-        self._inflight: list | None = None  # exchanges started at the last sync step
+        self._inflight: dict[int, list] = {}  # per call slot: exchanges started at its last sync step
         self._calls_seen: dict[int, int] = {}
         self.stats = CallStats()
         self.generation = 0  # bumped whenever stored buffers are re-created
@@ -123,7 +123,7 @@ class BandContext:
         self._calls_seen.clear()
         self.stats = CallStats()
         if phase is not Phase.STALE:
-            self.complete_inflight()  # a sync step needs the previous sync step's exchange
+            self.complete_inflight(slot=slot)  # a sync step needs this slot's previous sync exchange
 
     def end_call(self) -> CallStats:
         """Start the exchanges a REFRESH call recorded; they complete at the next sync step.
@@ -134,17 +134,22 @@ class BandContext:
         """
         if self._pending:
             t0 = time.perf_counter()
-            self._inflight = self._launch(self._pending)
+            self._inflight[self.slot] = self._launch(self._pending)
             self._pending = []
             self.stats.comm_wait_s += time.perf_counter() - t0
         return self.stats
 
-    def complete_inflight(self, store: bool = True) -> None:
-        """Wait for the exchanges started at the last sync step and (unless discarding) store them."""
-        if self._inflight is None:
+    def complete_inflight(self, store: bool = True, slot: int | None = None) -> None:
+        """Wait for the exchanges started at the last sync step and (unless discarding) store them.
+
+        Only ``slot``'s when given: another slot's exchange lands at that slot's own next sync
+        call, so each slot's stale steps read the same snapshot whatever the other slots do.
+        """
+        slots = [s for s in self._inflight if slot is None or s == slot]
+        if not slots:
             return
         t0 = time.perf_counter()
-        inflight, self._inflight = self._inflight, None
+        inflight = [entry for s in slots for entry in self._inflight.pop(s)]
         for p, gathered, work in inflight:
             if work is not None:
                 _wait(work, self.timeout)
