@@ -115,6 +115,9 @@ class LockstepPatch:
         from . import compatibility
 
         compatibility.check_model(model, lockstep=True)
+        if not all(hasattr(ext.WrappersMP, name) for name in ("OUTER_SAMPLE", "PREPARE_SAMPLING")):
+            raise StadiError("STADI: this ComfyUI has no OUTER_SAMPLE/PREPARE_SAMPLING model wrappers, which the "
+                             "band-parallel sampler hooks into; update ComfyUI")
         clone = model.clone()
         clone.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, self.outer_sample)
         clone.add_wrapper_with_key(ext.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY, self.prepare_sampling)

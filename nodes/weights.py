@@ -17,7 +17,6 @@ import shutil
 import tempfile
 import threading
 
-import torch
 
 _CACHE: dict[tuple, str] = {}
 _LOCK = threading.Lock()

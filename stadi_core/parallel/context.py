@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UnsupportedError, WorkerTimeout
+from .geometry import band_sizes
 
 
 class Phase(enum.Enum):
@@ -204,44 +205,8 @@ class BandContext:
         return sum(self.rows)
 
     def sizes_like(self, local_size: int, rows: int | None = None) -> list[int]:
-        """Every rank's extent along a band-proportional dimension, from ours.
-
-        ``rows``: our band's rows at this layer, when the caller knows them (a GroupNorm's
-        count spans channels too). With a ragged last band extents are not proportional to
-        the bands' rows: they are found from the layer's downsampling factor instead.
-        """
-        if self.ragged_align:
-            return self._ragged_sizes(local_size, rows)
-        mine = self.rows[self.rank]
-        sizes = []
-        for r in self.rows:
-            num = local_size * r
-            if num % mine:
-                raise UnsupportedError(
-                    f"band of {mine} latent rows maps to {local_size} rows/tokens at some layer, "
-                    f"which does not divide evenly between bands of {self.rows}: "
-                    "the model downsamples more than the plan's row alignment allows"
-                )
-            sizes.append(num // mine)
-        return sizes
-
-    def _extent(self, rank: int, factor: int) -> int:
-        """Rows of ``rank``'s band after downsampling the whole latent by ``factor`` (ceil, as convs do)."""
-        start = sum(self.rows[:rank])
-        end = start + self.rows[rank]
-        return -(-end // factor) - -(-start // factor)
-
-    def _ragged_sizes(self, local_size: int, rows: int | None) -> list[int]:
-        factor = 1
-        while factor <= self.ragged_align:
-            mine = self._extent(self.rank, factor)
-            if (rows == mine) if rows is not None else (mine * -(-self.width // factor) == local_size):
-                per_row = local_size // mine
-                return [self._extent(r, factor) * per_row for r in range(self.world_size)]
-            factor *= 2
-        raise UnsupportedError(f"band of {self.rows[self.rank]} latent rows reaches a layer with {local_size} "
-                               f"values that match no downsampling of bands {self.rows} up to {self.ragged_align}x: "
-                               "use an image height that is a multiple of the model's alignment")
+        """Every rank's extent along a band-proportional dimension, from ours (geometry.band_sizes)."""
+        return band_sizes(self.rows, self.rank, local_size, rows, self.ragged_align, self.width)
 
     # -- the one exchange primitive ------------------------------------------------------
     def exchange(self, layer_id: int, local: torch.Tensor, dim: int, sizes: Sequence[int]) -> list[torch.Tensor]:
