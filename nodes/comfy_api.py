@@ -31,6 +31,21 @@ NETWORK_OPTIONS = {
 }
 
 
+def comfy_nodes():
+    """ComfyUI's own ``nodes`` module (KSampler's input lists), never this pack's ``nodes`` package.
+
+    ComfyUI imports its ``nodes`` before it loads any pack, so inside ComfyUI it is in sys.modules;
+    elsewhere a plain ``import nodes`` could find this pack's folder instead (the pack's directory
+    is on sys.path for the workers' ``stadi_core``): refuse rather than import that.
+    """
+    import sys
+
+    module = sys.modules.get("nodes")
+    if module is None or not hasattr(module, "KSampler"):
+        raise ImportError("ComfyUI's nodes module is not loaded: the STADI Sampler's inputs are KSampler's")
+    return module
+
+
 def _module(name: str):
     """``importlib.import_module(name)`` or None: a missing module is a missing feature."""
     try:

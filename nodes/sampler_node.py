@@ -20,9 +20,9 @@ class STADISampler:
 
     @classmethod
     def INPUT_TYPES(cls):
-        import nodes
+        from .comfy_api import comfy_nodes
 
-        required = dict(nodes.KSampler.INPUT_TYPES()["required"])  # same names, order, lists and defaults
+        required = dict(comfy_nodes().KSampler.INPUT_TYPES()["required"])  # same names, order, lists and defaults
         required["mode"] = (["displaced", "exact"], {"default": "displaced",
                                                      "tooltip": "exact: fresh context every layer and step, "
                                                                 "equals KSampler; displaced: faster"})
