@@ -62,6 +62,20 @@ def test_cluster_profile_schema():
     assert GPUClusterProfile.DESCRIPTION
 
 
+def test_parallel_model_schema():
+    from stadi_pack.nodes.parallel_model_node import STADIParallelModel
+
+    import stadi_pack.nodes as stadi_nodes
+
+    assert stadi_nodes.NODE_CLASS_MAPPINGS["STADIParallelModel"] is STADIParallelModel
+    it = STADIParallelModel.INPUT_TYPES()
+    assert list(it["required"]) == ["model", "mode", "warmup_steps"] and it["required"]["model"][0] == "MODEL"
+    assert it["required"]["mode"][0] == ["exact", "displaced"] and it["required"]["mode"][1]["default"] == "exact"
+    assert list(it["optional"]) == ["cluster"] and it["optional"]["cluster"][0] == "STADI_CLUSTER"
+    assert STADIParallelModel.RETURN_TYPES == ("MODEL",) and STADIParallelModel.CATEGORY == "sampling/STADI"
+    assert callable(getattr(STADIParallelModel(), STADIParallelModel.FUNCTION)) and STADIParallelModel.DESCRIPTION
+
+
 def test_patch_stitch_schema():
     it = PatchStitch.INPUT_TYPES()
     assert list(it["required"]) == ["patches", "overlap_rows"]
