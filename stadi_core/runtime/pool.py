@@ -352,43 +352,15 @@ class Session:
 
     def call(self, rank: int, make_call: Callable[[int, int], object], stall_timeout_s: float = 120.0) -> BandOutput:
         """Send one BandCall to ``rank`` and wait for its output, watching every worker's health."""
-        if self.failed is not None:
-            raise WorkerError(f"the session already failed: {self.failed}")
-        pool = self.pool
-        conn = pool.conns[rank]
-        call_id = next(self._call_ids)
-        pool.send(rank, make_call(self.job_id, call_id))
-        last_heard = time.monotonic()
-        while True:
-            try:
-                if conn.poll(0.25):
-                    try:
-                        msg = conn.recv()
-                    except (EOFError, OSError):
-                        pool._raise_dead(rank, "evaluating a band")
-                    last_heard = time.monotonic()
-                    if isinstance(msg, BandOutput) and msg.call_id == call_id and msg.job_id == self.job_id:
-                        return msg
-                    if isinstance(msg, WorkerFailure):
-                        raise WorkerError(f"worker rank {rank} ({pool.devices[rank]}) failed: " + _failure_text(msg))
-                    if isinstance(msg, Cancelled):
-                        raise JobCancelledError(f"interrupted at step {msg.step}")
-                    continue
-                if self.failed is not None:
-                    raise WorkerError(f"stopped because another rank failed: {self.failed}")
-                pool._check_health([rank], {}, {rank: last_heard}, stall_timeout_s, "evaluating a band")
-            except JobCancelledError:
-                raise
-            except BaseException as exc:  # the first failure is the one the other ranks report
-                if self.failed is None:
-                    self.failed = exc
-                raise
+        return self.call_all({rank: make_call}, stall_timeout_s)[rank]
 
     def call_all(self, make_calls: dict, stall_timeout_s: float = 120.0) -> dict:
         """One BandCall to each rank in ``make_calls`` at once (lockstep); {rank: BandOutput}.
 
         Every connection is watched together, so a rank that fails while the others wait in a
-        collective for it is reported at once instead of after the collective's timeout.
+        collective for it is reported at once instead of after the collective's timeout. Rank
+        threads (per-rank loops) call it for their own rank; the first failure of any of them
+        stops the others' waits too.
         """
         if self.failed is not None:
             raise WorkerError(f"the session already failed: {self.failed}")
@@ -417,6 +389,8 @@ class Session:
                         raise WorkerError(f"worker rank {rank} ({pool.devices[rank]}) failed: " + _failure_text(msg))
                     elif isinstance(msg, Cancelled):
                         raise JobCancelledError(f"interrupted at step {msg.step}")
+                if self.failed is not None:
+                    raise WorkerError(f"stopped because another rank failed: {self.failed}")
                 pool._check_health(list(expected), outputs, last_heard, stall_timeout_s, "evaluating a band")
             return outputs
         except JobCancelledError:
