@@ -134,26 +134,33 @@ class RankLoops:
                                     name=f"stadi-rank-{s.rank}", daemon=True) for s in states]
         t_start = time.perf_counter()
         interrupted = False
+        stopped: BaseException | None = None  # raised here (the progress hook raises ComfyUI's interrupt)
         try:
             for t in threads:
                 t.start()
             shown = 0
+            # The session ends only after every rank thread has: they read their connections until then.
             while any(t.is_alive() for t in threads):
                 for t in threads:
                     t.join(0.05)
-                if not interrupted and comfy.model_management.processing_interrupted():
+                if not interrupted and (stopped is not None or comfy.model_management.processing_interrupted()):
                     interrupted = True
                     session.cancel()  # the ranks stop together at their next sync step
                 done = min(s.step for s in states)
-                if done > shown:
+                if done > shown and stopped is None:
                     shown = done
-                    preview = None
-                    if previewer is not None:
-                        with preview_lock:
-                            preview = previewer.decode_latent_to_preview_image("JPEG", x0_preview.clone())
-                    pbar.update_absolute(done, total_steps[0], preview)
+                    try:
+                        preview = None
+                        if previewer is not None:
+                            with preview_lock:
+                                preview = previewer.decode_latent_to_preview_image("JPEG", x0_preview.clone())
+                        pbar.update_absolute(done, total_steps[0], preview)
+                    except BaseException as exc:
+                        stopped = exc
         finally:
             session.close()
+        if stopped is not None and not comfy_api.is_interrupt(stopped):
+            raise stopped
         wall = time.perf_counter() - t_start
         errors = [s.error for s in states if s.error is not None]
         if interrupted or any(isinstance(e, JobCancelledError) for e in errors):

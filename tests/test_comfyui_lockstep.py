@@ -245,12 +245,18 @@ def _notes(entry) -> list[str]:
     return entry["outputs"]["6"]["stadi_plan"][0]["notes"]
 
 
-@pytest.mark.parametrize("speeds", ["cpu:0=2, cpu:1=3", "cpu:0=1, cpu:1=0.3"], ids=["lockstep", "strided"])
-def test_the_prompt_after_an_interrupt_loads_no_weights(server, speeds):
-    warm = server.run(_stadi("warm", speeds, steps=2), timeout=300)
-    long = _stadi("long", speeds, steps=60)
+@pytest.mark.parametrize("strides", ["off", "auto"], ids=["lockstep", "strided"])
+def test_the_prompt_after_an_interrupt_loads_no_weights(server, strides):
+    def stadi(prefix, steps):
+        wf = _stadi(prefix, "cpu:0=1, cpu:1=0.3", steps=steps)
+        wf["6"]["inputs"]["strides"] = strides
+        return wf
+
+    warm = server.run(stadi("warm", 2), timeout=300)
+    lockstep = [n for n in _notes(warm) if n.startswith("lockstep:")]
+    assert bool(lockstep) == (strides == "off"), _notes(warm)  # the execution shape this case is about
     with server.listen() as ws:
-        pid = server.queue(long)
+        pid = server.queue(stadi("long", 60))
         deadline = time.monotonic() + 120
         while len(ws.of_type("progress", pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -258,5 +264,5 @@ def test_the_prompt_after_an_interrupt_loads_no_weights(server, speeds):
         server.interrupt()
         with pytest.raises(ComfyExecutionError):
             server.wait(pid, timeout=120)
-    after = server.run(_stadi("after", speeds, steps=2), timeout=300)
+    after = server.run(stadi("after", 2), timeout=300)
     assert "weights already loaded (warm workers)" in _notes(after), (_notes(warm), _notes(after), server.log_tail(30))
