@@ -64,6 +64,18 @@ def _refuse_variants(model_patcher) -> None:
     refuse_unsupported_variants(model_patcher)
 
 
+LOCKSTEP_KEY = "stadi_lockstep"  # the wrapper key of a STADI Parallel Model (lockstep.py)
+
+
+def refuse_second_stadi(model_patcher) -> None:
+    """A MODEL that already went through a STADI Parallel Model must not get a second STADI layer: the
+    outer one's sampling run would hold the workers while the inner one waits for them."""
+    if any(LOCKSTEP_KEY in by_key for by_key in getattr(model_patcher, "wrappers", {}).values()):
+        raise UnsupportedError("STADI: this MODEL already comes from a STADI Parallel Model, and it goes into a second "
+                               "STADI node (a STADI Sampler or another STADI Parallel Model): keep one, the STADI "
+                               "Parallel Model for stock sampler nodes or the STADI Sampler alone")
+
+
 def image_wide_features(model_patcher) -> list[str]:
     """What on this MODEL computes over the whole image between network calls (CFG functions,
     wrappers, step caches): right in one sampler loop, wrong in per-rank loops."""
@@ -77,7 +89,7 @@ def image_wide_features(model_patcher) -> list[str]:
             found.append(f"{key} {_name(fn)}")
     for wrapper_type, by_key in getattr(model_patcher, "wrappers", {}).items():
         for key, fns in by_key.items():
-            if fns and key != "stadi_lockstep":
+            if fns and key != LOCKSTEP_KEY:
                 found.append(f"{wrapper_type} wrapper '{key}'" + (" (a step cache)" if "cache" in key.lower() else ""))
     return found
 

@@ -22,6 +22,7 @@ class StadiRun:
 
     def __init__(self, model, *, cluster: StadiCluster | None, mode: str, warmup: int, strides: str,
                  sampler_name: str, steps: int):
+        compatibility.refuse_second_stadi(model)
         self.deployment = Deployment(model, cluster=cluster, mode=mode, warmup=warmup, strides=strides,
                                      sampler_name=sampler_name, steps=steps)
         self.model, self.cluster = model, self.deployment.cluster

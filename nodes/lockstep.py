@@ -27,11 +27,11 @@ from stadi_core.report import RunReport
 from stadi_core.runtime.messages import BandCall
 
 from .band_network import BandNetwork, private_shell
+from .compatibility import LOCKSTEP_KEY as WRAPPER_KEY
 from .deployment import CallSlots, Deployment, call_inputs, step_index, step_timings
 from .types import StadiCluster
 
 log = logging.getLogger("stadi")
-WRAPPER_KEY = "stadi_lockstep"
 _RUN: contextvars.ContextVar = contextvars.ContextVar("stadi_lockstep_run", default=None)
 
 
@@ -110,9 +110,10 @@ class LockstepPatch:
 
     def apply(self, model):
         """A clone of ``model`` whose sampling runs in lockstep bands."""
-        import comfy.patcher_extension as ext
-
         from . import compatibility
+
+        compatibility.refuse_second_stadi(model)
+        import comfy.patcher_extension as ext
 
         compatibility.check_model(model, lockstep=True)
         if not all(hasattr(ext.WrappersMP, name) for name in ("OUTER_SAMPLE", "PREPARE_SAMPLING")):

@@ -266,3 +266,13 @@ def test_the_prompt_after_an_interrupt_loads_no_weights(server, strides):
             server.wait(pid, timeout=120)
     after = server.run(stadi("after", 2), timeout=300)
     assert "weights already loaded (warm workers)" in _notes(after), (_notes(warm), _notes(after), server.log_tail(30))
+
+
+def test_a_parallel_model_into_a_stadi_sampler_is_refused_with_the_fix(server):
+    wf = _stadi("nested", "cpu:0=2, cpu:1=3", mode="exact")
+    wf["51"] = {"class_type": "STADIParallelModel", "inputs": {"model": wf["6"]["inputs"]["model"], "mode": "exact",
+                                                               "warmup_steps": 2, "cluster": ["50", 0]}}
+    wf["6"]["inputs"]["model"] = ["51", 0]
+    with pytest.raises(ComfyExecutionError) as err:
+        server.run(wf, timeout=300)
+    assert "already comes from a STADI Parallel Model" in str(err.value.entry)

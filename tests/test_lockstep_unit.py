@@ -216,3 +216,17 @@ def test_prepare_sampling_wrapper_takes_the_old_and_the_new_signature(monkeypatc
         lockstep._RUN.reset(token)
     with pytest.raises(Exception, match="outside a STADI run"):
         patch.prepare_sampling(None, patcher, (1, 4, 8, 8), {}, model_options={})
+
+
+def test_a_second_stadi_node_on_a_parallel_model_is_refused_with_the_fix():
+    """Parallel Model -> STADI Sampler (or a second Parallel Model) would nest two sampling runs on one
+    worker pool, the inner waiting for the pool the outer holds: refused before anything runs."""
+    from stadi_pack.nodes.coordinator import StadiRun
+    from stadi_pack.nodes.lockstep import LockstepPatch
+
+    patched = _Patcher(wrappers={"outer_sample": {"stadi_lockstep": [lambda *a: None]}})
+    for make in (lambda: LockstepPatch(None, "exact", 0).apply(patched),
+                 lambda: StadiRun(patched, cluster=None, mode="exact", warmup=0, strides="off", sampler_name="euler",
+                                  steps=2)):
+        with pytest.raises(UnsupportedError, match="already comes from a STADI Parallel Model.*keep one"):
+            make()
