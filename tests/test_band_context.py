@@ -48,7 +48,9 @@ def _displaced_rounds(rank: int, port: int, queue) -> None:
         ctx.begin_call(Phase.REFRESH)
         seen.append([t.clone() for t in ctx._buffers[(0, 7, 0)]])
         ctx.end_call()
-        queue.put((rank, seen, addresses, None))
+        # numpy, not tensors: a tensor in a multiprocessing queue is shared by a file descriptor that
+        # the parent fetches from this process, which may have exited by then
+        queue.put((rank, [[t.numpy() for t in row] for row in seen], addresses, None))
     except BaseException as exc:  # report instead of hanging the parent
         queue.put((rank, None, None, repr(exc)))
     finally:
@@ -76,7 +78,7 @@ def test_async_exchange_sends_a_snapshot_through_buffers_allocated_once():
     for rank, (seen, addresses) in results.items():
         for round_index, step in enumerate((1, 2)):
             for other in range(2):
-                got = seen[round_index][other]
+                got = torch.from_numpy(seen[round_index][other])
                 assert torch.isfinite(got).all(), f"rank {rank} stored a band overwritten after its send"
                 if other != rank:
                     assert torch.equal(got, _band(other, step)), (rank, step, other)
