@@ -18,6 +18,7 @@ from stadi_core.models.comfy_common import MIRRORED_ARGS, model_class_path
 from stadi_core.models.spec import FAMILIES, ModelSpec
 from stadi_core.parallel import Phase
 from stadi_core.planner import Plan, make_plan
+from stadi_core.report import RunReport
 from stadi_core.runtime.messages import BandCall, SessionStart
 from stadi_core.runtime.pool import get_pool
 
@@ -128,6 +129,16 @@ class Deployment:
         session = pool.open_session(lambda job_id: SessionStart(job_id, self.spec.to_dict(), plan.to_dict()),
                                     per_rank=per_rank)
         return pool, session
+
+    def report(self, plan: Plan, pool, session, timings: list, wall: float, notes: list[str] = ()) -> RunReport:
+        """The run's report: per-rank timings, the workers' checksums, whether they loaded weights."""
+        report = RunReport.from_results(plan, timings, wall, slowdowns=self.slowdowns(plan), pool_pids=pool.pids(),
+                                        checksums={r: m.info.get("weights_checksum") for r, m in session.ready.items()})
+        report.notes.extend(notes)
+        loaded = sorted(r for r, m in session.ready.items() if m.info.get("loaded_weights"))
+        report.notes.append(f"weights loaded by ranks {loaded}" if loaded else "weights already loaded (warm workers)")
+        report.notes.extend(self.cluster.notes)
+        return report
 
     def measure(self, plan: Plan, batch: int, width: int) -> list[float]:
         """Rows/s of each device on its band alone (no exchange), one device at a time."""

@@ -23,7 +23,7 @@ import torch
 
 from stadi_core.errors import StadiError
 from stadi_core.parallel import Phase
-from stadi_core.report import RunReport
+from stadi_core.report import RunReport, measured_capabilities
 from stadi_core.runtime.messages import BandCall
 
 from .band_network import BandNetwork, private_shell
@@ -83,21 +83,13 @@ class LockstepRun:
     def report(self) -> RunReport:
         wall = time.perf_counter() - self.t_start
         timings = [step_timings(r, self.t_start + wall) for r in self.records]
-        report = RunReport.from_results(self.plan, timings, wall, slowdowns=self.deployment.slowdowns(self.plan),
-                                        pool_pids=self.pool.pids(),
-                                        checksums={r: self.session.ready[r].info.get("weights_checksum")
-                                                   for r in self.session.ready})
         calls = self.records[0]
         per_step = max((sum(1 for r in calls if r["step"] == s) for s in {r["step"] for r in calls}), default=0)
         refresh = sum(1 for r in calls if r["phase"] != Phase.FRESH.value)
         note = (f"lockstep: one sampler loop in the server; {len(calls)} network calls split into bands, up to "
                 f"{per_step} per step, {refresh} with displaced context")
-        report.notes.append(note)
         log.info("STADI %s", note)
-        loaded = sorted(r for r, m in self.session.ready.items() if m.info.get("loaded_weights"))
-        report.notes.append(f"weights loaded by ranks {loaded}" if loaded else "weights already loaded (warm workers)")
-        report.notes.extend(self.deployment.cluster.notes)
-        return report
+        return self.deployment.report(self.plan, self.pool, self.session, timings, wall, notes=[note])
 
 
 class LockstepPatch:
@@ -143,7 +135,7 @@ class LockstepPatch:
             run.close()
         self.last_plan = run.plan
         self.last_report = run.report()
-        deployment.remember(_measured(self.last_report), run.height, run.width)
+        deployment.remember(measured_capabilities(self.last_report), run.height, run.width)
         return out
 
     def prepare_sampling(self, executor, model, noise_shape, conds, model_options=None, **kwargs):
@@ -156,8 +148,3 @@ class LockstepPatch:
         shell.current_patcher = model  # pre_run() sets it on the shared model, the loop reads it here
         return shell, conds, []
 
-
-def _measured(report: RunReport) -> dict:
-    from stadi_core.report import measured_capabilities
-
-    return measured_capabilities(report)

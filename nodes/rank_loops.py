@@ -20,7 +20,6 @@ import torch
 from stadi_core.api import check_finite
 from stadi_core.parallel import Phase
 from stadi_core.planner import Plan
-from stadi_core.report import RunReport
 from stadi_core.runtime.messages import BandCall
 from stadi_core.runtime.pool import JobCancelledError
 from stadi_core.sampling.band_loop import LoopSchedule
@@ -170,10 +169,4 @@ class RankLoops:
             raise session.failed or errors[0]
         check_finite([s.result for s in states], plan)
         timings = [step_timings(s.records, t_start + wall) for s in states]
-        report = RunReport.from_results(plan, timings, wall, slowdowns=d.slowdowns(plan), pool_pids=pool.pids(),
-                                        checksums={r: session.ready[r].info.get("weights_checksum")
-                                                   for r in session.ready})
-        loaded = sorted(r for r, m in session.ready.items() if m.info.get("loaded_weights"))
-        report.notes.append(f"weights loaded by ranks {loaded}" if loaded else "weights already loaded (warm workers)")
-        report.notes.extend(d.cluster.notes)
-        return [s.result for s in states], report
+        return [s.result for s in states], d.report(plan, pool, session, timings, wall)
