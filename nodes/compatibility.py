@@ -133,3 +133,15 @@ def check_call_options(transformer_options: dict) -> None:
             "e.g. Perturbed Attention Guidance, Self-Attention Guidance): the workers cannot reproduce it; remove "
             "that node or use KSampler"
         )
+
+
+def guider_branches(guider) -> bool:
+    """Whether the guider's network calls hold one cond and one uncond branch (CFG > 1).
+
+    CFGGuider (KSampler, SamplerCustom) has exactly positive and negative and skips the uncond
+    pass at cfg 1; BasicGuider (Flux) has no negative; DualCFG and PerpNeg add a third
+    conditioning. Only the first kind can be split by branch.
+    """
+    conds = getattr(guider, "original_conds", None) or getattr(guider, "conds", None) or {}
+    cfg = getattr(guider, "cfg", None)
+    return set(conds) == {"positive", "negative"} and isinstance(cfg, (int, float)) and float(cfg) != 1.0

@@ -21,10 +21,11 @@ class StadiRun:
     """One STADI Sampler execution: plan, execution shape, stitched bands and report."""
 
     def __init__(self, model, *, cluster: StadiCluster | None, mode: str, warmup: int, strides: str,
-                 sampler_name: str, steps: int):
+                 sampler_name: str, steps: int, strategy: str = "auto"):
         compatibility.refuse_second_stadi(model)
         self.deployment = Deployment(model, cluster=cluster, mode=mode, warmup=warmup, strides=strides,
-                                     sampler_name=sampler_name, steps=steps)
+                                     sampler_name=sampler_name, steps=steps, strategy=strategy)
+        self.strategy = strategy
         self.model, self.cluster = model, self.deployment.cluster
         self.mode, self.warmup, self.sampler_name, self.steps = mode, warmup, sampler_name, steps
 
@@ -35,6 +36,7 @@ class StadiRun:
                latent_extra: dict) -> StadiPatches:
         compatibility.check_conditioning(positive, negative)
         batch, _, height, width = latent_image.shape
+        self.deployment.branches = cfg != 1.0  # KSampler's guider: a separate uncond pass unless cfg is 1
         plan = self.deployment.measured_plan(batch, height, width)
         if any(b.stride > 1 for b in plan.bands):
             compatibility.check_model(self.model, lockstep=False)
@@ -51,13 +53,16 @@ class StadiRun:
         import comfy.utils
         import latent_preview
 
-        patch = LockstepPatch(self.cluster, self.mode, self.warmup)
+        patch = LockstepPatch(self.cluster, self.mode, self.warmup, self.strategy)
         model = patch.apply(self.model)
         callback = latent_preview.prepare_callback(model, self.steps)
         out = comfy.sample.sample(model, noise, self.steps, cfg, self.sampler_name, scheduler, positive, negative,
                                   latent_image, denoise=denoise, noise_mask=noise_mask, callback=callback,
                                   disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         plan = patch.last_plan
-        bands = [out[:, :, b.row_start:b.row_end].cpu() for b in plan.bands]
+        if plan.splits_branches:  # every rank computed rows of branches, not a band of the result
+            bands = [out.cpu()]
+        else:
+            bands = [out[:, :, b.row_start:b.row_end].cpu() for b in plan.bands]
         return StadiPatches(plan=plan.to_dict(), bands=bands, report=patch.last_report.to_dict(),
                             latent_extra=latent_extra)

@@ -17,6 +17,7 @@ from stadi_core.errors import StadiError
 from stadi_core.models.comfy_common import MIRRORED_ARGS, model_class_path
 from stadi_core.models.spec import FAMILIES, ModelSpec
 from stadi_core.parallel import Phase
+from stadi_core.arrange import choose_plan, host_shared_speeds
 from stadi_core.planner import Plan, make_plan
 from stadi_core.report import RunReport
 from stadi_core.runtime.messages import BandCall, SessionStart
@@ -44,7 +45,7 @@ class Deployment:
     """One model on one cluster: the spec the workers rebuild it from, plans, sessions."""
 
     def __init__(self, model, *, cluster: StadiCluster | None, mode: str, warmup: int, strides: str,
-                 sampler_name: str, steps: int):
+                 sampler_name: str, steps: int, strategy: str = "auto", branches: bool = False):
         import comfy.cli_args
 
         family = compatibility.check_model(model, lockstep=True)  # strided runs check the rest (coordinator)
@@ -52,6 +53,9 @@ class Deployment:
         self.cluster = cluster or default_cluster()
         self.mode, self.warmup, self.strides = mode, warmup, strides
         self.sampler_name, self.steps = sampler_name, steps
+        self.strategy = strategy
+        self.branches = branches  # the run evaluates a separate uncond branch (CFG > 1)
+        self.last_choice = None
         base = model.model
         network = base.diffusion_model
         self.adapter = FAMILIES[family]
@@ -76,10 +80,10 @@ class Deployment:
         spec.validate_available()
         active = spec.active()
         if speeds is None:
-            speeds = []
-            for d in active:
-                cached = CAPABILITIES.get((self.spec.key(), d.name, height, width))
-                speeds.append(d.relative_speed or cached or d.planning_speed())
+            cached = [CAPABILITIES.get((self.spec.key(), d.name, height, width)) for d in active]
+            if not all(cached):  # measured rows/s and default relative speeds do not mix
+                cached = [None] * len(active)
+            speeds = [d.relative_speed or c or d.planning_speed() for d, c in zip(active, cached)]
         align = self.align
         if width % align and not self.any_size:
             raise StadiError(f"latent width {width} is not a multiple of {align} for this model: use an image width "
@@ -87,16 +91,24 @@ class Deployment:
         if height % align and not self.any_size:
             raise StadiError(f"latent height {height} is not a multiple of {align} for this model: use an image "
                              f"height that is a multiple of {8 * align} px")
-        return make_plan(height, speeds, devices=[d.name for d in active], align=align, steps=self.steps,
-                         warmup=self.warmup, mode=self.mode, strides=self.strides, sampler=self.sampler_name,
-                         ragged=self.any_size)
+        names = [d.name for d in active]
+        together, alone = host_shared_speeds(names, speeds, cpu_count=os.cpu_count() or 1)
+        self.last_choice = choose_plan(height, together, devices=names, alone_speeds=alone, strategy=self.strategy,
+                                       branches=self.branches, align=align, steps=self.steps, warmup=self.warmup,
+                                       mode=self.mode, strides=self.strides, sampler=self.sampler_name,
+                                       ragged=self.any_size)
+        return self.last_choice.plan
 
     def measured_plan(self, batch: int, height: int, width: int) -> Plan:
         """The plan, from this model's measured device speeds when the cluster asks for them."""
         plan = self.plan(height, width)
-        if self.cluster.measure and plan.world_size > 1 and not all(
-                (self.spec.key(), b.device, height, width) in CAPABILITIES for b in plan.bands):
-            for band, s in zip(plan.bands, self.measure(plan, batch, width)):
+        names = [d.name for d in self.cluster.spec.active()]
+        if self.cluster.measure and len(names) > 1 and not all(
+                (self.spec.key(), d, height, width) in CAPABILITIES for d in names):
+            # every device, on equal bands: the arrangement is chosen from all of their speeds
+            probe = make_plan(height, [1.0] * len(names), devices=names, align=self.align, steps=self.steps,
+                              warmup=self.warmup, mode=self.mode, strides="off", ragged=self.any_size)
+            for band, s in zip(probe.bands, self.measure(probe, batch, width)):
                 CAPABILITIES[(self.spec.key(), band.device, height, width)] = s
             plan = self.plan(height, width)
         return plan

@@ -27,6 +27,7 @@ from stadi_core.report import RunReport, measured_capabilities
 from stadi_core.runtime.messages import BandCall
 
 from .band_network import BandNetwork, private_shell
+from .branch_calls import assemble, split_call
 from .compatibility import LOCKSTEP_KEY as WRAPPER_KEY
 from .deployment import CallSlots, Deployment, call_inputs, step_index, step_timings
 from .types import StadiCluster
@@ -43,6 +44,7 @@ class LockstepRun:
         self.deployment = deployment
         self.plan = deployment.measured_plan(batch, height, width)
         self.height, self.width = height, width
+        log.info("STADI %s", self.plan.describe())
         self.pool, self.session = deployment.open(self.plan)
         self.slots = CallSlots()
         self.filled: dict[int, tuple] = {}  # slot -> input shapes its stored context was made from
@@ -59,12 +61,16 @@ class LockstepRun:
         fresh = plan.mode == "exact" or step < plan.warmup or self.filled.get(slot) != shapes
         phase = Phase.FRESH if fresh else Phase.REFRESH
         signature = hash((step, slot, shapes)) % (1 << 50)
-        bands = {b.rank: x[:, :, b.row_start:b.row_end].detach().cpu().float().contiguous().numpy()
-                 for b in plan.bands}
+        if plan.splits_branches:  # each rank gets its units: rows of its branches' entries
+            units, places = split_call(plan, x, timesteps, cond, transformer_options.get("cond_or_uncond"))
+            calls = {r: dict(x=None, timesteps=None, cond={}, units=units[r]) for r in units}
+        else:
+            calls = {b.rank: dict(x=x[:, :, b.row_start:b.row_end].detach().cpu().float().contiguous().numpy(),
+                                  timesteps=timesteps, cond=cond) for b in plan.bands}
 
         def band_call(rank):
-            return lambda job_id, call_id: BandCall(job_id, call_id, step, phase.value, bands[rank], timesteps, cond,
-                                                    signature=signature, slot=slot)
+            return lambda job_id, call_id: BandCall(job_id, call_id, step, phase.value, signature=signature, slot=slot,
+                                                    **calls[rank])
 
         t0 = time.perf_counter()
         outs = self.session.call_all({b.rank: band_call(b.rank) for b in plan.bands})
@@ -74,6 +80,8 @@ class LockstepRun:
             o = outs[b.rank]
             self.records[b.rank].append(dict(step=step, computed=True, phase=phase.value, busy_s=o.busy_s,
                                              comm_s=o.comm_s, t0=t0))
+        if plan.splits_branches:
+            return assemble(x, outs, places)
         out = torch.cat([torch.from_numpy(outs[b.rank].out) for b in plan.bands], dim=2)
         return out.to(device=x.device, dtype=x.dtype)
 
@@ -95,8 +103,8 @@ class LockstepRun:
 class LockstepPatch:
     """The settings of one STADI Parallel Model (or lockstep STADI Sampler) and its two wrappers."""
 
-    def __init__(self, cluster: StadiCluster | None, mode: str, warmup: int):
-        self.cluster, self.mode, self.warmup = cluster, mode, warmup
+    def __init__(self, cluster: StadiCluster | None, mode: str, warmup: int, strategy: str = "auto"):
+        self.cluster, self.mode, self.warmup, self.strategy = cluster, mode, warmup, strategy
         self.last_report: RunReport | None = None
         self.last_plan = None
 
@@ -125,7 +133,8 @@ class LockstepPatch:
         compatibility.check_guider_conds(guider)
         steps = max(1, int(sigmas.shape[-1]) - 1)
         deployment = Deployment(patcher, cluster=self.cluster, mode=self.mode, warmup=min(self.warmup, steps),
-                                strides="off", sampler_name="lockstep", steps=steps)
+                                strides="off", sampler_name="lockstep", steps=steps, strategy=self.strategy,
+                                branches=compatibility.guider_branches(guider))
         run = LockstepRun(deployment, tuple(noise.shape))
         token = _RUN.set(run)
         try:

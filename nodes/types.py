@@ -14,6 +14,12 @@ from stadi_core.cluster import ClusterSpec
 
 CLUSTER_TYPE = "STADI_CLUSTER"
 PATCHES_TYPE = "STADI_PATCHES"
+STRATEGY_INPUT = (["auto", "bands", "cfg_split", "cfg_split+bands"], {
+    "default": "auto",
+    "tooltip": "auto: the arrangement predicted fastest from the devices' speeds (one device alone included); "
+               "bands: every device a band of rows of both CFG branches; cfg_split: cond and uncond on two "
+               "devices; cfg_split+bands: the branches cut by speed (a fast device may also take a band of the "
+               "other branch; 4 devices = 2 branches x 2 bands). Branch splits need CFG > 1"})
 
 
 @dataclass
@@ -61,4 +67,4 @@ def plan_ui_payload(patches: StadiPatches) -> dict:
         })
     return {"height": plan["height"], "steps": plan["steps"], "mode": plan["mode"], "warmup": plan["warmup"],
             "sync_period": plan["sync_period"], "wall_s": report.get("wall_s"), "notes": report.get("notes", []),
-            "bands": bands}
+            "bands": bands, "strategy": plan.get("strategy", "bands"), "groups": plan.get("groups", [])}

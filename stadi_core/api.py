@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
+from .arrange import Choice, choose_plan, host_shared_speeds
 from .cluster import ClusterSpec
 from .errors import PlanError, WorkerError
 from .models.spec import ModelSpec, batched_conditioning, build_model, make_conditioning
-from .planner import Plan, make_plan
+from .planner import Plan
 from .report import RunReport
 from .runtime.messages import GenerateJob, MeasureJob
 from .runtime.pool import get_pool
@@ -43,12 +45,22 @@ def _model_info(spec: ModelSpec):
 
 
 def plan_for(cluster: ClusterSpec, *, height: int, steps: int, sampler: str, mode: str, warmup: int, strides,
-             align: int) -> Plan:
-    """The plan for the cluster's active devices at their planning speeds."""
+             align: int, strategy: str = "bands", cfg: float = 5.0) -> Plan:
+    """The plan for the cluster's active devices at their planning speeds (arrange.choose_plan)."""
+    return choose_for(cluster, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
+                      strides=strides, align=align, strategy=strategy, cfg=cfg).plan
+
+
+def choose_for(cluster: ClusterSpec, *, height: int, steps: int, sampler: str, mode: str, warmup: int, strides,
+               align: int, strategy: str, cfg: float, ragged: bool = False) -> Choice:
+    """Every arrangement ``strategy`` allows, priced for this cluster; CPU workers share the host's cores."""
     cluster.validate_available()
     active = cluster.active()
-    return make_plan(height, [d.planning_speed() for d in active], devices=[d.name for d in active],
-                     align=align, steps=steps, warmup=warmup, mode=mode, strides=strides, sampler=sampler)
+    names = [d.name for d in active]
+    together, alone = host_shared_speeds(names, [d.planning_speed() for d in active], cpu_count=os.cpu_count() or 1)
+    return choose_plan(height, together, devices=names, alone_speeds=alone, strategy=strategy, branches=cfg != 1.0,
+                       align=align, steps=steps, warmup=warmup, mode=mode, strides=strides, sampler=sampler,
+                       ragged=ragged)
 
 
 def generate(
@@ -66,6 +78,7 @@ def generate(
     mode: str = "displaced",
     warmup: int = 2,
     strides: str | Sequence[int] = "auto",
+    strategy: str = "bands",
     align: int | None = None,
     stall_timeout_s: float = 60.0,
     graphs: bool = False,
@@ -76,6 +89,8 @@ def generate(
 
     ``height``/``width`` are latent rows/columns (image pixels / 8). Bands are sized by each
     device's planning speed (measured capability, manual override, or emulated slowdown).
+    ``strategy``: bands | cfg_split | cfg_split+bands (CFG branches on different devices) |
+    auto (the arrangement the cost model predicts fastest, one device included).
     """
     spec = model or ModelSpec()
     cluster = _as_cluster(cluster)
@@ -86,7 +101,7 @@ def generate(
         raise PlanError(f"latent width {width} is not a multiple of {align}: "
                         f"use an image width that is a multiple of {8 * align} px")
     plan = plan_for(cluster, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
-                    strides=strides, align=align)
+                    strides=strides, align=align, strategy=strategy, cfg=cfg)
     sigmas = spec.adapter.model_sampling(ref_model).sigmas(scheduler, steps)
     conditioning = make_conditioning(spec, ref_model, batch, seed)
     by_name = {d.name: d for d in cluster.active()}
@@ -106,7 +121,10 @@ def generate(
     results = pool.run(make_job, stall_timeout_s=stall_timeout_s, on_step=on_step,
                        should_cancel=should_cancel, per_rank=lambda job, rank: _with_slowdown(job, slowdowns[rank]))
     wall = time.perf_counter() - t0
-    bands = [torch.from_numpy(results[r].band) for r in range(plan.world_size)]
+    if plan.splits_branches:  # every rank stepped the whole latent; rank 0's is the result
+        bands = [torch.from_numpy(results[0].band)]
+    else:
+        bands = [torch.from_numpy(results[r].band) for r in range(plan.world_size)]
     check_finite(bands, plan)
     checksums = {r: results[r].info.get("weights_checksum") for r in results}
     report = RunReport.from_results(plan, [results[r].timings for r in range(plan.world_size)], wall,
@@ -120,6 +138,11 @@ def generate(
 
 def check_finite(bands: Sequence[torch.Tensor], plan: Plan) -> None:
     """Refuse to hand back a latent with NaN/inf: a corrupted result must not pass silently."""
+    if plan.splits_branches:
+        bad = count_non_finite(bands[0])
+        if bad:
+            raise WorkerError(f"the run returned {bad} non-finite values: the result was discarded. {NON_FINITE_HINT}")
+        return
     for band, b in zip(bands, plan.bands):
         bad = count_non_finite(band)
         if bad:

@@ -17,10 +17,11 @@ from fractions import Fraction
 from typing import Any, Mapping, Sequence
 
 from .errors import PlanError, UnsupportedError
+from .work_units import BRANCHES, BranchGroup, branch_major_groups, branch_major_shares, check_groups, work_rows
 
 __all__ = [
     "ONE_EVAL_SAMPLERS", "MODES", "Band", "Plan",
-    "split_rows", "step_time", "choose_strides", "make_plan", "replan",
+    "split_rows", "step_time", "choose_strides", "make_plan", "make_branch_plan", "replan",
 ]
 
 # Samplers that evaluate the network once per step: skipping a step on a band is then the
@@ -43,6 +44,9 @@ _STRIDE_PENALTY = 0.25
 
 @dataclass(frozen=True)
 class Band:
+    """One device of the plan. Under ``bands`` its rows of both CFG branches; in a branch
+    arrangement (``Plan.groups``) row_start is 0 and rows is its work in both-branch rows."""
+
     rank: int  # 0..P-1, top to bottom
     device: str
     row_start: int  # latent rows
@@ -70,12 +74,23 @@ class Plan:
     sampler: str = "euler"
     max_stride: int = 4
     ragged: bool = False  # the last band may end off the alignment (the network takes any height)
+    strategy: str = "bands"  # "bands" | "cfg_split" | "cfg_split+bands" (work_units.py)
+    groups: tuple[BranchGroup, ...] = ()  # branch arrangements: who computes which rows of which branch
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bands", tuple(self.bands))
         object.__setattr__(self, "notes", tuple(self.notes))
+        object.__setattr__(self, "groups", tuple(g if isinstance(g, BranchGroup) else BranchGroup.from_dict(g)
+                                                 for g in self.groups))
         if [b.rank for b in self.bands] != list(range(len(self.bands))) or not self.bands:
             raise PlanError("malformed plan: band ranks must be 0..P-1 in order")
+        if self.groups:
+            check_groups(self.groups, self.height, len(self.bands))
+            if any(b.stride != 1 for b in self.bands):
+                raise PlanError("malformed plan: branch arrangements run every rank at stride 1")
+            return
+        if self.strategy != "bands":
+            raise PlanError(f"malformed plan: strategy {self.strategy!r} needs its work units (groups)")
         pos = 0
         for b in self.bands:
             if b.row_start != pos or b.rows < 1 or b.stride < 1:
@@ -108,6 +123,17 @@ class Plan:
     def devices(self) -> tuple[str, ...]:
         return tuple(b.device for b in self.bands)
 
+    @property
+    def unit_groups(self) -> tuple[BranchGroup, ...]:
+        """The work units: the branch groups, or under ``bands`` one group of both branches."""
+        if self.groups:
+            return self.groups
+        return (BranchGroup(BRANCHES, tuple(range(self.world_size)), self.rows),)
+
+    @property
+    def splits_branches(self) -> bool:
+        return bool(self.groups)
+
     def is_sync_step(self, t: int) -> bool:
         """All ranks compute and exchange context at this base step."""
         return t < self.warmup or (t - self.warmup) % self.sync_period == 0
@@ -124,6 +150,8 @@ class Plan:
 
     def predicted_step_time(self) -> float:
         """Compute-only makespan per base step: max_i rows_i / (speed_i * stride_i)."""
+        if self.groups:
+            return max(work_rows(self.groups, b.rank) / b.speed for b in self.bands)
         return step_time(self.rows, self.speeds, self.strides)
 
     def describe(self) -> str:
@@ -135,6 +163,11 @@ class Plan:
             span = f"[{b.row_start},{b.row_end})"
             lines.append(f"{b.rank:>4}  {b.device:<8} {b.rows:>5}  {span:<12} {b.stride:>6} "
                          f"{b.speed:>9.4g} {len(self.compute_steps(b.rank)):>5}")
+        if self.groups:
+            lines[0] += f", strategy {self.strategy}"
+            for g in self.groups:
+                cut = ", ".join(f"rank {r} rows [{g.row_start(r)},{g.row_start(r) + g.rows_of(r)})" for r in g.ranks)
+                lines.append(f"  branch {'+'.join(g.branches)}: {cut}")
         lines.append(f"predicted compute per step: {self.predicted_step_time():.4g} (row-time units)")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
@@ -144,7 +177,7 @@ class Plan:
             "height": self.height, "align": self.align, "steps": self.steps, "warmup": self.warmup,
             "mode": self.mode, "sync_period": self.sync_period, "notes": list(self.notes),
             "stride_option": self.stride_option, "sampler": self.sampler, "max_stride": self.max_stride,
-            "ragged": self.ragged,
+            "ragged": self.ragged, "strategy": self.strategy, "groups": [g.to_dict() for g in self.groups],
             "bands": [{"rank": b.rank, "device": b.device, "row_start": b.row_start, "rows": b.rows,
                        "stride": b.stride, "speed": b.speed} for b in self.bands],
         }
@@ -155,6 +188,7 @@ class Plan:
             d = dict(data)
             d["bands"] = tuple(Band(**dict(b)) for b in d["bands"])
             d["notes"] = tuple(d.get("notes", ()))
+            d["groups"] = tuple(BranchGroup.from_dict(g) for g in d.get("groups", ()))
             return cls(**d)
         except (KeyError, TypeError) as e:
             raise PlanError(f"malformed plan description: {e}") from e
@@ -334,6 +368,50 @@ def make_plan(height: int, speeds: Sequence[float], *, devices: Sequence[str] | 
     return Plan(height=height, align=align, steps=steps, warmup=warmup, mode=mode, bands=tuple(bands),
                 sync_period=_lcm(ks), notes=tuple(notes), stride_option=option, sampler=sampler,
                 max_stride=max_stride, ragged=ragged)
+
+
+def make_branch_plan(height: int, speeds: Sequence[float], *, strategy: str, devices: Sequence[str] | None = None,
+                     align: int = 8, steps: int, warmup: int = 2, mode: str = "displaced", sampler: str = "euler",
+                     ragged: bool = False) -> Plan:
+    """A plan that splits the CFG branches (work_units.py), every rank at stride 1.
+
+    ``cfg_split``: whole branches only, on the two fastest devices (the first of them, in
+    list order, takes cond). ``cfg_split+bands``: the branch-major strip cut by speed, so
+    a device may hold bands of both branches (4 devices: 2 x 2; fast + slow: uneven split).
+    """
+    speeds = [float(s) for s in speeds]
+    names = list(devices) if devices is not None else [f"rank{i}" for i in range(len(speeds))]
+    if len(names) != len(speeds):
+        raise PlanError(f"{len(names)} device names for {len(speeds)} speeds: give one speed per device")
+    if strategy not in ("cfg_split", "cfg_split+bands"):
+        raise PlanError(f"unknown branch strategy {strategy!r}: use cfg_split or cfg_split+bands")
+    if len(speeds) < 2:
+        raise PlanError(f"{strategy} needs at least 2 devices (one per CFG branch); use strategy bands or auto")
+    _check_options(height, 1, align, steps, warmup, mode, 1, ragged)
+    bad = [f"{n}={s}" for n, s in zip(names, speeds) if not math.isfinite(s) or s <= 0]
+    if bad:
+        raise PlanError(f"speeds must be positive: {', '.join(bad)}")
+    notes: list[str] = []
+    if strategy == "cfg_split" and len(speeds) > 2:
+        keep = sorted(sorted(range(len(speeds)), key=lambda i: (-speeds[i], i))[:2])
+        notes.append(f"cfg_split: whole branches on {names[keep[0]]} and {names[keep[1]]}; "
+                     f"{', '.join(n for i, n in enumerate(names) if i not in keep)} idle (cfg_split+bands uses them)")
+        names, speeds = [names[i] for i in keep], [speeds[i] for i in keep]
+    while True:
+        weights = [1.0, 1.0] if strategy == "cfg_split" else speeds
+        shares = branch_major_shares(height, weights, align)
+        zero = [i for i, r in enumerate(shares) if r == 0]
+        if not zero:
+            break
+        notes.extend(f"{names[i]} dropped: its share rounds to less than one {align}-row band" for i in zero)
+        names = [n for i, n in enumerate(names) if i not in zero]
+        speeds = [v for i, v in enumerate(speeds) if i not in zero]
+    groups = branch_major_groups(height, shares, align)
+    bands = tuple(Band(rank=r, device=n, row_start=0, rows=max(1, round(work_rows(groups, r))), stride=1, speed=v)
+                  for r, (n, v) in enumerate(zip(names, speeds)))
+    return Plan(height=height, align=align, steps=steps, warmup=warmup, mode=mode, bands=bands, sync_period=1,
+                notes=tuple(notes), stride_option="off", sampler=sampler, max_stride=1, ragged=ragged,
+                strategy=strategy, groups=groups)
 
 
 def replan(plan: Plan, seconds_per_eval: Sequence[float]) -> Plan:

@@ -84,6 +84,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import PlanError
+from .cost_model import (ExchangeCost, LinkModel, gather_seconds, output_seconds, plan_exchange_seconds,
+                         unit_compute_s)
 from .planner import Plan, make_plan
 from .report import idle_pct
 
@@ -146,43 +148,6 @@ def _as_curve(c: Curve | Iterable[Sequence[float]]) -> Curve:
     return c if isinstance(c, Curve) else Curve(c)
 
 
-@dataclass(frozen=True)
-class LinkModel:
-    """Bandwidth (GB/s = 1e9 bytes/s) and per-message latency (s) between each pair of ranks."""
-
-    bandwidth_gbps: float = 25.0
-    latency_s: float = 20e-6
-    bandwidth_matrix: tuple[tuple[float, ...], ...] | None = None  # P x P, band order; diagonal unused
-    latency_matrix: tuple[tuple[float, ...], ...] | None = None
-
-    def __post_init__(self) -> None:
-        if not (self.bandwidth_gbps > 0 and math.isfinite(self.bandwidth_gbps)):
-            raise PlanError(f"bandwidth {self.bandwidth_gbps!r} GB/s must be a positive number")
-        if not (self.latency_s >= 0 and math.isfinite(self.latency_s)):
-            raise PlanError(f"latency {self.latency_s!r} s must be >= 0")
-        for name in ("bandwidth_matrix", "latency_matrix"):
-            m = getattr(self, name)
-            if m is not None:
-                object.__setattr__(self, name, tuple(tuple(float(x) for x in row) for row in m))
-
-    def _check(self, p: int) -> None:
-        for name, m in (("bandwidth", self.bandwidth_matrix), ("latency", self.latency_matrix)):
-            if m is not None and (len(m) != p or any(len(row) != p for row in m)):
-                raise PlanError(f"the {name} matrix must be {p} x {p} (one row and column per rank, band order)")
-
-    def bandwidth(self, src: int, dst: int) -> float:
-        bw = self.bandwidth_matrix[src][dst] if self.bandwidth_matrix is not None else self.bandwidth_gbps
-        if bw <= 0:
-            raise PlanError(f"link {src}->{dst}: bandwidth must be positive, got {bw}")
-        return bw * 1e9
-
-    def latency(self, src: int, dst: int) -> float:
-        return self.latency_matrix[src][dst] if self.latency_matrix is not None else self.latency_s
-
-    def transfer_s(self, src: int, dst: int, nbytes: float, messages: int = 1) -> float:
-        return messages * self.latency(src, dst) + nbytes / self.bandwidth(src, dst)
-
-
 def exchange_seconds(rows: Sequence[int], link: LinkModel, *, bytes_per_row: float = 0.0, bytes_fixed: float = 0.0,
                      bytes_table: Curve | Iterable[Sequence[float]] | None = None, messages: int = 1,
                      padded: bool = True) -> float:
@@ -196,12 +161,9 @@ def exchange_seconds(rows: Sequence[int], link: LinkModel, *, bytes_per_row: flo
         payload = [table(r) for r in rows]
     else:
         payload = [bytes_fixed + bytes_per_row * r for r in rows]
-    if padded:  # all-gathers are padded to the largest band (BandContext._all_gather)
-        payload = [max(payload)] * p
-    if not any(payload) and not any(link.latency(j, i) for i in range(p) for j in range(p) if i != j):
-        return 0.0
-    per_rank = [sum(link.transfer_s(j, i, payload[j], messages) for j in range(p) if j != i) for i in range(p)]
-    return max(per_rank)
+    return gather_seconds(payload, link, messages=messages, padded=padded)
+
+
 
 
 # --------------------------------------------------------------------------------------
@@ -302,7 +264,8 @@ def _curve_for(curves: Mapping[str, Any], device: str) -> Curve:
 def simulate(plan: Plan, curves: Mapping[str, Any], *, link: LinkModel | None = None, bytes_per_row: float = 0.0,
              bytes_fixed: float = 0.0, bytes_table: Curve | Iterable[Sequence[float]] | None = None,
              messages: int = 1, step_overhead_s: float = 0.0, displaced_exchange: str = "deferred",
-             emulated_slowdowns: Sequence[float] | None = None, exchange_s: float | None = None) -> SimResult:
+             emulated_slowdowns: Sequence[float] | None = None, exchange_s: float | None = None,
+             output_bytes_per_row: float = 0.0) -> SimResult:
     """Replay ``plan`` with per-device compute ``curves`` ({device: Curve or [(rows, s)]}).
 
     ``exchange_s`` overrides the byte/link model with measured seconds per sync step.
@@ -315,13 +278,22 @@ def simulate(plan: Plan, curves: Mapping[str, Any], *, link: LinkModel | None = 
         raise PlanError("step_overhead_s and messages must be >= 0")
     link = link or LinkModel()
     p = plan.world_size
-    comp = [_curve_for(curves, b.device)(b.rows) for b in plan.bands]
+    if plan.splits_branches:
+        comp = [unit_compute_s(plan, b.rank, lambda r, rows: _curve_for(curves, plan.bands[r].device)(rows))
+                for b in plan.bands]
+    else:
+        comp = [_curve_for(curves, b.device)(b.rows) for b in plan.bands]
     slow = [1.0] * p if emulated_slowdowns is None else [max(1.0, float(s)) for s in emulated_slowdowns]
     if len(slow) != p:
         raise PlanError(f"{len(slow)} emulated slowdowns for {p} ranks: give one per rank")
     real = [c / s for c, s in zip(comp, slow)]  # the part other ranks' collectives wait for
     pad = [c - r for c, r in zip(comp, real)]
-    if exchange_s is None:
+    if exchange_s is None and plan.splits_branches:
+        if bytes_table is not None:
+            raise PlanError("a bytes table cannot be used for a branch arrangement: give bytes_per_row/bytes_fixed")
+        cost = ExchangeCost(bytes_per_row, bytes_fixed, messages, output_bytes_per_row)
+        x = max(plan_exchange_seconds(plan, link, cost)) + output_seconds(plan, link, cost)
+    elif exchange_s is None:
         x = exchange_seconds(plan.rows, link, bytes_per_row=bytes_per_row, bytes_fixed=bytes_fixed,
                              bytes_table=bytes_table, messages=messages)
     else:

@@ -404,6 +404,8 @@ def sd15_api_workflow(ckpt_name: str, *, lora_name: str | None = None, lora_stre
     inputs = {"model": model, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler_name,
               "scheduler": scheduler, "positive": ["3", 0], "negative": ["4", 0],
               "latent_image": ["5", 0], "denoise": denoise}
+    if sampler_class == "STADISampler":
+        inputs["strategy"] = "bands"  # these workflows test bands; the auto default has tests of its own
     inputs.update(sampler_extra_inputs or {})
     p["6"] = {"class_type": sampler_class, "inputs": inputs}
     if save_latent:
@@ -441,6 +443,8 @@ def dit_api_workflow(unet_name: str, clip_name: str, *, flux: bool, width: int =
     inputs = {"model": model, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler_name,
               "scheduler": scheduler, "positive": positive, "negative": ["4", 0], "latent_image": ["5", 0],
               "denoise": denoise}
+    if sampler_class == "STADISampler":
+        inputs["strategy"] = "bands"  # these workflows test bands; the auto default has tests of its own
     inputs.update(sampler_extra_inputs or {})
     p["6"] = {"class_type": sampler_class, "inputs": inputs}
     p["7"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"latents/{filename_prefix}"}}

@@ -43,13 +43,15 @@ def _cluster(devices_speeds) -> dict:
                                                             "speeds": speeds, "exclude": "", "emulate_slowdown": ""}}
 
 
-def _parallel(wf: dict, cluster=TWO, mode: str = "exact", samplers=("6",), warmup: int = 2) -> dict:
+def _parallel(wf: dict, cluster=TWO, mode: str = "exact", samplers=("6",), warmup: int = 2,
+              strategy: str = "bands") -> dict:
     """The same workflow with a STADI Parallel Model between the model and each sampler node."""
     wf = copy.deepcopy(wf)
     wf["50"] = _cluster(cluster)
     for i, node in enumerate(samplers):
         wf[f"5{i + 1}"] = {"class_type": "STADIParallelModel", "inputs": {
-            "model": wf[node]["inputs"]["model"], "mode": mode, "warmup_steps": warmup, "cluster": ["50", 0]}}
+            "model": wf[node]["inputs"]["model"], "mode": mode, "warmup_steps": warmup, "cluster": ["50", 0],
+            "strategy": strategy}}
         wf[node]["inputs"]["model"] = [f"5{i + 1}", 0]
     return wf
 

@@ -148,8 +148,22 @@ class SessionReady:
 
 
 @dataclass
+class UnitInput:
+    """One work unit of a branch arrangement's call: rows of one group's branches."""
+
+    group: int  # index into the plan's groups
+    x: np.ndarray  # (N_branch, C, rows, W) the unit's rows of its branches' batch entries
+    timesteps: np.ndarray
+    cond: dict  # batch-aligned with x
+
+
+@dataclass
 class BandCall:
-    """One network evaluation of this rank's band, inside a session."""
+    """One network evaluation of this rank's band, inside a session.
+
+    In a branch arrangement ``units`` holds this rank's units instead (``x`` then unused),
+    computed in group order, so the members of a group reach its exchanges together.
+    """
 
     job_id: int
     call_id: int
@@ -162,6 +176,7 @@ class BandCall:
     signature: int = 0  # equal on every rank for the same call; a mismatch means the loops diverged
     measure_only: bool = False  # time the band alone, no exchange (capability measurement)
     slot: int = 0  # the n-th network call of this sampler step: context is kept per slot
+    units: list = field(default_factory=list)  # [UnitInput] in a branch arrangement
 
 
 @dataclass
@@ -169,9 +184,10 @@ class BandOutput:
     job_id: int
     call_id: int
     rank: int
-    out: np.ndarray
+    out: np.ndarray | None  # None when the call had units
     busy_s: float
     comm_s: float
+    unit_outs: list = field(default_factory=list)  # one raw output per UnitInput, in order
 
 
 @dataclass

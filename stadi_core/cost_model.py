@@ -1,0 +1,145 @@
+"""The cost model the planner and the simulator share: compute, exchange and link seconds.
+
+One network call of a plan costs, per rank, its units' compute plus the context exchanges of
+the groups it belongs to; a branch arrangement also all-reduces the raw network output so
+every rank holds both branches (a small tensor: the latent, twice). The planner feeds it
+speeds (rows/s of both CFG branches); the simulator feeds it measured curves. Exchange bytes
+follow the curves files' convention: per rank per call, per latent row of BOTH branches
+(a one-branch unit sends half).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .errors import PlanError
+from .work_units import BRANCHES, units_of
+
+__all__ = ["LinkModel", "ExchangeCost", "StepCost", "gather_seconds", "plan_exchange_seconds", "predict_step"]
+
+
+@dataclass(frozen=True)
+class LinkModel:
+    """Bandwidth (GB/s = 1e9 bytes/s) and per-message latency (s) between each pair of ranks."""
+
+    bandwidth_gbps: float = 25.0
+    latency_s: float = 20e-6
+    bandwidth_matrix: tuple[tuple[float, ...], ...] | None = None  # P x P, band order; diagonal unused
+    latency_matrix: tuple[tuple[float, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.bandwidth_gbps > 0 and math.isfinite(self.bandwidth_gbps)):
+            raise PlanError(f"bandwidth {self.bandwidth_gbps!r} GB/s must be a positive number")
+        if not (self.latency_s >= 0 and math.isfinite(self.latency_s)):
+            raise PlanError(f"latency {self.latency_s!r} s must be >= 0")
+        for name in ("bandwidth_matrix", "latency_matrix"):
+            m = getattr(self, name)
+            if m is not None:
+                object.__setattr__(self, name, tuple(tuple(float(x) for x in row) for row in m))
+
+    def _check(self, p: int) -> None:
+        for name, m in (("bandwidth", self.bandwidth_matrix), ("latency", self.latency_matrix)):
+            if m is not None and (len(m) != p or any(len(row) != p for row in m)):
+                raise PlanError(f"the {name} matrix must be {p} x {p} (one row and column per rank, band order)")
+
+    def bandwidth(self, src: int, dst: int) -> float:
+        bw = self.bandwidth_matrix[src][dst] if self.bandwidth_matrix is not None else self.bandwidth_gbps
+        if bw <= 0:
+            raise PlanError(f"link {src}->{dst}: bandwidth must be positive, got {bw}")
+        return bw * 1e9
+
+    def latency(self, src: int, dst: int) -> float:
+        return self.latency_matrix[src][dst] if self.latency_matrix is not None else self.latency_s
+
+    def transfer_s(self, src: int, dst: int, nbytes: float, messages: int = 1) -> float:
+        return messages * self.latency(src, dst) + nbytes / self.bandwidth(src, dst)
+
+
+def gather_seconds(payloads: Sequence[float], link: LinkModel, ranks: Sequence[int] | None = None,
+                   messages: int = 1, padded: bool = True) -> float:
+    """Seconds of an all-gather of ``payloads`` (bytes per member) among ``ranks`` (plan ranks).
+
+    Member i must receive every other member's payload: X_i = sum_j (messages * latency_ji +
+    payload_j / bandwidth_ji); the collective is done when the last member has its data.
+    """
+    ranks = list(range(len(payloads))) if ranks is None else list(ranks)
+    p = len(ranks)
+    if p < 2:
+        return 0.0
+    payloads = [max(payloads)] * p if padded else list(payloads)  # padded to the largest band, as the engine does
+    per = [sum(link.transfer_s(ranks[j], ranks[i], payloads[j], messages) for j in range(p) if j != i)
+           for i in range(p)]
+    return max(per)
+
+
+@dataclass(frozen=True)
+class ExchangeCost:
+    """What a network call sends: context per rank, and the raw output (per both-branch row)."""
+
+    bytes_per_row: float = 0.0
+    bytes_fixed: float = 0.0
+    messages: int = 1  # all-gathers per call (one per patch-parallel layer): each pays the latency
+    output_bytes_per_row: float = 0.0  # raw network output, both branches, per latent row
+
+
+def plan_exchange_seconds(plan, link: LinkModel, cost: ExchangeCost) -> list[float]:
+    """Per rank: seconds of one synchronous call's context exchanges (its groups, one after another)."""
+    per_rank = [0.0] * plan.world_size
+    for g in plan.unit_groups:
+        share = len(g.branches) / len(BRANCHES)
+        payloads = [(cost.bytes_fixed + cost.bytes_per_row * r) * share for r in g.rows]
+        x = gather_seconds(payloads, link, g.ranks, cost.messages)
+        for r in g.ranks:
+            per_rank[r] += x
+    return per_rank
+
+
+def output_seconds(plan, link: LinkModel, cost: ExchangeCost) -> float:
+    """A branch arrangement's all-reduce of the full raw output (ring: 2 (P-1)/P of it per rank)."""
+    p = plan.world_size
+    if not plan.splits_branches or p < 2:
+        return 0.0
+    full = cost.output_bytes_per_row * plan.height
+    slowest = min(link.bandwidth(i, j) for i in range(p) for j in range(p) if i != j)
+    worst_latency = max(link.latency(i, j) for i in range(p) for j in range(p) if i != j)
+    return 2 * (p - 1) * (full / p / slowest + worst_latency)
+
+
+def unit_compute_s(plan, rank: int, compute_s: Callable[[int, float], float]) -> float:
+    """A rank's compute per call in a branch arrangement: one call per unit, each costing
+    what a both-branch band with as many tokens costs (rows x branches / 2)."""
+    return sum(compute_s(rank, u.rows * len(u.branches) / len(BRANCHES)) for u in units_of(plan.groups, rank))
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Predicted seconds of one base step of a plan, and where they go."""
+
+    seconds: float
+    compute_s: tuple[float, ...]  # per rank, per base step (amortised over strides)
+    exchange_s: tuple[float, ...]  # per rank, a synchronous call's exchanges
+    output_s: float  # branch arrangements' output all-reduce
+
+
+def predict_step(plan, compute_s: Callable[[int, float], float], *, link: LinkModel | None = None,
+                 cost: ExchangeCost | None = None) -> StepCost:
+    """Seconds per base step: ``compute_s(rank, both-branch rows)`` plus exchanges on ``link``.
+
+    Exact mode blocks on every layer's exchange (compute + exchange); displaced mode overlaps
+    it with the next steps' compute (the larger of the two), and strides amortise both over
+    the sync period. A plan on one device costs its compute alone.
+    """
+    link, cost = link or LinkModel(), cost or ExchangeCost()
+    if plan.splits_branches:
+        comp = [unit_compute_s(plan, b.rank, compute_s) for b in plan.bands]
+    else:
+        comp = [compute_s(b.rank, b.rows) / b.stride for b in plan.bands]
+    exch = plan_exchange_seconds(plan, link, cost) if plan.world_size > 1 else [0.0] * plan.world_size
+    out = output_seconds(plan, link, cost)
+    if plan.mode == "exact":
+        per = [c + x for c, x in zip(comp, exch)]
+    else:
+        per = [max(c, x / plan.sync_period) for c, x in zip(comp, exch)]
+    return StepCost(max(per) + out, tuple(comp), tuple(exch), out)
