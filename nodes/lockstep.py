@@ -27,7 +27,7 @@ from stadi_core.report import RunReport, measured_capabilities
 from stadi_core.runtime.messages import BandCall
 
 from .band_network import BandNetwork, private_shell
-from .branch_calls import assemble, split_call
+from .branch_calls import ConditioningOnce, assemble, split_call
 from .compatibility import LOCKSTEP_KEY as WRAPPER_KEY
 from .deployment import CallSlots, Deployment, call_inputs, step_index, step_timings
 from .types import StadiCluster
@@ -47,6 +47,7 @@ class LockstepRun:
         log.info("STADI %s", self.plan.describe())
         self.pool, self.session = deployment.open(self.plan)
         self.slots = CallSlots()
+        self.sent = ConditioningOnce()  # each rank gets each conditioning once per run
         self.filled: dict[int, tuple] = {}  # slot -> input shapes its stored context was made from
         self.records = [[] for _ in self.plan.bands]
         self.t_start = time.perf_counter()
@@ -62,11 +63,14 @@ class LockstepRun:
         phase = Phase.FRESH if fresh else Phase.REFRESH
         signature = hash((step, slot, shapes)) % (1 << 50)
         if plan.splits_branches:  # each rank gets its units: rows of its branches' entries
-            units, places = split_call(plan, x, timesteps, cond, transformer_options.get("cond_or_uncond"))
+            units, places = split_call(plan, x, timesteps, cond, transformer_options.get("cond_or_uncond"), self.sent)
             calls = {r: dict(x=None, timesteps=None, cond={}, units=units[r]) for r in units}
         else:
-            calls = {b.rank: dict(x=x[:, :, b.row_start:b.row_end].detach().cpu().float().contiguous().numpy(),
-                                  timesteps=timesteps, cond=cond) for b in plan.bands}
+            calls = {}
+            for b in plan.bands:
+                lean, key = self.sent.lean(b.rank, cond)
+                calls[b.rank] = dict(x=x[:, :, b.row_start:b.row_end].detach().cpu().float().contiguous().numpy(),
+                                     timesteps=timesteps, cond=lean, cond_key=key)
 
         def band_call(rank):
             return lambda job_id, call_id: BandCall(job_id, call_id, step, phase.value, signature=signature, slot=slot,

@@ -96,14 +96,16 @@ def plan_image(plan: dict, report: dict | None = None, width: int = 512) -> torc
     lh = _line_height(scratch, font)
     inner = width - 2 * _PAD
 
-    bands = list(plan.get("bands", []))
-    height = int(plan.get("height") or sum(int(b["rows"]) for b in bands) or 1)
+    bands = branch_units(plan) if plan.get("groups") else list(plan.get("bands", []))
+    height = sum(int(b["rows"]) for b in bands) if plan.get("groups") else \
+        int(plan.get("height") or sum(int(b["rows"]) for b in bands) or 1)
     ranks = {r.get("rank"): r for r in report.get("ranks", [])}
 
     wall = report.get("wall_s")
     denoise = report.get("denoise_s")
     head = (f"STADI {plan.get('mode', '?')} · {plan.get('steps', '?')} steps · warmup {plan.get('warmup', '?')} · "
-            f"sync every {plan.get('sync_period', '?')} · {height} latent rows")
+            f"sync every {plan.get('sync_period', '?')} · {plan.get('height') or height} latent rows"
+            + (f" · {plan.get('strategy')}: cond rows, then uncond rows" if plan.get("groups") else ""))
     head2 = f"wall {_fmt_s(wall)}" + (f" · denoising {_fmt_s(denoise)}" if denoise is not None else "")
     header_lines = _wrap(scratch, font, head, inner) + [head2]
 
@@ -123,7 +125,9 @@ def plan_image(plan: dict, report: dict | None = None, width: int = 512) -> torc
         busy, wall_r = r.get("busy_s"), r.get("wall_s")
         idle = None if busy is None or wall_r is None else max(0.0, float(wall_r) - float(busy))
         idle_pct = r.get("idle_pct")
-        line1 = f"rank {b['rank']} · {b['device']} · rows [{start},{start + rows}) = {rows}"
+        where = f"{b['branch']} rows [{b['branch_start']},{b['branch_start'] + rows})" if "branch" in b else \
+            f"rows [{start},{start + rows})"
+        line1 = f"rank {b['rank']} · {b['device']} · {where} = {rows}"
         evals = r.get("evals")
         line2 = (f"stride {b.get('stride', '?')} · evals {'?' if evals is None else evals} · busy {_fmt_s(busy)} · "
                  f"idle {_fmt_s(idle)}" + (f" ({float(idle_pct):.0f}%)" if idle_pct is not None else ""))
@@ -171,6 +175,22 @@ def plan_image(plan: dict, report: dict | None = None, width: int = 512) -> torc
         draw.text((_PAD, y), _fit(draw, font, line, inner), fill=_DIM, font=font)
         y += lh
     return _to_tensor(img)
+
+
+def branch_units(plan: dict) -> list[dict]:
+    """A CFG-branch split drawn as the branch-major strip: all cond rows, then all uncond rows;
+    one stripe per unit, labelled with its branch and its rows inside that branch."""
+    by_rank = {b["rank"]: b for b in plan.get("bands", [])}
+    groups = sorted(plan["groups"], key=lambda g: 0 if "cond" in g["branches"] else 1)
+    units, offset = [], 0
+    for g in groups:
+        start = 0
+        for rank, rows in zip(g["ranks"], g["rows"]):
+            units.append(dict(by_rank.get(rank, {"device": f"rank {rank}"}), rank=rank, row_start=offset + start,
+                              rows=int(rows), branch="+".join(g["branches"]), branch_start=start))
+            start += int(rows)
+        offset += start
+    return units
 
 
 def text_image(lines: list[str] | str, width: int = 320, height: int | None = None) -> torch.Tensor:

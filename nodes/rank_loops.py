@@ -26,6 +26,7 @@ from stadi_core.sampling.band_loop import LoopSchedule
 
 from . import comfy_api
 from .band_network import BandNetwork, private_shell
+from .branch_calls import ConditioningOnce
 from .deployment import CallSlots, Deployment, call_inputs, step_index, step_timings
 
 
@@ -48,6 +49,7 @@ class RankLoops:
     def __init__(self, deployment: Deployment, plan: Plan):
         self.deployment = deployment
         self.plan = plan
+        self.sent = ConditioningOnce()  # rank threads touch only their own rank's entry
 
     def _network_call(self, session, state: _RankState):
         adapter = self.deployment.adapter
@@ -62,9 +64,10 @@ class RankLoops:
                 phase = state.schedule.phase(step)
                 xb = x[:, :, state.rows].detach().cpu().float().contiguous().numpy()
                 signature = hash((step, slot, tuple(x.shape))) % (1 << 50)
+                lean, key = self.sent.lean(state.rank, cond)  # once per run per rank, then by key
                 out = session.call(state.rank, lambda job_id, call_id: BandCall(
-                    job_id, call_id, step, phase.value, xb, ts, cond, cancel=session.cancel_requested,
-                    signature=signature, slot=slot))
+                    job_id, call_id, step, phase.value, xb, ts, lean, cancel=session.cancel_requested,
+                    signature=signature, slot=slot, cond_key=key))
                 last = (tuple(x.shape), torch.from_numpy(out.out))
                 state.last_out[slot] = last
                 state.records.append(dict(step=step, computed=True, phase=phase.value, busy_s=out.busy_s,

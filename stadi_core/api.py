@@ -84,6 +84,8 @@ def generate(
     graphs: bool = False,
     on_step: Callable[[int, dict], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    threads_per_worker: int | None = None,
+    hybrid_window: str | None = None,
 ) -> GenerateResult:
     """Denoise a ``batch x channels x height x width`` latent with one band per active device.
 
@@ -91,6 +93,9 @@ def generate(
     device's planning speed (measured capability, manual override, or emulated slowdown).
     ``strategy``: bands | cfg_split | cfg_split+bands (CFG branches on different devices) |
     auto (the arrangement the cost model predicts fastest, one device included).
+    ``threads_per_worker``: CPU threads of each worker (default: the host's cores shared out).
+    ``hybrid_window``: a preset of sampling.hybrid_window (sdxl, sd3, sd15): Hybridiff's adaptive
+    window, in which every second step reuses the last network output (branch splits only).
     """
     spec = model or ModelSpec()
     cluster = _as_cluster(cluster)
@@ -102,11 +107,13 @@ def generate(
                         f"use an image width that is a multiple of {8 * align} px")
     plan = plan_for(cluster, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
                     strides=strides, align=align, strategy=strategy, cfg=cfg)
+    window = _window_config(hybrid_window, plan, sampler)
     sigmas = spec.adapter.model_sampling(ref_model).sigmas(scheduler, steps)
     conditioning = make_conditioning(spec, ref_model, batch, seed)
     by_name = {d.name: d for d in cluster.active()}
     devices = [b.device for b in plan.bands]
-    pool = get_pool(devices, cluster.resolved_backend(), worker_env=_worker_env(by_name, devices))
+    threads = {} if threads_per_worker is None else {"threads_per_worker": threads_per_worker}
+    pool = get_pool(devices, cluster.resolved_backend(), worker_env=_worker_env(by_name, devices), **threads)
     shape = (batch, spec.adapter.latent_channels(ref_model), height, width)
     del ref_model
     cond_np = {part: {k: v.numpy() for k, v in d.items()} for part, d in conditioning.items()}
@@ -114,7 +121,7 @@ def generate(
     def make_job(job_id: int) -> GenerateJob:
         return GenerateJob(job_id=job_id, model=spec.to_dict(), plan=plan.to_dict(), sampler=sampler,
                            sigmas=sigmas, cfg=cfg, seed=seed, latent_shape=shape, conditioning=cond_np,
-                           graphs=graphs)
+                           graphs=graphs, hybrid_window=window)
 
     slowdowns = [by_name[d].slowdown for d in devices]
     t0 = time.perf_counter()
@@ -130,10 +137,43 @@ def generate(
     report = RunReport.from_results(plan, [results[r].timings for r in range(plan.world_size)], wall,
                                     slowdowns=slowdowns, pool_pids=pool.pids(), checksums=checksums)
     report.notes.extend(f"rank {r}: {results[r].info['note']}" for r in results if results[r].info.get("note"))
+    summary = results[0].info.get("hybrid_window")
+    if summary is not None:
+        report.notes.append(window_note(summary, steps))
+        report.hybrid_window = summary
     if plan.world_size > 1:
         report.notes.append(f"exchange: {results[0].info.get('transport', 'dist')} "
                             f"({cluster.resolved_backend()} process group)")
     return GenerateResult(torch.cat(bands, dim=2), report)
+
+
+def _window_config(preset: str | None, plan: Plan, sampler: str) -> dict | None:
+    """The WindowConfig fields a hybrid window needs, after checking the run can take one."""
+    if preset is None:
+        return None
+    from dataclasses import asdict
+
+    from .planner import ONE_EVAL_SAMPLERS
+    from .sampling.hybrid_window import PRESETS
+
+    if preset not in PRESETS:
+        raise PlanError(f"unknown hybrid_window preset {preset!r}: use one of {', '.join(sorted(PRESETS))}")
+    if not plan.splits_branches:
+        raise PlanError("hybrid_window needs a CFG-branch split (strategy cfg_split or cfg_split+bands): it reads "
+                        "both branches' whole outputs, which only a branch split gives every rank")
+    if sampler not in ONE_EVAL_SAMPLERS:
+        raise PlanError(f"hybrid_window reuses network outputs, which sampler {sampler!r} cannot (it evaluates the "
+                        "network more than once per step): pick euler, dpmpp_2m, ...")
+    return asdict(PRESETS[preset])
+
+
+def window_note(summary: dict, steps: int) -> str:
+    if summary.get("opened_at") is None:
+        return f"hybrid window: did not open within {steps} steps (no evaluation saved)"
+    win = summary["steps"]
+    saved = sum(1 for i, s in enumerate(win) if i % 2 == 1)
+    return (f"hybrid window: opened at step {summary['opened_at']} ({summary['reason']}), steps {win[0]}-{win[-1]}; "
+            f"{saved} of {steps} network evaluations saved")
 
 
 def check_finite(bands: Sequence[torch.Tensor], plan: Plan) -> None:

@@ -78,11 +78,11 @@ def link_for(link: LinkModel, devices: Sequence[str], plan: Plan) -> LinkModel:
     return replace(link, bandwidth_matrix=pick(link.bandwidth_matrix), latency_matrix=pick(link.latency_matrix))
 
 
-def _locality_order(devices: Sequence[str], speeds: Sequence[float], link: LinkModel) -> list[int]:
-    """Devices grouped by fast links (machines), fastest first inside each group."""
+def _locality_groups(devices: Sequence[str], speeds: Sequence[float], link: LinkModel) -> list[list[int]]:
+    """Devices grouped by fast links (machines: bandwidth >= half the best), fastest first inside each."""
     n = len(devices)
     if link.bandwidth_matrix is None:
-        return sorted(range(n), key=lambda i: (-speeds[i], i))
+        return [sorted(range(n), key=lambda i: (-speeds[i], i))]
     top = max(link.bandwidth(i, j) for i in range(n) for j in range(n) if i != j)
     comp = list(range(n))
     for i in range(n):
@@ -91,7 +91,11 @@ def _locality_order(devices: Sequence[str], speeds: Sequence[float], link: LinkM
                 a, b = comp[i], comp[j]
                 comp = [a if c == b else c for c in comp]
     firsts = sorted(set(comp), key=comp.index)
-    return [i for c in firsts for i in sorted((k for k in range(n) if comp[k] == c), key=lambda k: (-speeds[k], k))]
+    return [sorted((k for k in range(n) if comp[k] == c), key=lambda k: (-speeds[k], k)) for c in firsts]
+
+
+def _locality_order(devices: Sequence[str], speeds: Sequence[float], link: LinkModel) -> list[int]:
+    return [i for g in _locality_groups(devices, speeds, link) for i in g]
 
 
 def choose_plan(height: int, speeds: Sequence[float], *, devices: Sequence[str], strategy: str = "auto",
@@ -149,6 +153,13 @@ def choose_plan(height: int, speeds: Sequence[float], *, devices: Sequence[str],
         if strategy in ("auto", "bands"):
             plan = make_plan(height, speeds, devices=devices, strides=strides, max_stride=max_stride, **common)
             cands.append(Candidate("bands", plan, price(plan)))
+        if strategy == "auto":  # bands inside one machine may beat bands across a slow link
+            for machine in _locality_groups(devices, speeds, link):
+                if 1 < len(machine) < len(devices):
+                    names = [devices[i] for i in machine]
+                    plan = make_plan(height, [speeds[i] for i in machine], devices=names, strides=strides,
+                                     max_stride=max_stride, **common)
+                    cands.append(Candidate(f"bands on {'+'.join(names)}", plan, price(plan)))
     # ties (within 1e-6) go to the earlier candidate above: one device first, then the least communication
     low = min(c.predicted_s for c in cands)
     chosen = next(c for c in cands if c.predicted_s <= low * (1 + 1e-6))

@@ -62,7 +62,8 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     res = generate(spec, cluster, height=args.height, width=args.width, batch=args.batch, steps=args.steps,
                    sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg, seed=args.seed, mode=args.mode,
-                   warmup=args.warmup, strides=strides, graphs=args.graphs,
+                   warmup=args.warmup, strides=strides, graphs=args.graphs, strategy=args.strategy,
+                   hybrid_window=args.hybrid_window,
                    on_step=lambda rank, t: rank == 0 and print(f"  step {t['step'] + 1}/{args.steps}", flush=True))
     total = time.perf_counter() - t0
     from .planner import Plan
@@ -186,6 +187,12 @@ def main(argv=None) -> int:
     g.add_argument("--mode", default="displaced", choices=["exact", "displaced"])
     g.add_argument("--warmup", type=int, default=2)
     g.add_argument("--strides", default="auto", help="auto, off, or per device e.g. 1,2")
+    g.add_argument("--strategy", default="auto", choices=["auto", "bands", "cfg_split", "cfg_split+bands"],
+                   help="how to split the work: auto picks the arrangement the cost model predicts fastest (one "
+                   "device alone included); cfg_split puts cond and uncond on two devices; cfg_split+bands cuts the "
+                   "branches by speed")
+    g.add_argument("--hybrid-window", default=None, choices=["sdxl", "sd3", "sd15"],
+                   help="Hybridiff's adaptive window (branch splits): every second step in it reuses the last output")
     g.add_argument("--out", default="out", help="output folder")
     g.add_argument("--graphs", action="store_true", help="CUDA graphs for communication-free band calls")
     g.set_defaults(func=cmd_generate)
@@ -223,6 +230,12 @@ def main(argv=None) -> int:
     s.set_defaults(func=cmd_simulate)
     sub.add_parser("bench-balance", help="equal vs elastic vs elastic+strides with an emulated slow worker "
                    "(its own options: bench-balance --help)")
+    sub.add_parser("bench-units", help="one device vs bands vs CFG-branch splits on 2 CPU workers, measured "
+                   "(bench-units --help)")
+    sub.add_parser("bench-hybrid", help="Hybridiff's adaptive window on a branch split: steps saved, PSNR "
+                   "(bench-hybrid --help)")
+    sub.add_parser("simulate-arrangements", help="predicted tables: which arrangement auto picks on GPU clusters "
+                   "that are not here (simulate-arrangements --help)")
     sub.add_parser("worker", help="run one worker that connects to a coordinator: worker --connect HOST:PORT "
                    "--rank R (STADI_AUTHKEY in the environment); what the coordinator starts per device")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -230,10 +243,12 @@ def main(argv=None) -> int:
         from .runtime import worker
 
         return worker.main(argv[1:])
-    if argv[:1] == ["bench-balance"]:
-        from .bench import balance
+    benches = {"bench-balance": "balance", "bench-units": "units", "bench-hybrid": "hybrid",
+               "simulate-arrangements": "arrangements"}
+    if argv[:1] and argv[0] in benches:
+        import importlib
 
-        return balance.main(argv[1:])
+        return importlib.import_module(f".bench.{benches[argv[0]]}", __package__).main(argv[1:])
     args = parser.parse_args(argv)
     try:
         return args.func(args)

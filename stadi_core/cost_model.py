@@ -84,13 +84,20 @@ class ExchangeCost:
     output_bytes_per_row: float = 0.0  # raw network output, both branches, per latent row
 
 
-def plan_exchange_seconds(plan, link: LinkModel, cost: ExchangeCost) -> list[float]:
-    """Per rank: seconds of one synchronous call's context exchanges (its groups, one after another)."""
-    per_rank = [0.0] * plan.world_size
+def group_exchange_seconds(plan, link: LinkModel, cost: ExchangeCost) -> list[float]:
+    """Per unit group: seconds of one synchronous call's context all-gathers among its members."""
+    out = []
     for g in plan.unit_groups:
         share = len(g.branches) / len(BRANCHES)
         payloads = [(cost.bytes_fixed + cost.bytes_per_row * r) * share for r in g.rows]
-        x = gather_seconds(payloads, link, g.ranks, cost.messages)
+        out.append(gather_seconds(payloads, link, g.ranks, cost.messages))
+    return out
+
+
+def plan_exchange_seconds(plan, link: LinkModel, cost: ExchangeCost) -> list[float]:
+    """Per rank: seconds of one synchronous call's context exchanges (its groups, one after another)."""
+    per_rank = [0.0] * plan.world_size
+    for g, x in zip(plan.unit_groups, group_exchange_seconds(plan, link, cost)):
         for r in g.ranks:
             per_rank[r] += x
     return per_rank
@@ -107,17 +114,38 @@ def output_seconds(plan, link: LinkModel, cost: ExchangeCost) -> float:
     return 2 * (p - 1) * (full / p / slowest + worst_latency)
 
 
+def unit_times(plan, compute_s: Callable[[int, float], float]) -> list[dict[int, float]]:
+    """Per unit group: {member rank: seconds of its unit}; a unit costs what a both-branch band
+    with as many tokens costs (rows x branches / 2), one network call each."""
+    share = lambda g: len(g.branches) / len(BRANCHES)  # noqa: E731
+    return [{r: compute_s(r, n * share(g)) for r, n in zip(g.ranks, g.rows)} for g in plan.unit_groups]
+
+
 def unit_compute_s(plan, rank: int, compute_s: Callable[[int, float], float]) -> float:
-    """A rank's compute per call in a branch arrangement: one call per unit, each costing
-    what a both-branch band with as many tokens costs (rows x branches / 2)."""
-    return sum(compute_s(rank, u.rows * len(u.branches) / len(BRANCHES)) for u in units_of(plan.groups, rank))
+    """A rank's compute per call: the sum of its units."""
+    return sum(t.get(rank, 0.0) for t in unit_times(plan, compute_s))
+
+
+def sync_call_seconds(plan, compute_s: Callable[[int, float], float], group_x: Sequence[float]) -> float:
+    """One synchronous call: every layer's exchange ties a group's members together, so a group
+    takes as long as its slowest member's unit plus its exchange, and a rank takes its groups
+    one after another (in plan order) -- a member that arrives early waits."""
+    clock = [0.0] * plan.world_size
+    for g, times, x in zip(plan.unit_groups, unit_times(plan, compute_s), group_x):
+        start = max(clock[r] for r in g.ranks)
+        end = start + max(times.values()) + (x if len(g.ranks) > 1 else 0.0)
+        for r in g.ranks:
+            clock[r] = end
+    return max(clock)
 
 
 @dataclass(frozen=True)
 class StepCost:
     """Predicted seconds of one base step of a plan, and where they go."""
 
-    seconds: float
+    seconds: float  # per base step, averaged over the run (synchronous warmup steps included)
+    sync_s: float  # one synchronous step (exact mode, warmup)
+    steady_s: float  # one displaced step after warmup (amortised over strides); = sync_s in exact mode
     compute_s: tuple[float, ...]  # per rank, per base step (amortised over strides)
     exchange_s: tuple[float, ...]  # per rank, a synchronous call's exchanges
     output_s: float  # branch arrangements' output all-reduce
@@ -127,19 +155,23 @@ def predict_step(plan, compute_s: Callable[[int, float], float], *, link: LinkMo
                  cost: ExchangeCost | None = None) -> StepCost:
     """Seconds per base step: ``compute_s(rank, both-branch rows)`` plus exchanges on ``link``.
 
-    Exact mode blocks on every layer's exchange (compute + exchange); displaced mode overlaps
-    it with the next steps' compute (the larger of the two), and strides amortise both over
-    the sync period. A plan on one device costs its compute alone.
+    Synchronous steps (exact mode; warmup in displaced mode) run each group in lockstep and
+    block on its exchanges (sync_call_seconds). Displaced steps overlap the exchange with the
+    next steps' compute: a rank costs the larger of its own compute and its exchanges, and
+    strides amortise both over the sync period. A plan on one device costs its compute alone.
     """
     link, cost = link or LinkModel(), cost or ExchangeCost()
+    group_x = group_exchange_seconds(plan, link, cost) if plan.world_size > 1 else [0.0]
+    exch = plan_exchange_seconds(plan, link, cost) if plan.world_size > 1 else [0.0] * plan.world_size
+    out = output_seconds(plan, link, cost)
+    sync = sync_call_seconds(plan, compute_s, group_x) + out
     if plan.splits_branches:
         comp = [unit_compute_s(plan, b.rank, compute_s) for b in plan.bands]
     else:
         comp = [compute_s(b.rank, b.rows) / b.stride for b in plan.bands]
-    exch = plan_exchange_seconds(plan, link, cost) if plan.world_size > 1 else [0.0] * plan.world_size
-    out = output_seconds(plan, link, cost)
     if plan.mode == "exact":
-        per = [c + x for c, x in zip(comp, exch)]
-    else:
-        per = [max(c, x / plan.sync_period) for c, x in zip(comp, exch)]
-    return StepCost(max(per) + out, tuple(comp), tuple(exch), out)
+        return StepCost(sync, sync, sync, tuple(comp), tuple(exch), out)
+    steady = max(max(c, x / plan.sync_period) for c, x in zip(comp, exch)) + out
+    warm = min(plan.warmup, plan.steps)
+    mean = (warm * sync + (plan.steps - warm) * steady) / plan.steps
+    return StepCost(mean, sync, steady, tuple(comp), tuple(exch), out)

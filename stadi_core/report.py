@@ -47,6 +47,7 @@ class RunReport:
     slowdowns: list[float] = field(default_factory=list)
     pool_pids: list[int] = field(default_factory=list)
     checksums: dict = field(default_factory=dict)
+    hybrid_window: dict | None = None  # Hybridiff window decision (sampling/hybrid_window.py), if one ran
 
     @classmethod
     def from_results(cls, plan: Plan, timings: list[list[dict]], wall_s: float, *, slowdowns=(), pool_pids=(),

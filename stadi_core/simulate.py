@@ -84,8 +84,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import PlanError
-from .cost_model import (ExchangeCost, LinkModel, gather_seconds, output_seconds, plan_exchange_seconds,
-                         unit_compute_s)
+from .cost_model import (ExchangeCost, LinkModel, gather_seconds, group_exchange_seconds, output_seconds,
+                         plan_exchange_seconds, sync_call_seconds, unit_compute_s)
 from .planner import Plan, make_plan
 from .report import idle_pct
 
@@ -292,12 +292,19 @@ def simulate(plan: Plan, curves: Mapping[str, Any], *, link: LinkModel | None = 
         if bytes_table is not None:
             raise PlanError("a bytes table cannot be used for a branch arrangement: give bytes_per_row/bytes_fixed")
         cost = ExchangeCost(bytes_per_row, bytes_fixed, messages, output_bytes_per_row)
-        x = max(plan_exchange_seconds(plan, link, cost)) + output_seconds(plan, link, cost)
+        out_s = output_seconds(plan, link, cost)  # every rank needs the whole output before its step
+        x = max(plan_exchange_seconds(plan, link, cost))
+        # a synchronous call runs each branch group in lockstep (cost_model.sync_call_seconds)
+        sync_span = sync_call_seconds(plan, lambda r, rows: _curve_for(curves, plan.bands[r].device)(rows) / slow[r],
+                                      group_exchange_seconds(plan, link, cost)) + output_seconds(plan, link, cost)
     elif exchange_s is None:
         x = exchange_seconds(plan.rows, link, bytes_per_row=bytes_per_row, bytes_fixed=bytes_fixed,
                              bytes_table=bytes_table, messages=messages)
     else:
         x = 0.0 if p < 2 else float(exchange_s)
+    if not plan.splits_branches or exchange_s is not None:
+        sync_span = max(real) + x
+        out_s = 0.0
     o = float(step_overhead_s)
     exact = plan.mode == "exact"
 
@@ -319,7 +326,7 @@ def simulate(plan: Plan, curves: Mapping[str, Any], *, link: LinkModel | None = 
             pending_done = None
             if fresh or displaced_exchange == "after_forward":
                 # every layer's exchange blocks in lockstep (or all of them run after the forward)
-                done = start + max(real) + x
+                done = start + sync_span
                 for i in range(p):
                     end = done + pad[i] + o
                     _add(timeline[i], t, True, "fresh" if fresh else "refresh", arrive[i], end, comp[i],
@@ -332,6 +339,9 @@ def simulate(plan: Plan, curves: Mapping[str, Any], *, link: LinkModel | None = 
                     if displaced_exchange == "overlapped":
                         end = max(start + real[i], done) + pad[i] + o
                         _add(timeline[i], t, True, "refresh", arrive[i], end, comp[i], max(0.0, x - real[i]))
+                    elif plan.splits_branches:  # the output all-reduce ends every call together
+                        end = start + max(comp) + out_s + o
+                        _add(timeline[i], t, True, "refresh", arrive[i], end, comp[i], deferred + out_s)
                     else:
                         end = start + comp[i] + o
                         _add(timeline[i], t, True, "refresh", arrive[i], end, comp[i], deferred)

@@ -211,8 +211,9 @@ def ensure_node_defs(page, server):
         req["mode"] = [["displaced", "exact"], {"default": "displaced"}]
         req["warmup_steps"] = ["INT", {"default": 2, "min": 0, "max": 1000}]
         req["strides"] = [["auto", "off"], {"default": "auto"}]
-        ks["input"]["optional"] = {"cluster": ["STADI_CLUSTER"]}
-        ks["input_order"] = {"required": list(req), "optional": ["cluster"]}
+        ks["input"]["optional"] = {"cluster": ["STADI_CLUSTER"],
+                                   "strategy": [["auto", "bands", "cfg_split", "cfg_split+bands"], {"default": "auto"}]}
+        ks["input_order"] = {"required": list(req), "optional": ["cluster", "strategy"]}
         ks.update(name="STADISampler", display_name="STADI Sampler", output=["LATENT", "STADI_PATCHES"],
                   output_is_list=[False, False], output_name=["LATENT", "patches"], category="sampling/stadi",
                   python_module="custom_nodes.comfyui-stadi", description="(synthetic definition for the test)")
@@ -501,6 +502,7 @@ def test_real_run_draws_the_plan(page, server, tmp_path):
     nodes["EmptyLatentImage"]["widgets_values"][:2] = [128, 128]
     sv = nodes["STADISampler"]["widgets_values"]  # seed, control, steps, cfg, sampler, scheduler, denoise, ...
     sv[0], sv[1], sv[2] = 1, "fixed", 4
+    sv[-1] = "bands"  # strategy: the panel's drawing of two bands (auto runs one CPU worker on a 2-core host)
     nodes["STADIClusterProfile"]["widgets_values"][:3] = ["cpu*2", "gloo", False]
     sampler_id = nodes["STADISampler"]["id"]
     profile_id = nodes["STADIClusterProfile"]["id"]

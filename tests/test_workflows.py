@@ -106,7 +106,8 @@ NODES = {
                    ("positive", "CONDITIONING", True), ("negative", "CONDITIONING", True),
                    ("latent_image", "LATENT", True), ("denoise", "FLOAT", True),
                    ("mode", ("displaced", "exact"), True), ("warmup_steps", "INT", True),
-                   ("strides", ("auto", "off"), True), ("cluster", "STADI_CLUSTER", False)],
+                   ("strides", ("auto", "off"), True), ("cluster", "STADI_CLUSTER", False),
+                   ("strategy", ("auto", "bands", "cfg_split", "cfg_split+bands"), False)],
         "outputs": [("LATENT", "LATENT"), ("patches", "STADI_PATCHES")],
     },
     "STADIPatchStitch": {

@@ -171,9 +171,34 @@ function normalizeBands(plan) {
     wall_s: num(b.wall_s),
     idle_pct: num(b.idle_pct),
   }));
+  const groups = asList(plan.groups).filter((g) => g && typeof g === "object");
+  if (groups.length) return branchUnits(plan, groups, bands);
   // Bands are drawn top to bottom in latent order.
   if (bands.every((b) => b.row_start !== null)) bands.sort((a, b) => a.row_start - b.row_start);
   return bands;
+}
+
+// A CFG-branch split: every rank's units, drawn as the branch-major strip (all cond rows, then
+// all uncond rows), each unit labelled with its branch and its rows inside that branch.
+function branchUnits(plan, groups, bands) {
+  const byRank = new Map(bands.map((b) => [b.rank, b]));
+  const order = [...groups].sort((a, b) => (asList(a.branches).includes("cond") ? 0 : 1) -
+                                          (asList(b.branches).includes("cond") ? 0 : 1));
+  const units = [];
+  let offset = 0;
+  for (const g of order) {
+    const ranks = asList(g.ranks);
+    const rows = asList(g.rows).map((r) => Math.max(0, num(r) ?? 0));
+    let start = 0;
+    ranks.forEach((rank, i) => {
+      const b = byRank.get(num(rank)) || { rank: num(rank), device: `rank ${rank}` };
+      units.push({ ...b, row_start: offset + start, rows: rows[i], branch: asList(g.branches).join("+"),
+                   branch_start: start });
+      start += rows[i];
+    });
+    offset += start;
+  }
+  return units;
 }
 
 // Draws the plan panel at (x, y), width w; returns the height used.
@@ -282,9 +307,11 @@ function drawPlan(ctx, plan, x, y, w, stale) {
     ctx.moveTo(x + boxW + 2, centres[i]);
     ctx.lineTo(labelX - 4, ly[i]);
     ctx.stroke();
-    const rowsText = b.row_start !== null
-      ? `rows ${b.row_start}–${b.row_start + b.rows - 1} (${b.rows})`
-      : `${b.rows} rows`;
+    const rowsText = b.branch
+      ? `${b.branch} rows ${b.branch_start}–${b.branch_start + b.rows - 1} (${b.rows})`
+      : b.row_start !== null
+        ? `rows ${b.row_start}–${b.row_start + b.rows - 1} (${b.rows})`
+        : `${b.rows} rows`;
     const strideText = b.stride !== null ? `stride ${b.stride}` : "stride –";
     const evalText = b.evals !== null ? `${b.evals} evals` : "evals –";
     ctx.font = FONT_BOLD;

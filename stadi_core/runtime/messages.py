@@ -57,6 +57,7 @@ class GenerateJob:
     conditioning: dict  # {"cond": {name: ndarray}, "uncond": {...}}
     slowdown: float = 1.0
     graphs: bool = False  # replay communication-free band calls from CUDA graphs (CUDA devices)
+    hybrid_window: dict | None = None  # hybrid_window.WindowConfig fields: Hybridiff's adaptive window
 
 
 @dataclass
@@ -154,7 +155,8 @@ class UnitInput:
     group: int  # index into the plan's groups
     x: np.ndarray  # (N_branch, C, rows, W) the unit's rows of its branches' batch entries
     timesteps: np.ndarray
-    cond: dict  # batch-aligned with x
+    cond: dict  # batch-aligned with x; {} when cond_key names arrays this session already sent
+    cond_key: str = ""
 
 
 @dataclass
@@ -177,6 +179,7 @@ class BandCall:
     measure_only: bool = False  # time the band alone, no exchange (capability measurement)
     slot: int = 0  # the n-th network call of this sampler step: context is kept per slot
     units: list = field(default_factory=list)  # [UnitInput] in a branch arrangement
+    cond_key: str = ""  # names ``cond``; an empty cond with a key: the arrays sent earlier in this session
 
 
 @dataclass

@@ -170,7 +170,8 @@ class _Worker:
         self.models: dict[str, tuple] = {}  # spec key -> (model, ctx, spec, checksum)
         self.loads = 0  # models built so far: a warm pool answers the next prompt without a load
         self._graphs: dict = {}  # id(model) -> GraphedBand (CUDA graphs per input shape)
-        self._dist_groups: dict = {}  # sorted ranks -> torch.distributed group of a branch group
+        self.session_conds: dict = {}  # cond_key -> conditioning on the device, for the current session
+        self.dist_groups: dict = {}  # sorted ranks -> torch.distributed group of a branch group (branch_groups.py)
         threading.Thread(target=self._heartbeat, name="stadi-heartbeat", daemon=True).start()
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         channel.send(Ready(init.rank, os.getpid(), name))
@@ -251,74 +252,6 @@ class _Worker:
         ctx.deactivate()
         ctx.reset(rows, ragged_align)
         return model, ctx, spec, checksum
-
-    def _subgroups(self, groups) -> dict:
-        """A torch.distributed group per multi-rank branch group, made once per rank set.
-
-        ``new_group`` is collective over the whole world, so every rank creates every group,
-        members or not, in the plan's order.
-        """
-        import torch.distributed as dist
-
-        out = {}
-        for g in groups:
-            if len(g.ranks) > 1 and self.group is not None:
-                key = tuple(sorted(g.ranks))
-                if key not in self._dist_groups:
-                    self._dist_groups[key] = dist.new_group(list(key), timeout=timedelta(seconds=self.init.timeout_s))
-                out[g.ranks] = self._dist_groups[key]
-        return out
-
-    def _unit_networks(self, plan, model, router, spec, conditioning: dict, slowdown: float):
-        """This rank's units of a branch arrangement, each calling the network with its group's context."""
-        from ..errors import UnsupportedError
-        from ..parallel import BandContext
-        from ..sampling.unit_network import RankUnit
-        from ..work_units import units_of
-
-        torch = self.torch
-        dtype = input_dtype(model)
-        subgroups = self._subgroups(plan.groups)
-        units = []
-        for u in units_of(plan.groups, self.init.rank):
-            grp = plan.groups[u.group]
-            if len(grp.ranks) > 1 and self.transport is not None:
-                raise UnsupportedError("bands of one CFG branch on workers that share a GPU are not supported: use "
-                                       "strategy cfg_split or bands")
-            cond = {k: torch.cat([conditioning[b][k] for b in u.branches]).to(self.device, dtype)
-                    for k in conditioning["cond"]}
-            key = (grp.ranks, grp.rows, self.init.rank)
-            make = (lambda g=grp: BandContext(g.rows, g.ranks.index(self.init.rank), subgroups.get(g.ranks),
-                                              timeout_s=self.init.timeout_s))
-            router.activate(key, make).reset(grp.rows)  # a new run: nothing of the last one in flight
-            router.deactivate()
-            # CUDA graphs are keyed to one context (parallel/graphs.py): branch units run eagerly
-            net = self._network(model, router, spec, cond, slowdown, graphs=False)
-            units.append(RankUnit(u, self._routed(router, key, make, net)))
-        return units
-
-    @staticmethod
-    def _routed(router, key, make, net):
-        def call(x, t, phase, *args):
-            router.activate(key, make)
-            try:
-                return net(x, t, phase, *args)
-            finally:
-                router.deactivate()
-        return call
-
-    def _combine(self, full) -> None:
-        """Sum the ranks' partial raw outputs in place (each element written by one rank)."""
-        if self.group is None:
-            return
-        import torch.distributed as dist
-
-        if self.init.backend == "nccl":
-            dev = full.to(self.device)
-            dist.all_reduce(dev, group=self.group)
-            full.copy_(dev.cpu())
-        else:
-            dist.all_reduce(full, group=self.group)
 
     def _network(self, model, ctx, spec, cond, slowdown: float, graphs: bool = False):
         """The band's network call: exchange-aware forward plus the emulated slowdown pad.
@@ -405,9 +338,10 @@ class _Worker:
                                 sync_period=plan.sync_period, exact=plan.mode == "exact")
         if plan.groups:  # a branch arrangement: every rank steps the whole latent from the whole output
             from ..sampling.unit_network import UnitsNetwork
+            from .branch_groups import BranchGroups
 
-            network = UnitsNetwork(self._unit_networks(plan, model, ctx, spec, conditioning, job.slowdown),
-                                   self._combine)
+            groups = BranchGroups(self, plan, ctx)
+            network = UnitsNetwork(groups.rank_units(model, spec, conditioning, job.slowdown, dtype), groups.combine)
             rows = slice(None)
         else:
             cond = batched_conditioning(conditioning, job.cfg, self.device, dtype)
@@ -417,15 +351,23 @@ class _Worker:
         def on_step(timing):
             self.channel.send(StepReport(job.job_id, self.init.rank, timing.to_dict()))
 
+        window = None
+        if job.hybrid_window is not None:
+            from ..sampling.hybrid_window import HybridWindow, WindowConfig
+
+            window = HybridWindow(WindowConfig(**job.hybrid_window), plan.steps)
+
         with torch.inference_mode():
             x, timings = run_band(
                 network,
                 sigmas=job.sigmas, sampler=job.sampler, cfg=job.cfg,
                 noise=FullLatentNoise(job.seed, tuple(job.latent_shape)), rows=rows,
                 schedule=schedule, model_sampling=spec.adapter.model_sampling(model),
-                on_step=on_step, before_sync_step=self._agree,
+                on_step=on_step, before_sync_step=self._agree, window=window,
             )
         info = {"weights_checksum": checksum, "pid": os.getpid(), "transport": self.transport_name}
+        if window is not None:
+            info["hybrid_window"] = window.summary()
         graphed = self._graphs.get(id(model))
         if graphed is not None and graphed.disabled:
             info["note"] = graphed.disabled
@@ -467,7 +409,12 @@ class _Worker:
             raise ValueError(f"plan for {plan.world_size} ranks sent to a pool of {self.init.world_size}")
         loads = self.loads
         model, ctx, spec, checksum = self._model(job.model, plan.rows, plan.align if plan.ragged else 0)
-        groups = self._session_groups(plan, ctx)
+        self.session_conds = {}
+        groups = None
+        if plan.groups:
+            from .branch_groups import BranchGroups
+
+            groups = BranchGroups(self, plan, ctx)
         self.channel.send(SessionReady(job.job_id, self.init.rank, {"weights_checksum": checksum, "pid": os.getpid(),
                                                                     "loaded_weights": self.loads > loads,
                                                                     "loads": self.loads}))
@@ -489,9 +436,9 @@ class _Worker:
             else:
                 self.channel.poll_cancel()  # noted; the next sync step acts on it (ranks leave together)
             if groups is not None and not msg.measure_only:
-                self.channel.send(self._unit_call(msg, phase, model, ctx, spec, groups, job.slowdown))
+                self.channel.send(groups.call(msg, phase, model, spec, job.slowdown, dtype))
                 continue
-            cond = self._cond(msg.cond, dtype)
+            cond = self._cond(msg.cond, dtype, msg.cond_key)
             net = self._network(model, ctx, spec, cond, job.slowdown)
             ctx.local_only = msg.measure_only
             try:
@@ -504,49 +451,17 @@ class _Worker:
                 ctx.local_only = False
             self.channel.send(BandOutput(job.job_id, msg.call_id, self.init.rank, out.numpy(), busy, comm))
 
-    def _cond(self, cond: dict, dtype) -> dict:
+    def _cond(self, cond: dict, dtype, key: str = "") -> dict:
+        """A call's conditioning on the device; sent once per session and named by key afterwards."""
+        if not cond and key:
+            if key not in self.session_conds:
+                raise RuntimeError(f"conditioning {key} was named before it was sent in this session")
+            return self.session_conds[key]
         torch = self.torch
-        return {k: torch.from_numpy(v).to(self.device, dtype if v.dtype.kind == "f" else None)
-                for k, v in cond.items()}
-
-    def _session_groups(self, plan, router):
-        """A session's branch groups: (group, context key, context factory) per group, or None."""
-        if not plan.groups:
-            return None
-        from ..parallel import BandContext
-
-        subgroups = self._subgroups(plan.groups)
-        rank = self.init.rank
-        out = []
-        for g in plan.groups:
-            key = (g.ranks, g.rows, rank)
-            make = (lambda g=g: BandContext(g.rows, g.ranks.index(rank), subgroups.get(g.ranks),
-                                            timeout_s=self.init.timeout_s))
-            if rank in g.ranks:
-                router.activate(key, make).reset(g.rows, plan.align if plan.ragged else 0)
-                router.deactivate()
-            out.append((g, key, make))
+        out = {k: torch.from_numpy(v).to(self.device, dtype if v.dtype.kind == "f" else None) for k, v in cond.items()}
+        if key:
+            self.session_conds[key] = out
         return out
-
-    def _unit_call(self, msg, phase, model, router, spec, groups, slowdown: float) -> BandOutput:
-        """This rank's units of one call, in group order, each with its group's context."""
-        torch = self.torch
-        from ..sampling.band_loop import require_finite
-
-        dtype = input_dtype(model)
-        outs, busy, comm = [], 0.0, 0.0
-        for unit in msg.units:
-            g, key, make = groups[unit.group]
-            net = self._routed(router, key, make, self._network(model, router, spec, self._cond(unit.cond, dtype),
-                                                                  slowdown))
-            with torch.inference_mode():
-                t0 = time.perf_counter()
-                out, c = net(torch.from_numpy(unit.x), torch.from_numpy(unit.timesteps), phase, msg.slot)
-                busy += time.perf_counter() - t0 - c
-                comm += c
-            require_finite(out, msg.step, phase)
-            outs.append(out.numpy())
-        return BandOutput(msg.job_id, msg.call_id, self.init.rank, None, busy, comm, unit_outs=outs)
 
 
 if __name__ == "__main__":

@@ -78,8 +78,14 @@ def run_band(
     model_sampling,
     on_step: Callable[[StepTiming], None] | None = None,
     before_sync_step: Callable[[int], None] | None = None,
+    window=None,
 ) -> tuple[torch.Tensor, list[StepTiming]]:
-    """Denoise rows ``rows`` of the latent from noise; returns (band latent, per-step timings)."""
+    """Denoise rows ``rows`` of the latent from noise; returns (band latent, per-step timings).
+
+    ``window`` (a hybrid_window.HybridWindow): each step's [uncond; cond] output is logged to it,
+    and inside the window it opens every second step reuses the last output (one larger step,
+    as a stride 2 does). The raw output must be the whole latent's, so every rank decides alike.
+    """
     solver = make_sampler(sampler)
     batch = noise.shape[0]
     x = noise.initial(rows) * sigmas[0]
@@ -91,7 +97,7 @@ def run_band(
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         if before_sync_step is not None and schedule.phase(i) is not Phase.STALE:
             before_sync_step(i)  # every rank reaches sync steps, so they can agree on a cancel here
-        computed = schedule.computes(i) or last_raw is None
+        computed = (schedule.computes(i) and not _window_skips(window, i)) or last_raw is None
         phase = schedule.phase(i)
         busy = comm = 0.0
         if computed:
@@ -102,6 +108,8 @@ def run_band(
             last_raw, comm = _timed_call(network, x_in, model_sampling.timestep(sigma), phase)
             busy = time.perf_counter() - c0 - comm
             require_finite(last_raw, i, phase)
+        if window is not None:
+            window.observe(i, last_raw[batch:].float(), last_raw[:batch].float())
         eps = cfg_combine(last_raw.float(), cfg, batch)
         denoised = model_sampling.denoised(x, eps, sigma)
         x = solver.step(i, x, denoised, sigma, sigma_next, lambda k: noise.step(k, rows))
@@ -110,6 +118,11 @@ def run_band(
         if on_step is not None:
             on_step(timing)
     return x, timings
+
+
+def _window_skips(window, step: int) -> bool:
+    """Every second step of an opened hybrid window reuses the last network output."""
+    return window is not None and window.in_window(step) and (step - window.opened_at) % 2 == 1
 
 
 NON_FINITE_HINT = ("Causes seen: fp16 overflow in the model or a very high CFG (try bfloat16 or float32, or a lower "
