@@ -11,7 +11,10 @@ class STADIParallelModel:
                    "workers), one band of rows per device sized to its speed. The sampler loop, CFG functions "
                    "(RescaleCFG...), guiders and step caches (EasyCache, LazyCache) run unchanged on the whole "
                    "image. 'exact' reproduces the stock result; 'displaced' reuses the other bands' context from the "
-                   "previous call after the warmup steps (faster, slight deviation). Strides need the STADI Sampler.")
+                   "previous call after the warmup steps (faster, slight deviation). 'strategy' may put the CFG "
+                   "branches on different devices instead (auto: the arrangement predicted fastest, one device "
+                   "alone included). "
+                   "Strides need the STADI Sampler.")
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
     CATEGORY = "sampling/STADI"

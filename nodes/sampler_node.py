@@ -10,7 +10,8 @@ class STADISampler:
                    "workers), each denoising a band of rows sized to its speed. 'exact' reproduces KSampler; "
                    "'displaced' reuses the other bands' context from the last sync step (faster, slight deviation). "
                    "Without strides it runs one sampler loop (CFG functions, step caches work); with strides each "
-                   "device runs its own loop and image-wide nodes are refused (set strides off). "
+                   "device runs its own loop and image-wide nodes are refused (set strides off). 'strategy' may split "
+                   "the CFG branches across devices instead (auto: the arrangement predicted fastest). "
                    "Models: SD1.x, SD2.x, SDXL (inpainting too), SD3/SD3.5, Flux.1 incl. Fill (LoRA, fp8 weights and "
                    "ModelSampling nodes included).")
     RETURN_TYPES = ("LATENT", PATCHES_TYPE)

@@ -160,7 +160,7 @@ class Plan:
         lines = [head, f"{'rank':>4}  {'device':<8} {'rows':>5}  {'[start,end)':<12} {'stride':>6} "
                        f"{'speed':>9} {'evals':>5}"]
         for b in self.bands:
-            span = f"[{b.row_start},{b.row_end})"
+            span = "units below" if self.groups else f"[{b.row_start},{b.row_end})"
             lines.append(f"{b.rank:>4}  {b.device:<8} {b.rows:>5}  {span:<12} {b.stride:>6} "
                          f"{b.speed:>9.4g} {len(self.compute_steps(b.rank)):>5}")
         if self.groups:

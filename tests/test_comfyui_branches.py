@@ -42,8 +42,9 @@ def _cluster(devices: str, speeds: str, slowdown: str) -> dict:
 
 
 def _base(prefix: str, sampler: str, **kw) -> dict:
-    return sd15_api_workflow(CKPT, lora_name=LORA, save_image=False, filename_prefix=prefix, seed=5, steps=4,
-                             cfg=4.0, width=128, height=192, sampler_name=sampler, **kw)
+    kw = dict(dict(seed=5, steps=4, cfg=4.0, width=128, height=192), **kw)
+    return sd15_api_workflow(CKPT, lora_name=LORA, save_image=False, filename_prefix=prefix, sampler_name=sampler,
+                             **kw)
 
 
 def _latent(server, wf, node="7") -> "torch.Tensor":  # noqa: F821
@@ -118,3 +119,24 @@ def test_cfg_split_at_cfg_1_is_refused_with_the_fix(server):
         server.run(st, timeout=300)
     text = str(err.value.entry)
     assert "CFG is 1" in text and "use strategy bands or auto" in text, text[-1500:]
+
+
+def test_displaced_uneven_split_stays_close_to_exact(server):
+    """Displaced context inside the uncond group: the run finishes after warmup with stale context and
+    stays close to the stock image (the exact split equals it; displaced must not be a different image)."""
+    import math
+
+    wf = _base("pmdisp", "euler", steps=6)
+    ref = _latent(server, wf)
+    par = copy.deepcopy(wf)
+    par["50"] = _cluster(*UNEVEN_2[:3])
+    par["51"] = {"class_type": "STADIParallelModel", "inputs": {"model": wf["6"]["inputs"]["model"],
+                                                                "mode": "displaced", "warmup_steps": 2,
+                                                                "cluster": ["50", 0], "strategy": "cfg_split+bands"}}
+    par["6"]["inputs"]["model"] = ["51", 0]
+    out = _latent(server, par)
+    assert out.isfinite().all()
+    mse = float(((out - ref) ** 2).mean())
+    psnr = 10 * math.log10(float(ref.max() - ref.min()) ** 2 / mse) if mse else math.inf
+    print(f"displaced uneven split vs stock: PSNR {psnr:.1f} dB")
+    assert 20.0 < psnr, psnr

@@ -23,7 +23,7 @@ from ..models.spec import model_spec_for
 from ..report import measured_capabilities, psnr
 
 
-def _matmul_loop(seconds_out, n: int = 384, reps: int = 60) -> None:
+def _matmul_loop(seconds_out, n: int = 1024, reps: int = 20) -> None:
     torch.set_num_threads(1)
     a = torch.randn(n, n)
     t0 = time.perf_counter()
@@ -47,7 +47,9 @@ def pair_baseline() -> float:
         return sum(times) / len(times)
 
     run(1)  # warm the page cache / interpreter start
-    return run(1) / run(2)
+    alone = min(run(1) for _ in range(3))
+    pair = min(run(2) for _ in range(3))
+    return alone / pair
 
 
 def _cluster(slow: float, speeds=None) -> ClusterSpec:
@@ -72,13 +74,15 @@ def run(args) -> tuple[list[dict], float]:
 
     one = ClusterSpec((DeviceSpec("cpu:0"),), backend="gloo")
     generate(spec, one, threads_per_worker=1, warmup=1, **dict(kw, steps=1))  # build the model in each pool once
-    generate(spec, one, warmup=1, **dict(kw, steps=1))
+    if not args.slow_only:
+        generate(spec, one, warmup=1, **dict(kw, steps=1))
     single = record("both", "single device (1 worker, 1 thread)",
                     generate(spec, one, threads_per_worker=1, strategy="bands", mode="exact", **kw), "exact")
-    record("both", "whole CPU in one worker (2 threads)", generate(spec, one, strategy="bands", mode="exact", **kw),
-           "exact")
+    if not args.slow_only:
+        record("both", "whole CPU in one worker (2 threads)", generate(spec, one, strategy="bands", mode="exact",
+                                                                        **kw), "exact")
     disp = dict(mode="displaced", warmup=args.warmup, strides="off")
-    for slow in (1.0, 2.0):
+    for slow in ((2.0,) if args.slow_only else (1.0, 2.0)):
         group = "equal" if slow == 1.0 else "cpu:1 2x slower"
         equal = _cluster(slow, (1.0, 1.0))
         generate(spec, equal, strategy="bands", **dict(kw, steps=1), **disp)
@@ -86,9 +90,13 @@ def run(args) -> tuple[list[dict], float]:
         measured = _cluster(slow).with_capabilities(measured_capabilities(eq.report))
         record(group, "elastic bands", generate(spec, measured, strategy="bands", **kw, **disp), "displaced")
         record(group, "cfg_split", generate(spec, measured, strategy="cfg_split", mode="exact", **kw), "exact")
-        record(group, "uneven branch split", generate(spec, measured, strategy="cfg_split+bands", **kw, **disp),
+        uneven = record(group, "uneven branch split", generate(spec, measured, strategy="cfg_split+bands", **kw,
+                                                               **disp), "displaced")
+        # ... re-planned from its own unit times: a band of a branch costs more per row than a whole
+        # branch (halos, context), which speeds measured on equal bands do not show
+        replanned = _cluster(slow).with_capabilities(measured_capabilities(uneven.report))
+        record(group, "uneven split, re-planned", generate(spec, replanned, strategy="cfg_split+bands", **kw, **disp),
                "displaced")
-        rows[-1]["caps"] = [d.capability for d in measured.active()]
     for r in rows:
         r["vs_single"] = r["s"] / single.report.denoise_s
     return rows, pair
@@ -120,11 +128,17 @@ def table(rows: list[dict], pair: float, args) -> str:
         out.append(f"{r['group']:<16} {r['name']:<36} {r['mode']:<9} {work:<34} {r['s']:>9.2f} "
                    f"{r['vs_single']:>9.2f} {vs_eq} {r['psnr']:>8.1f}")
     by = {(r["group"], r["name"]): r["s"] for r in rows}
-    gain = 1 - by[("cpu:1 2x slower", "uneven branch split")] / by[("cpu:1 2x slower", "cfg_split")]
-    out += ["",
-            f"equal workers: cfg_split = {by[('equal', 'cfg_split')] / rows[0]['s']:.2f}x the single device "
-            "(goal <= 0.80)",
-            f"cpu:1 2x slower: the uneven branch split is {100 * gain:.0f}% faster than plain cfg_split (goal >= 20%)",
+    slow = "cpu:1 2x slower"
+    gain = 1 - by[(slow, "uneven branch split")] / by[(slow, "cfg_split")]
+    gain2 = 1 - by[(slow, "uneven split, re-planned")] / by[(slow, "cfg_split")]
+    out.append("")
+    if ("equal", "cfg_split") in by:
+        out.append(f"equal workers: cfg_split = {by[('equal', 'cfg_split')] / rows[0]['s']:.2f}x the single device "
+                   "(goal <= 0.80); each worker does exactly half the single device's work with no exchange, so this "
+                   f"UNet's own pair efficiency here is {0.5 * rows[0]['s'] / by[('equal', 'cfg_split')]:.2f}")
+    out += [
+            f"cpu:1 2x slower: the uneven branch split is {100 * gain:.0f}% faster than plain cfg_split, "
+            f"{100 * gain2:.0f}% once re-planned from its own unit times (goal >= 20%)",
             "denoise s = makespan of the ranks' denoising loops on warm pools; vs single = / the 1-thread single "
             "device; PSNR vs the single-process image (inf = identical; displaced bands deviate, exact splits do not)"]
     return "\n".join(out)
@@ -141,6 +155,7 @@ def main(argv=None) -> int:
                                                           "uneven split)")
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slow-only", action="store_true", help="only the single device and the 2x-slower-worker rows")
     p.add_argument("--out", help="also write the table to this file")
     args = p.parse_args(argv)
     rows, pair = run(args)
