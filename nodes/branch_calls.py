@@ -51,10 +51,12 @@ def split_call(plan, x: torch.Tensor, timesteps: np.ndarray, cond: dict, cond_or
         if not chunks:
             continue  # e.g. the uncond pass ComfyUI skips at cfg 1
         entries = np.concatenate([np.arange(i * per, (i + 1) * per) for i in chunks])
-        for rank, start, rows in zip(group.ranks, _starts(group.rows), group.rows):
+        unit_cond = {k: np.ascontiguousarray(v[entries]) for k, v in cond.items()}  # the same for every member
+        key = digest(unit_cond) if sent is not None else ""
+        for rank, rows in zip(group.ranks, group.rows):
+            start = group.row_start(rank)
             span = slice(start, start + rows)
-            unit_cond = {k: np.ascontiguousarray(v[entries]) for k, v in cond.items()}
-            lean, key = sent.lean(rank, unit_cond) if sent is not None else (unit_cond, "")
+            lean = sent.lean(rank, unit_cond, key) if sent is not None else unit_cond
             units[rank].append(UnitInput(gi, np.ascontiguousarray(xs[entries][:, :, span]), timesteps[entries],
                                          lean, key))
             places[rank].append(Placement(rank, entries, span))
@@ -73,14 +75,6 @@ def assemble(x: torch.Tensor, outs: dict, places: dict) -> torch.Tensor:
     return full.to(device=x.device, dtype=x.dtype)
 
 
-def _starts(rows):
-    out, pos = [], 0
-    for r in rows:
-        out.append(pos)
-        pos += r
-    return out
-
-
 class ConditioningOnce:
     """Each rank receives a conditioning's arrays once per session; later calls name it by key.
 
@@ -92,12 +86,12 @@ class ConditioningOnce:
     def __init__(self):
         self.sent: dict[int, set] = defaultdict(set)
 
-    def lean(self, rank: int, cond: dict) -> tuple[dict, str]:
-        key = digest(cond)
+    def lean(self, rank: int, cond: dict, key: str) -> dict:
+        """What to send ``rank`` for ``cond`` (whose ``digest`` is ``key``): the arrays, or {} once sent."""
         if key in self.sent[rank]:
-            return {}, key
+            return {}
         self.sent[rank].add(key)
-        return cond, key
+        return cond
 
 
 def digest(cond: dict) -> str:

@@ -27,7 +27,7 @@ from stadi_core.report import RunReport, measured_capabilities
 from stadi_core.runtime.messages import BandCall
 
 from .band_network import BandNetwork, private_shell
-from .branch_calls import ConditioningOnce, assemble, split_call
+from .branch_calls import ConditioningOnce, assemble, digest, split_call
 from .compatibility import LOCKSTEP_KEY as WRAPPER_KEY
 from .deployment import CallSlots, Deployment, call_inputs, step_index, step_timings
 from .types import StadiCluster
@@ -66,11 +66,10 @@ class LockstepRun:
             units, places = split_call(plan, x, timesteps, cond, transformer_options.get("cond_or_uncond"), self.sent)
             calls = {r: dict(x=None, timesteps=None, cond={}, units=units[r]) for r in units}
         else:
-            calls = {}
-            for b in plan.bands:
-                lean, key = self.sent.lean(b.rank, cond)
-                calls[b.rank] = dict(x=x[:, :, b.row_start:b.row_end].detach().cpu().float().contiguous().numpy(),
-                                     timesteps=timesteps, cond=lean, cond_key=key)
+            key = digest(cond)  # once per call: every rank gets the same conditioning
+            calls = {b.rank: dict(x=x[:, :, b.row_start:b.row_end].detach().cpu().float().contiguous().numpy(),
+                                  timesteps=timesteps, cond=self.sent.lean(b.rank, cond, key), cond_key=key)
+                     for b in plan.bands}
 
         def band_call(rank):
             return lambda job_id, call_id: BandCall(job_id, call_id, step, phase.value, signature=signature, slot=slot,

@@ -26,7 +26,7 @@ from stadi_core.sampling.band_loop import LoopSchedule
 
 from . import comfy_api
 from .band_network import BandNetwork, private_shell
-from .branch_calls import ConditioningOnce
+from .branch_calls import ConditioningOnce, digest
 from .deployment import CallSlots, Deployment, call_inputs, step_index, step_timings
 
 
@@ -64,7 +64,8 @@ class RankLoops:
                 phase = state.schedule.phase(step)
                 xb = x[:, :, state.rows].detach().cpu().float().contiguous().numpy()
                 signature = hash((step, slot, tuple(x.shape))) % (1 << 50)
-                lean, key = self.sent.lean(state.rank, cond)  # once per run per rank, then by key
+                key = digest(cond)
+                lean = self.sent.lean(state.rank, cond, key)  # once per run per rank, then by key
                 out = session.call(state.rank, lambda job_id, call_id: BandCall(
                     job_id, call_id, step, phase.value, xb, ts, lean, cancel=session.cancel_requested,
                     signature=signature, slot=slot, cond_key=key))
