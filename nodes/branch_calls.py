@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import hashlib
-from collections import defaultdict
 
 import numpy as np
 import torch
 
 from stadi_core.errors import UnsupportedError
 from stadi_core.runtime.messages import UnitInput
+from stadi_core.runtime.session_conds import ConditioningOnce, digest
 
 BRANCH_OF = {0: "cond", 1: "uncond"}  # ComfyUI's cond_or_uncond codes
 
@@ -75,29 +74,3 @@ def assemble(x: torch.Tensor, outs: dict, places: dict) -> torch.Tensor:
     return full.to(device=x.device, dtype=x.dtype)
 
 
-class ConditioningOnce:
-    """Each rank receives a conditioning's arrays once per session; later calls name it by key.
-
-    A prompt's conditioning is the same on every step (and in a branch split each branch's is
-    the same on every call), so sending it once per run instead of per call saves its bytes on
-    all calls but the first (SDXL: ~1.3 MB per call at CFG).
-    """
-
-    def __init__(self):
-        self.sent: dict[int, set] = defaultdict(set)
-
-    def lean(self, rank: int, cond: dict, key: str) -> dict:
-        """What to send ``rank`` for ``cond`` (whose ``digest`` is ``key``): the arrays, or {} once sent."""
-        if key in self.sent[rank]:
-            return {}
-        self.sent[rank].add(key)
-        return cond
-
-
-def digest(cond: dict) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for k in sorted(cond):
-        v = np.ascontiguousarray(cond[k])
-        h.update(f"{k}:{v.dtype}:{v.shape};".encode())
-        h.update(v.data)
-    return h.hexdigest()

@@ -22,11 +22,11 @@ from stadi_core.parallel import Phase
 from stadi_core.planner import Plan
 from stadi_core.runtime.messages import BandCall
 from stadi_core.runtime.pool import JobCancelledError
+from stadi_core.runtime.session_conds import ConditioningOnce, digest
 from stadi_core.sampling.band_loop import LoopSchedule
 
 from . import comfy_api
 from .band_network import BandNetwork, private_shell
-from .branch_calls import ConditioningOnce, digest
 from .deployment import CallSlots, Deployment, call_inputs, step_index, step_timings
 
 

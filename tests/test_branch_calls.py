@@ -10,7 +10,8 @@ import torch
 from stadi_core.errors import UnsupportedError
 from stadi_core.planner import make_branch_plan
 from stadi_core.runtime.messages import BandOutput
-from stadi_pack.nodes.branch_calls import ConditioningOnce, assemble, split_call
+from stadi_core.runtime.session_conds import ConditioningOnce
+from stadi_pack.nodes.branch_calls import assemble, split_call
 
 COND, UNCOND = 0, 1  # ComfyUI's cond_or_uncond codes
 

@@ -11,7 +11,6 @@ deviation from the single-process image (PSNR) are printed as a table.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
@@ -19,6 +18,7 @@ from ..api import generate, reference_generate
 from ..cluster import ClusterSpec, DeviceSpec
 from ..models.spec import model_spec_for
 from ..report import measured_capabilities, psnr
+from . import common
 
 
 def run(args) -> list[dict]:
@@ -79,26 +79,9 @@ def table(rows, caps, args) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stadi_core bench-balance", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny-sd15")
+    p = common.parser("bench-balance", __doc__, model="tiny-sd15", height=64, width=64, steps=12, warmup=2)
     p.add_argument("--slowdown", type=float, default=2.0)
-    p.add_argument("--height", type=int, default=64)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--cfg", type=float, default=5.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="also write the table to this file")
-    args = p.parse_args(argv)
-    rows, caps = run(args)
-    text = table(rows, caps, args)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return 0
-
+    return common.emit(p, argv, lambda args: table(*run(args), args))
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -11,7 +11,6 @@ two cores deliver here (on the 2-core CI machine each runs at ~0.76 of one alone
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import time
 
@@ -21,6 +20,7 @@ from ..api import generate, reference_generate
 from ..cluster import ClusterSpec, DeviceSpec
 from ..models.spec import model_spec_for
 from ..report import measured_capabilities, psnr
+from . import common
 
 
 def _matmul_loop(seconds_out, n: int = 1024, reps: int = 20) -> None:
@@ -145,27 +145,9 @@ def table(rows: list[dict], pair: float, args) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stadi_core bench-units", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sd15")
-    p.add_argument("--height", type=int, default=24)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--warmup", type=int, default=1, help="synchronous steps before displaced context (bands, "
-                                                          "uneven split)")
-    p.add_argument("--cfg", type=float, default=5.0)
-    p.add_argument("--seed", type=int, default=0)
+    p = common.parser("bench-units", __doc__, model="sd15", height=24, width=32, steps=6, warmup=1)
     p.add_argument("--slow-only", action="store_true", help="only the single device and the 2x-slower-worker rows")
-    p.add_argument("--out", help="also write the table to this file")
-    args = p.parse_args(argv)
-    rows, pair = run(args)
-    text = table(rows, pair, args)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return 0
-
+    return common.emit(p, argv, lambda args: table(*run(args), args))
 
 if __name__ == "__main__":
     raise SystemExit(main())

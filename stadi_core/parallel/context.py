@@ -31,7 +31,7 @@ import enum
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -74,6 +74,29 @@ class _Wire:
 
 
 @dataclass
+class _Summary:
+    """A function of one exchange key's stored context, kept current as the stored context changes.
+
+    Layers that need only a reduction of the other bands' context (GroupNorm: their moments)
+    read this instead of recomputing it on every stale call; it is recomputed when a sync
+    step stores new context, in place, so a CUDA graph that read it sees the new values.
+    """
+
+    fn: Callable  # fn(stored parts, *args) -> tuple of tensors
+    args: tuple
+    value: tuple | None = None
+
+    def refresh(self, parts: list) -> tuple:
+        new = tuple(self.fn(parts, *self.args))
+        if self.value is None or any(a.shape != b.shape for a, b in zip(self.value, new)):
+            self.value = new
+        else:
+            for dst, src in zip(self.value, new):
+                dst.copy_(src)
+        return self.value
+
+
+@dataclass
 class CallStats:
     """What one network call spent waiting on other ranks."""
 
@@ -100,7 +123,9 @@ class BandContext:
         self.transport = transport  # CudaIpcTransport for ranks sharing a GPU; None: torch.distributed
         self.timeout = timedelta(seconds=timeout_s)
         self.phase = Phase.FRESH
-        self._buffers: dict[tuple, list[torch.Tensor]] = {}
+        self._buffers: dict[tuple, list[torch.Tensor]] = {}  # per key: every band's part, views of _whole
+        self._whole: dict[tuple, torch.Tensor] = {}  # per key: the parts as one tensor (whole-image tokens)
+        self._summaries: dict[tuple, _Summary] = {}
         self._wires: dict[tuple, _Wire] = {}  # all-gather send/receive buffers per exchange key
         self._pending: list[_Pending] = []
         self._inflight: dict[int, list] = {}  # per call slot: exchanges started at its last sync step
@@ -155,8 +180,7 @@ class BandContext:
             if work is not None:
                 _wait(work, self.timeout)
             if store:
-                for dst, src in zip(self._buffers[p.key], _trim(gathered, p.sizes, p.dim)):
-                    dst.copy_(src)
+                self._store(p.key, _trim(gathered, p.sizes, p.dim), p.dim)
         self.stats.comm_wait_s += time.perf_counter() - t0
 
     def take_pending(self) -> list:
@@ -189,6 +213,8 @@ class BandContext:
                 raise ValueError("a re-plan cannot change the number of ranks")
             self.rows = list(rows)
             self._buffers.clear()
+            self._whole.clear()
+            self._summaries.clear()
             self._wires.clear()
             self.generation += 1
             if self.transport is not None:
@@ -208,14 +234,29 @@ class BandContext:
         """Every rank's extent along a band-proportional dimension, from ours (geometry.band_sizes)."""
         return band_sizes(self.rows, self.rank, local_size, rows, self.ragged_align, self.width)
 
+    @property
+    def sending(self) -> bool:
+        """Whether this call sends our fresh data: a FRESH or REFRESH call of a real multi-band layout.
+
+        A STALE call sends nothing, so layers skip building what they would send."""
+        return self.world_size > 1 and not self.local_only and self.phase is not Phase.STALE
+
     # -- the one exchange primitive ------------------------------------------------------
-    def exchange(self, layer_id: int, local: torch.Tensor, dim: int, sizes: Sequence[int]) -> list[torch.Tensor]:
-        """All ranks' tensors along ``dim`` (rank order), ours always fresh."""
+    def exchange(self, layer_id: int, local: torch.Tensor | None, dim: int, sizes: Sequence[int]) -> list:
+        """All ranks' tensors along ``dim`` (rank order), ours always fresh.
+
+        ``local`` may be None in a STALE call (nothing is sent; our entry is then None)."""
         if self.world_size == 1 or self.local_only:
             return [local]
+        return self._exchange(self._next_key(layer_id), local, dim, sizes)
+
+    def _next_key(self, layer_id: int) -> tuple:
+        """(slot, layer, n): the n-th exchange of this layer in this call, of this call slot."""
         n = self._calls_seen.get(layer_id, 0)
         self._calls_seen[layer_id] = n + 1
-        key = (self.slot, layer_id, n)
+        return (self.slot, layer_id, n)
+
+    def _exchange(self, key: tuple, local: torch.Tensor | None, dim: int, sizes: Sequence[int]) -> list:
         if self.phase is Phase.FRESH:
             t0 = time.perf_counter()
             if self.transport is not None:
@@ -223,24 +264,31 @@ class BandContext:
             else:
                 gathered = self._all_gather(key, local, dim, sizes, async_op=False)[0]
             self.stats.comm_wait_s += time.perf_counter() - t0
-            parts = _trim(gathered, sizes, dim)
-            stored = self._buffers.get(key)
-            if stored is None or any(a.shape != b.shape for a, b in zip(stored, parts)):
-                if stored is not None:
-                    self.generation += 1
-                self._buffers[key] = [p.clone() for p in parts]
-            else:
-                for dst, src in zip(stored, parts):
-                    dst.copy_(src)
-            return parts
+            return self._store(key, _trim(gathered, sizes, dim), dim)
         stored = self._buffers.get(key)
         if stored is None:
-            raise RuntimeError(f"no stored context for layer {layer_id}: the displaced schedule is out of step")
+            raise RuntimeError(f"no stored context for {key}: the displaced schedule is out of step")
         parts = list(stored)
         parts[self.rank] = local
         if self.phase is Phase.REFRESH:
             self._pending.append(_Pending(key, local, list(sizes), dim))
         return parts
+
+    def _store(self, key: tuple, parts: list, dim: int) -> list:
+        """Keep a key's fresh context: in place (static addresses) unless its shapes changed."""
+        stored = self._buffers.get(key)
+        if stored is None or any(a.shape != b.shape for a, b in zip(stored, parts)):
+            if stored is not None:
+                self.generation += 1
+            whole = torch.cat(parts, dim=dim)
+            self._whole[key] = whole
+            stored = self._buffers[key] = list(whole.split([p.shape[dim] for p in parts], dim=dim))
+        else:
+            torch.cat(parts, dim=dim, out=self._whole[key])
+        summary = self._summaries.get(key)
+        if summary is not None and summary.value is not None:  # in use by displaced calls: keep it current
+            summary.refresh(stored)
+        return stored
 
     def _all_gather(self, key: tuple, local: torch.Tensor, dim: int, sizes: Sequence[int], async_op: bool):
         wire = self._wire(key, local, dim, max(sizes))
@@ -261,43 +309,54 @@ class BandContext:
             self._wires[key] = wire
         return wire
 
-    # -- helpers the layers use ------------------------------------------------------------
-    def halo(self, layer_id: int, x: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``pad`` above and below our band (zeros at the image border), from the neighbours."""
+    # -- what the layers ask for -----------------------------------------------------------
+    def halo(self, layer_id: int, x: torch.Tensor, pad: int) -> tuple:
+        """Rows ``pad`` above and below our band from the neighbours: views of the received or stored
+        context, None at the image border (where the conv's zero padding applies)."""
         if x.shape[2] < pad:
             raise UnsupportedError(f"band of {x.shape[2]} rows is thinner than a {pad}-row halo")
-        zeros = x.new_zeros(x.shape[0], x.shape[1], pad, x.shape[3])
         if self.world_size == 1 or self.local_only:
-            return zeros, zeros
-        edge = torch.cat([x[:, :, :pad], x[:, :, -pad:]], dim=2)
+            return None, None
+        edge = torch.cat([x[:, :, :pad], x[:, :, -pad:]], dim=2) if self.sending else None
         parts = self.exchange(layer_id, edge, 2, [2 * pad] * self.world_size)
-        top = parts[self.rank - 1][:, :, pad:] if self.rank > 0 else zeros
-        bottom = parts[self.rank + 1][:, :, :pad] if self.rank < self.world_size - 1 else zeros
-        return top.to(x.dtype), bottom.to(x.dtype)
+        top = parts[self.rank - 1].narrow(2, pad, pad) if self.rank > 0 else None
+        bottom = parts[self.rank + 1].narrow(2, 0, pad) if self.rank < self.world_size - 1 else None
+        return top, bottom
 
     def whole_tokens(self, layer_id: int, tokens: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """Concatenate every band's tokens (row-major bands are contiguous token runs)."""
+        """Every band's tokens as one tensor (row-major bands are contiguous token runs).
+
+        The stored context is kept as that tensor, so a displaced call writes only its own run
+        into it, and no call concatenates the whole image's tokens. The returned tensor is that
+        buffer: read it in this call, do not keep it."""
         if self.world_size == 1 or self.local_only:
             return tokens
         sizes = self.sizes_like(tokens.shape[dim])
-        return torch.cat(self.exchange(layer_id, tokens, dim, sizes), dim=dim)
+        key = self._next_key(layer_id)
+        self._exchange(key, tokens, dim, sizes)
+        whole = self._whole[key]
+        if self.phase is not Phase.FRESH:
+            whole.narrow(dim, sum(sizes[: self.rank]), sizes[self.rank]).copy_(tokens)
+        return whole
 
-    def group_moments(self, layer_id: int, mean: torch.Tensor, m2: torch.Tensor, count: int, rows: int | None = None):
-        """Global (mean, biased variance) per group from every band's local moments.
+    def summarised(self, layer_id: int, local: torch.Tensor | None, dim: int, sizes: Sequence[int],
+                   summarise: Callable, args: tuple = ()) -> tuple:
+        """(parts, None) in a FRESH call; (None, summary) in a displaced one.
 
-        Chan's parallel merge: each band contributes its count, mean and sum of squared
-        deviations, so bands of different heights are weighted by their rows and the
-        result equals the whole-image statistics up to float rounding.
-        """
+        ``summary`` = ``summarise(stored parts, *args)``, recomputed only when the stored context
+        changes (each sync step) instead of on every stale call. ``local`` may be None in STALE."""
         if self.world_size == 1 or self.local_only:
-            return mean, m2 / count
-        parts = self.exchange(layer_id, torch.stack([mean, m2]), 0, [2] * self.world_size)
-        counts = self.sizes_like(count, rows)
-        total = float(sum(counts))
-        # python-scalar weights: no host-to-device copy, so this is legal inside CUDA graph capture
-        g_mean = sum(p[0] * (n / total) for p, n in zip(parts, counts))
-        g_m2 = sum(p[1] + n * (p[0] - g_mean) ** 2 for p, n in zip(parts, counts))
-        return g_mean, g_m2 / total
+            return [local], None
+        key = self._next_key(layer_id)
+        parts = self._exchange(key, local, dim, sizes)
+        summary = self._summaries.get(key)
+        if summary is None or summary.fn is not summarise or summary.args != args:
+            summary = self._summaries[key] = _Summary(summarise, args)
+        if self.phase is Phase.FRESH:
+            return parts, None
+        if summary.value is None:  # first displaced call since the context was stored
+            summary.refresh(self._buffers[key])
+        return None, summary.value
 
 
 def _padded(local: torch.Tensor, dim: int, size: int) -> torch.Tensor:

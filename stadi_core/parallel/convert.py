@@ -7,7 +7,7 @@ from typing import Callable
 import torch.nn as nn
 
 from .context import BandContext
-from .layers import PatchConv2d, PatchGroupNorm
+from .layers import PaddedInputs, PatchConv2d, PatchGroupNorm
 
 # An attention adapter patches a family's self-attention modules; it gets the model,
 # the context and a function handing out fresh layer ids, and returns how many it patched.
@@ -23,10 +23,11 @@ def make_patch_parallel(model: nn.Module, ctx: BandContext, attention: Attention
     counter = iter(range(1 << 30))
     next_id = lambda: next(counter)  # noqa: E731 - a tiny id source shared with adapters
     counts = {"conv": 0, "groupnorm": 0, "attention": 0}
+    padded = PaddedInputs()  # one set of halo-padded input buffers for all the model's convs
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Conv2d) and _needs_rows(child):
-                setattr(parent, name, PatchConv2d(child, ctx, next_id()))
+                setattr(parent, name, PatchConv2d(child, ctx, next_id(), padded))
                 counts["conv"] += 1
             elif isinstance(child, nn.GroupNorm):
                 setattr(parent, name, PatchGroupNorm(child, ctx, next_id()))

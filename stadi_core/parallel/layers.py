@@ -6,11 +6,46 @@ so ComfyUI's casting ops work too) and call them, rather than re-implementing th
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
 from ..errors import UnsupportedError
+from . import moments
 from .context import BandContext
+
+
+class PaddedInputs:
+    """Halo-padded conv inputs, one buffer per shape, shared by every conv of that shape.
+
+    A band conv reads its halo rows from the neighbours; writing band and halos into a
+    preallocated buffer (one ``cat`` into it) replaces allocating zeros and a concatenated
+    copy per layer. The rows at an image border are zeroed once and never written. Convs
+    run one after another, so convs of one shape can share a buffer.
+    """
+
+    MAX_BUFFERS = 48  # a new plan's shapes replace the old ones' instead of piling up
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def fill(self, x: torch.Tensor, pad: int, top, bottom) -> torch.Tensor:
+        b, c, h, w = x.shape
+        if torch.compiler.is_compiling():  # dynamo refuses a strided out=; the compiler plans the memory itself
+            zeros = x.new_zeros((b, c, pad, w))
+            return torch.cat([zeros if top is None else top, x, zeros if bottom is None else bottom], dim=2)
+        key = (b, c, h, w, pad, x.dtype, x.device, top is None, bottom is None)
+        buf = self._buffers.get(key)
+        if buf is None:
+            if len(self._buffers) >= self.MAX_BUFFERS:
+                self._buffers.clear()
+            with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+                buf = self._buffers[key] = x.new_zeros((b, c, h + 2 * pad, w))
+        start = 0 if top is not None else pad
+        stop = h + 2 * pad if bottom is not None else h + pad
+        torch.cat([t for t in (top, x, bottom) if t is not None], dim=2, out=buf.narrow(2, start, stop - start))
+        return buf
 
 
 class PatchConv2d(nn.Module):
@@ -21,7 +56,7 @@ class PatchConv2d(nn.Module):
     Works for stride 1 and for stride-2 downsampling when bands start on even rows.
     """
 
-    def __init__(self, conv: nn.Conv2d, ctx: BandContext, layer_id: int):
+    def __init__(self, conv: nn.Conv2d, ctx: BandContext, layer_id: int, padded: PaddedInputs | None = None):
         super().__init__()
         if isinstance(conv.padding, str):
             raise UnsupportedError(f"conv with padding={conv.padding!r} is not supported in patch-parallel mode")
@@ -39,14 +74,18 @@ class PatchConv2d(nn.Module):
         self.inner = conv
         self.ctx = ctx
         self.layer_id = layer_id
+        self.padded = padded if padded is not None else PaddedInputs()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         top, bottom = self.ctx.halo(self.layer_id, x, self.pad)
-        return self.inner(torch.cat([top, x, bottom], dim=2), *args, **kwargs)
+        return self.inner(self.padded.fill(x, self.pad, top, bottom), *args, **kwargs)
 
 
 class PatchGroupNorm(nn.Module):
-    """GroupNorm whose statistics are those of the whole image, not of the band."""
+    """GroupNorm whose statistics are those of the whole image, not of the band.
+
+    A displaced call merges its fresh moments with a summary of the other bands' stale ones
+    (kept current by the context at each sync step), then normalizes in one pass."""
 
     def __init__(self, norm: nn.GroupNorm, ctx: BandContext, layer_id: int):
         super().__init__()
@@ -55,17 +94,19 @@ class PatchGroupNorm(nn.Module):
         self.layer_id = layer_id
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = self.inner
-        b, c = x.shape[:2]
+        norm, ctx = self.inner, self.ctx
+        if ctx.world_size == 1 or ctx.local_only:
+            return norm(x)  # the band is the whole image (or measured alone): the stock kernel
         g = norm.num_groups
-        xg = x.reshape(b, g, -1).float()
-        count = xg.shape[-1]
-        mean = xg.mean(-1)
-        m2 = ((xg - mean.unsqueeze(-1)) ** 2).sum(-1)
-        g_mean, g_var = self.ctx.group_moments(self.layer_id, mean, m2, count, rows=x.shape[2] if x.dim() > 2 else None)
-        y = (xg - g_mean.unsqueeze(-1)) * torch.rsqrt(g_var.unsqueeze(-1) + norm.eps)
-        y = y.reshape(x.shape)
-        if norm.affine:
-            shape = (1, c) + (1,) * (x.dim() - 2)
-            y = y * norm.weight.to(y.dtype).reshape(shape) + norm.bias.to(y.dtype).reshape(shape)
-        return y.to(x.dtype)
+        mean, var = moments.local_moments(x, g)
+        counts = ctx.sizes_like(math.prod(x.shape[2:]), rows=x.shape[2] if x.dim() > 2 else None)
+        local = torch.stack([mean, var]) if ctx.sending else None
+        parts, summary = ctx.summarised(self.layer_id, local, 0, [2] * ctx.world_size, moments.others_summary,
+                                        (ctx.rank, tuple(counts), float(norm.eps)))
+        if summary is None:  # fresh: every band's moments are current
+            mean, var = moments.merge(parts, counts)
+            rstd = torch.rsqrt(var + norm.eps)
+        else:
+            mean, rstd = moments.with_summary(mean, var, summary, counts[ctx.rank] / float(sum(counts)))
+        return moments.normalize(x, g, mean, rstd, norm.weight if norm.affine else None,
+                                 norm.bias if norm.affine else None)
