@@ -37,6 +37,28 @@ def default_cluster() -> StadiCluster:
     return StadiCluster(spec, notes=[] if n else ["no GPU found: running on 2 CPU workers"])
 
 
+def compile_notes(session) -> list[str]:
+    """The report's notes on compiled band calls: what ran compiled, what was refused or failed (then eager)."""
+    ready = getattr(session, "ready", {}) or {}
+    failed = getattr(session, "notes", {}) or {}
+    modes = {r: m.info.get("compile", "off") for r, m in ready.items()}
+    notes = []
+    for mode in sorted(set(modes.values()) - {"off"}):
+        ranks = sorted(r for r, m in modes.items() if m == mode and r not in failed)
+        if ranks:
+            what = "CUDA graphs" if mode == "graphs" else mode
+            notes.append(f"band network compiled ({what}) on ranks {ranks}: displaced and measured calls "
+                         "(exact and warmup calls run eagerly)")
+    refused = {r: m.info["compile_note"] for r, m in ready.items() if m.info.get("compile_note")}
+    for per_rank in (refused, {r: n for r, ns in failed.items() for n in ns}):
+        by_note: dict[str, list] = {}
+        for r, note in sorted(per_rank.items()):
+            by_note.setdefault(note, []).append(r)
+        notes.extend(f"ranks {ranks}: {note}" if len(ranks) > 1 else f"rank {ranks[0]}: {note}"
+                     for note, ranks in by_note.items())
+    return notes
+
+
 def dtype_name(dtype) -> str | None:
     return str(dtype).split(".")[-1] if dtype is not None else None
 
@@ -45,7 +67,8 @@ class Deployment:
     """One model on one cluster: the spec the workers rebuild it from, plans, sessions."""
 
     def __init__(self, model, *, cluster: StadiCluster | None, mode: str, warmup: int, strides: str,
-                 sampler_name: str, steps: int, strategy: str = "auto", branches: bool = False):
+                 sampler_name: str, steps: int, strategy: str = "auto", branches: bool = False,
+                 compile: str = "off"):
         import comfy.cli_args
 
         family = compatibility.check_model(model, lockstep=True)  # strided runs check the rest (coordinator)
@@ -54,6 +77,7 @@ class Deployment:
         self.mode, self.warmup, self.strides = mode, warmup, strides
         self.sampler_name, self.steps = sampler_name, steps
         self.strategy = strategy
+        self.compile = compile  # off | auto | graphs | torch.compile (parallel/compiled.py)
         self.branches = branches  # the run evaluates a separate uncond branch (CFG > 1)
         self.last_choice = None
         base = model.model
@@ -129,16 +153,18 @@ class Deployment:
         by_name = {d.name: d for d in self.cluster.spec.active()}
         return [by_name[b.device].slowdown for b in plan.bands]
 
-    def open(self, plan: Plan):
+    def open(self, plan: Plan, compile: str | None = None):
         """(pool, session) with the model loaded on every rank of the plan."""
         slowdowns = self.slowdowns(plan)
+        compile = self.compile if compile is None else compile
         pool = self._pool(plan)
 
         def per_rank(start, rank):
             start.slowdown = slowdowns[rank]
             return start
 
-        session = pool.open_session(lambda job_id: SessionStart(job_id, self.spec.to_dict(), plan.to_dict()),
+        session = pool.open_session(lambda job_id: SessionStart(job_id, self.spec.to_dict(), plan.to_dict(),
+                                                                compile=compile),
                                     per_rank=per_rank)
         return pool, session
 
@@ -150,6 +176,7 @@ class Deployment:
         loaded = sorted(r for r, m in session.ready.items() if m.info.get("loaded_weights"))
         report.notes.append(f"weights loaded by ranks {loaded}" if loaded else "weights already loaded (warm workers)")
         report.notes.extend(self.cluster.notes)
+        report.notes.extend(compile_notes(session))
         return report
 
     def measure(self, plan: Plan, batch: int, width: int) -> list[float]:
@@ -158,7 +185,8 @@ class Deployment:
         # stand-in conditioning shaped for this network (values do not matter for timing)
         probe = self.adapter.make_conditioning(self.model.model.diffusion_model, n, seed=0)["cond"]
         cond = {k: v.numpy().astype(np.float32) for k, v in probe.items()}
-        pool, session = self.open(plan)
+        # torch.compile would time its compile (the second call of a shape): measure eagerly then
+        pool, session = self.open(plan, compile="off" if self.compile == "torch.compile" else None)
         speeds = []
         try:
             for band in plan.bands:

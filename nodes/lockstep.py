@@ -25,9 +25,10 @@ from stadi_core.errors import StadiError
 from stadi_core.parallel import Phase
 from stadi_core.report import RunReport, measured_capabilities
 from stadi_core.runtime.messages import BandCall
+from stadi_core.runtime.session_conds import ConditioningOnce, digest
 
 from .band_network import BandNetwork, private_shell
-from .branch_calls import ConditioningOnce, assemble, digest, split_call
+from .branch_calls import assemble, split_call
 from .compatibility import LOCKSTEP_KEY as WRAPPER_KEY
 from .deployment import CallSlots, Deployment, call_inputs, step_index, step_timings
 from .types import StadiCluster
@@ -106,8 +107,9 @@ class LockstepRun:
 class LockstepPatch:
     """The settings of one STADI Parallel Model (or lockstep STADI Sampler) and its two wrappers."""
 
-    def __init__(self, cluster: StadiCluster | None, mode: str, warmup: int, strategy: str = "auto"):
-        self.cluster, self.mode, self.warmup, self.strategy = cluster, mode, warmup, strategy
+    def __init__(self, cluster: StadiCluster | None, mode: str, warmup: int, strategy: str = "auto",
+                 compile: str = "off"):
+        self.cluster, self.mode, self.warmup, self.strategy, self.compile = cluster, mode, warmup, strategy, compile
         self.last_report: RunReport | None = None
         self.last_plan = None
 
@@ -136,7 +138,7 @@ class LockstepPatch:
         compatibility.check_guider_conds(guider)
         steps = max(1, int(sigmas.shape[-1]) - 1)
         deployment = Deployment(patcher, cluster=self.cluster, mode=self.mode, warmup=min(self.warmup, steps),
-                                strides="off", sampler_name="lockstep", steps=steps, strategy=self.strategy,
+                                strides="off", sampler_name="lockstep", steps=steps, strategy=self.strategy, compile=self.compile,
                                 branches=compatibility.guider_branches(guider))
         run = LockstepRun(deployment, tuple(noise.shape))
         token = _RUN.set(run)

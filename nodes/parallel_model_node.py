@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .sampler_node import COMPILE_INPUT
 from .types import CLUSTER_TYPE, STRATEGY_INPUT, StadiCluster
 
 
@@ -30,10 +31,11 @@ class STADIParallelModel:
                 "warmup_steps": ("INT", {"default": 2, "min": 0, "max": 1000,
                                          "tooltip": "synchronous steps before displaced context"}),
             },
-            "optional": {"cluster": (CLUSTER_TYPE,), "strategy": STRATEGY_INPUT},
+            "optional": {"cluster": (CLUSTER_TYPE,), "strategy": STRATEGY_INPUT, "compile": COMPILE_INPUT},
         }
 
-    def patch(self, model, mode, warmup_steps, cluster: StadiCluster | None = None, strategy: str = "auto"):
+    def patch(self, model, mode, warmup_steps, cluster: StadiCluster | None = None, strategy: str = "auto",
+              compile: str = "auto"):
         from stadi_core.errors import PlanError
 
         from .lockstep import LockstepPatch
@@ -41,4 +43,4 @@ class STADIParallelModel:
         if mode == "displaced" and warmup_steps < 1:
             raise PlanError("STADI Parallel Model: displaced mode needs at least 1 warmup step; set warmup_steps "
                             "to 1 or more, or use exact mode")
-        return (LockstepPatch(cluster, mode, warmup_steps, strategy).apply(model),)
+        return (LockstepPatch(cluster, mode, warmup_steps, strategy, compile).apply(model),)

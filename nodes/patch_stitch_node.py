@@ -6,6 +6,9 @@ neighbours taken from the stitched latent (so the VAE decoder sees real context 
 seam); the two decodes of each seam are cross-faded linearly over the middle of the region both
 cover (overlap_rows latent rows wide, centred on the seam), and the outer half of each
 extension, decoded without context of its own, is dropped. With overlap 0 this is plain concatenation of separately decoded bands.
+
+decode_on="devices": each worker of the run decodes its own band (the same slices, in parallel;
+device_decode.py) and the server stitches the pixel bands the same way.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from .types import PATCHES_TYPE, StadiPatches
 
 log = logging.getLogger("stadi")
 
-__all__ = ["PatchStitch", "stitch_decoded", "decode_bands", "band_extensions"]
+__all__ = ["PatchStitch", "stitch_decoded", "decode_bands", "stitch_band_images", "band_extensions"]
 
 NO_VAE_TEXT = "connect a VAE to decode the bands"
+DECODE_ON = ["server", "devices"]
 
 
 def band_extensions(rows: Sequence[int], overlap: int) -> list[tuple[int, int]]:
@@ -110,10 +114,20 @@ def decode_bands(decode: Callable[[torch.Tensor], torch.Tensor], latent: torch.T
     if sum(rows) != latent.shape[2]:
         raise ValueError(f"bands of {rows} rows do not tile a latent of {latent.shape[2]} rows")
     overlap_rows = max(0, int(overlap_rows))
-    ext = band_extensions(rows, overlap_rows)
-    decoded, start, scale = [], 0, None
-    for r, (a, b) in zip(rows, ext):
-        img = decode(latent[:, :, start - a: start + r + b])
+    decoded, start = [], 0
+    for r, (a, b) in zip(rows, band_extensions(rows, overlap_rows)):
+        decoded.append(decode(latent[:, :, start - a: start + r + b]))
+        start += r
+    return stitch_band_images(decoded, rows, overlap_rows)
+
+
+def stitch_band_images(images: Sequence[torch.Tensor], rows: Sequence[int], overlap_rows: int) -> torch.Tensor:
+    """Stitch what the VAE made of each band (decoded with `overlap_rows` latent rows of context, as
+    `band_extensions` gives them), wherever it was decoded: the server (decode_bands) or the workers."""
+    rows = [int(r) for r in rows]
+    overlap_rows = max(0, int(overlap_rows))
+    decoded, scale = [], None
+    for img, r, (a, b) in zip(images, rows, band_extensions(rows, overlap_rows)):
         if img.dim() == 5:  # video VAEs: (B, T, H, W, C) -> frames as batch, as VAEDecode does
             img = img.reshape(-1, *img.shape[-3:])
         h = a + r + b
@@ -124,7 +138,6 @@ def decode_bands(decode: Callable[[torch.Tensor], torch.Tensor], latent: torch.T
             raise ValueError(f"the VAE's scale changed between bands ({scale} then {s})")
         scale = s
         decoded.append(img)
-        start += r
     return stitch_decoded(decoded, rows, overlap_rows * scale, scale=scale)
 
 
@@ -154,17 +167,38 @@ class PatchStitch:
             },
             "optional": {
                 "vae": ("VAE", {"tooltip": "Decode the bands with this VAE (else the image output is a placeholder)."}),
+                # optional, so prompts and workflows saved before it existed still validate
+                "decode_on": (DECODE_ON, {"default": "server", "tooltip":
+                              "server: ComfyUI decodes the bands one after another. devices: every worker of the "
+                              "STADI run decodes its own band in parallel (the VAE's weights are sent to them once; "
+                              "each device then holds a VAE next to the diffusion model). Falls back to the server, "
+                              "with a note on the plan picture, when the run's workers are gone."}),
             },
         }
 
-    def stitch(self, patches: StadiPatches, overlap_rows: int = 4, vae=None):
+    def stitch(self, patches: StadiPatches, overlap_rows: int = 4, vae=None, decode_on: str = "server"):
         if not isinstance(patches, StadiPatches) or not patches.bands:
             raise ValueError("patches: expected the 'patches' output of a STADI Sampler")
+        if decode_on not in DECODE_ON:
+            raise ValueError(f"decode_on: {decode_on!r}, expected one of {DECODE_ON}")
         latent = patches.as_latent()
-        picture = plan_image(patches.plan, patches.report)
+        notes: list[str] = []
         if vae is None:
             image = text_image(NO_VAE_TEXT, width=320, height=64)
         else:
             rows = [int(b.shape[2]) for b in patches.bands]
-            image = decode_bands(vae.decode, latent["samples"], rows, overlap_rows)
+            image = None
+            if decode_on == "devices":
+                from .device_decode import try_device_decode
+
+                image, job = try_device_decode(patches, vae, latent["samples"], rows, overlap_rows)
+                notes.extend(job.notes)
+                if image is None:
+                    log.warning("STADI Patch Stitch: %s", "; ".join(job.notes))
+                else:
+                    log.info("STADI Patch Stitch: %s", "; ".join(job.notes))
+            if image is None:
+                image = decode_bands(vae.decode, latent["samples"], rows, overlap_rows)
+        report = dict(patches.report, notes=list(patches.report.get("notes") or []) + notes) if notes else patches.report
+        picture = plan_image(patches.plan, report)
         return (latent, picture, image)

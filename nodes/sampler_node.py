@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from .types import CLUSTER_TYPE, PATCHES_TYPE, STRATEGY_INPUT, StadiCluster, plan_ui_payload
 
+# optional (old prompts validate): how the workers run band calls that have no exchange inside
+COMPILE_INPUT = (["auto", "off", "graphs", "torch.compile"], {
+    "default": "auto",
+    "tooltip": "auto: CUDA graphs on GPUs, eager on CPU; graphs: replay displaced calls from CUDA graphs; "
+               "torch.compile: compile them (the first calls of each shape pay the compile time); off: eager. "
+               "Exact and warmup calls always run eagerly; a refused or failed compile runs eagerly and says so "
+               "in the report"})
+
 
 class STADISampler:
     DESCRIPTION = ("Drop-in KSampler replacement that splits one generation across several GPUs (or CPU "
@@ -31,10 +39,12 @@ class STADISampler:
                                             "tooltip": "synchronous steps before displaced context and strides"})
         required["strides"] = (["auto", "off"], {"default": "auto",
                                                  "tooltip": "auto: slower devices may take fewer, larger steps"})
-        return {"required": required, "optional": {"cluster": (CLUSTER_TYPE,), "strategy": STRATEGY_INPUT}}
+        return {"required": required, "optional": {"cluster": (CLUSTER_TYPE,), "strategy": STRATEGY_INPUT,
+                                                    "compile": COMPILE_INPUT}}
 
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
-               mode, warmup_steps, strides, cluster: StadiCluster | None = None, strategy: str = "auto"):
+               mode, warmup_steps, strides, cluster: StadiCluster | None = None, strategy: str = "auto",
+               compile: str = "auto"):
         import comfy.sample
 
         from .coordinator import StadiRun
@@ -42,8 +52,8 @@ class STADISampler:
         latent = latent_image
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
-        run = StadiRun(model, cluster=cluster, mode=mode, warmup=min(warmup_steps, steps), strides=strides,
-                       sampler_name=sampler_name, steps=steps, strategy=strategy)
+        run = StadiRun(model, cluster=cluster, mode=mode, warmup=min(warmup_steps, steps),
+                       strides=strides, sampler_name=sampler_name, steps=steps, strategy=strategy, compile=compile)
         extra = {k: v for k, v in latent.items() if k != "samples"}
         patches = run.sample(noise, samples, positive=positive, negative=negative, cfg=cfg, scheduler=scheduler,
                              denoise=denoise, noise_mask=latent.get("noise_mask"), seed=seed, latent_extra=extra)

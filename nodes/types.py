@@ -43,6 +43,9 @@ class StadiPatches:
     bands: list[torch.Tensor]  # per rank, CPU (B, C, rows, W), top to bottom
     report: dict  # stadi_core.report.RunReport.to_dict()
     latent_extra: dict = field(default_factory=dict)  # other LATENT keys to carry (batch_index, noise_mask)
+    # (devices, backend) of the worker pool that computed the bands, for Patch Stitch's decode_on=devices;
+    # None: that node looks the warm pool up by the plan's band devices (what Deployment's pool is keyed by)
+    pool_key: tuple | None = None
 
     def stitched(self) -> torch.Tensor:
         return torch.cat(self.bands, dim=2)

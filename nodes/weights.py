@@ -1,4 +1,5 @@
-"""Diffusion-network weights with LoRA and other weight patches baked in, written once for the workers.
+"""Diffusion-network weights with LoRA and other weight patches baked in, written once for the workers
+(and a VAE's weights, for the Patch Stitch node's decode on the devices: ``baked_vae_file``).
 
 The server never loads its own GPU copy: patched weights are computed on the CPU with
 ComfyUI's own ``calculate_weight`` and written to shared memory (``/dev/shm`` where it
@@ -12,10 +13,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import itertools
 import os
 import shutil
 import tempfile
 import threading
+import weakref
 
 
 _CACHE: dict[tuple, str] = {}
@@ -140,4 +143,51 @@ def baked_network_file(model_patcher) -> tuple[str, str]:
         save_file(state, path + ".partial")
         os.replace(path + ".partial", path)
         _CACHE[ident] = path
+        return path, key
+
+
+# -- VAE weights (Patch Stitch, decode_on=devices) ----------------------------------------------
+_VAE_CACHE: dict[int, tuple[str, str]] = {}  # id(first_stage_model) -> (path, key)
+_VAE_SERIAL = itertools.count(1)
+_VAE_KEEP = 1
+
+
+def _forget_vae(ident: int, path: str) -> None:
+    """The VAE's model was garbage-collected: its id may be reused, so its file must not be."""
+    if _VAE_CACHE.get(ident, (None,))[0] == path:
+        _VAE_CACHE.pop(ident, None)
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def baked_vae_file(vae) -> tuple[str, str]:
+    """(path, key) of a safetensors file with ``vae.first_stage_model``'s state dict, written once per VAE.
+
+    A VAE carries no weight patches, so the model object is its identity; the key also numbers
+    the bake, so a later VAE that happens to get a collected one's id is a new key (workers cache
+    their VAE by key). Tensors keep the VAE's dtype (``vae.vae_dtype``).
+    """
+    from safetensors.torch import save_file
+
+    model = vae.first_stage_model
+    if model is None:
+        from stadi_core.errors import UnsupportedError
+
+        raise UnsupportedError("Patch Stitch: this VAE has no weights (ComfyUI could not detect it)")
+    ident = id(model)
+    with _LOCK:
+        hit = _VAE_CACHE.get(ident)
+        if hit and os.path.exists(hit[0]):
+            return hit
+        state = {k: v.detach().to(device="cpu").contiguous() for k, v in vae.get_sd().items()}
+        key = hashlib.sha256(f"vae:{os.getpid()}:{next(_VAE_SERIAL)}:{ident}".encode()).hexdigest()[:16]
+        needed = sum(t.numel() * t.element_size() for t in state.values())
+        for old in list(_VAE_CACHE)[:len(_VAE_CACHE) - (_VAE_KEEP - 1)]:
+            with contextlib.suppress(OSError):
+                os.remove(_VAE_CACHE.pop(old)[0])
+        path = os.path.join(_folder(needed), f"vae-{key}.safetensors")
+        save_file(state, path + ".partial")
+        os.replace(path + ".partial", path)
+        _VAE_CACHE[ident] = (path, key)
+        weakref.finalize(model, _forget_vae, ident, path)
         return path, key

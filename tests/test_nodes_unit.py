@@ -71,7 +71,7 @@ def test_parallel_model_schema():
     it = STADIParallelModel.INPUT_TYPES()
     assert list(it["required"]) == ["model", "mode", "warmup_steps"] and it["required"]["model"][0] == "MODEL"
     assert it["required"]["mode"][0] == ["exact", "displaced"] and it["required"]["mode"][1]["default"] == "exact"
-    assert list(it["optional"]) == ["cluster", "strategy"] and it["optional"]["cluster"][0] == "STADI_CLUSTER"
+    assert list(it["optional"]) == ["cluster", "strategy", "compile"] and it["optional"]["cluster"][0] == "STADI_CLUSTER"
     assert it["optional"]["strategy"][0] == ["auto", "bands", "cfg_split", "cfg_split+bands"]
     assert it["optional"]["strategy"][1]["default"] == "auto"
     assert STADIParallelModel.RETURN_TYPES == ("MODEL",) and STADIParallelModel.CATEGORY == "sampling/STADI"
@@ -84,7 +84,9 @@ def test_patch_stitch_schema():
     assert it["required"]["patches"][0] == "STADI_PATCHES"
     ov = it["required"]["overlap_rows"]
     assert ov[0] == "INT" and (ov[1]["default"], ov[1]["min"], ov[1]["max"]) == (4, 0, 64)
-    assert list(it["optional"]) == ["vae"] and it["optional"]["vae"][0] == "VAE"
+    assert list(it["optional"]) == ["vae", "decode_on"] and it["optional"]["vae"][0] == "VAE"
+    assert it["optional"]["decode_on"][0] == ["server", "devices"]
+    assert it["optional"]["decode_on"][1]["default"] == "server"
     assert PatchStitch.RETURN_TYPES == ("LATENT", "IMAGE", "IMAGE")
     assert PatchStitch.RETURN_NAMES == ("latent", "plan", "image")
     assert PatchStitch.CATEGORY == "sampling/STADI"

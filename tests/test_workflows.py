@@ -107,11 +107,13 @@ NODES = {
                    ("latent_image", "LATENT", True), ("denoise", "FLOAT", True),
                    ("mode", ("displaced", "exact"), True), ("warmup_steps", "INT", True),
                    ("strides", ("auto", "off"), True), ("cluster", "STADI_CLUSTER", False),
-                   ("strategy", ("auto", "bands", "cfg_split", "cfg_split+bands"), False)],
+                   ("strategy", ("auto", "bands", "cfg_split", "cfg_split+bands"), False),
+                   ("compile", ("auto", "off", "graphs", "torch.compile"), False)],
         "outputs": [("LATENT", "LATENT"), ("patches", "STADI_PATCHES")],
     },
     "STADIPatchStitch": {
-        "inputs": [("patches", "STADI_PATCHES", True), ("overlap_rows", "INT", True), ("vae", "VAE", False)],
+        "inputs": [("patches", "STADI_PATCHES", True), ("overlap_rows", "INT", True), ("vae", "VAE", False),
+                   ("decode_on", ("server", "devices"), False)],
         "outputs": [("latent", "LATENT"), ("plan", "IMAGE"), ("image", "IMAGE")],
     },
 }
@@ -342,7 +344,7 @@ def test_api_workflow_graph(path):
     if fam["vae"] == ["CheckpointLoaderSimple"]:
         assert vae == [model[-1][1], 2]
     assert prompt["8"]["inputs"]["samples"] == ["6", 0]
-    assert prompt["10"]["inputs"] == {"patches": ["6", 1], "overlap_rows": 4, "vae": vae}
+    assert prompt["10"]["inputs"] == {"patches": ["6", 1], "overlap_rows": 4, "vae": vae, "decode_on": "server"}
     assert prompt["9"]["inputs"]["images"] == ["8", 0]
     assert prompt["11"]["inputs"]["images"] == ["10", 1] and prompt["12"]["inputs"]["images"] == ["10", 2]
     # Realistic defaults.

@@ -139,6 +139,7 @@ class SessionStart:
     model: dict  # ModelSpec.to_dict()
     plan: dict  # Plan.to_dict()
     slowdown: float = 1.0
+    compile: str = "off"  # band calls without exchange inside: off | auto | graphs | torch.compile (parallel/compiled.py)
 
 
 @dataclass
@@ -191,6 +192,7 @@ class BandOutput:
     busy_s: float
     comm_s: float
     unit_outs: list = field(default_factory=list)  # one raw output per UnitInput, in order
+    note: str = ""  # for the run report, once: e.g. compiling this band failed and calls run eagerly now
 
 
 @dataclass
@@ -204,3 +206,29 @@ class SessionClosed:
 
     job_id: int
     rank: int
+
+
+@dataclass
+class DecodeJob:
+    """Decode one band of a latent with a VAE (Patch Stitch, decode on the devices).
+
+    ``latent`` is the band's own ``rows`` latent rows plus ``top`` rows of the band above and
+    ``bottom`` rows of the band below (the overlap the server cross-fades), (B, C, top+rows+bottom, W).
+    """
+
+    job_id: int
+    vae: dict  # runtime.decode.VaeSpec fields: the baked weights file, dtype, config, ComfyUI options
+    latent: np.ndarray
+    rows: int
+    top: int = 0
+    bottom: int = 0
+
+
+@dataclass
+class DecodeResult:
+    job_id: int
+    rank: int
+    pixels: np.ndarray  # (B, H_px, W_px, C) float32, as ComfyUI's VAE.decode returns it
+    seconds: float  # the decode alone (building the VAE is in info["build_s"])
+    peak_memory_bytes: int  # see info["memory"]: what was measured
+    info: dict = field(default_factory=dict)

@@ -246,6 +246,64 @@ class WorkerPool:
                 self.close(force=True)
                 raise
 
+    def decode(self, make_job: Callable[[int, int], object], ranks: Sequence[int] | None = None, *,
+               timeout_s: float = 600.0, stall_timeout_s: float = 120.0, lock_timeout_s: float = 60.0) -> dict:
+        """Send ``make_job(job_id, rank)`` (a DecodeJob) to each of ``ranks`` (default all) at once and
+        return {rank: DecodeResult}.
+
+        Deadlines: the pool must be free within ``lock_timeout_s`` (a run holds it), every rank must
+        answer within ``timeout_s`` in all, and a silent worker (no heartbeat) is given up on after
+        ``stall_timeout_s``. A rank that reports a failure (e.g. out of memory) leaves the pool
+        usable: the others are drained first, then a WorkerError names it; a dead, hung or late
+        worker stops the pool (the next run starts a fresh one), as everywhere else.
+        """
+        from .messages import DecodeResult
+
+        ranks = list(range(self.world_size)) if ranks is None else [int(r) for r in ranks]
+        if not self._lock.acquire(timeout=lock_timeout_s):
+            raise WorkerTimeout(f"the worker pool stayed busy for {lock_timeout_s:.0f} s; could not decode on it")
+        try:
+            if not self.alive():
+                raise WorkerError("this worker pool is closed; get a fresh one with get_pool()")
+            job_id = next(_job_ids)
+            deadline = time.monotonic() + timeout_s
+            try:
+                for rank in ranks:
+                    self.send(rank, make_job(job_id, rank))
+                results: dict[int, DecodeResult] = {}
+                failures: dict[int, WorkerFailure] = {}
+                last_heard = {r: time.monotonic() for r in ranks}
+                by_conn = {self.conns[r]: r for r in ranks}
+                while len(results) + len(failures) < len(ranks):
+                    waiting = [c for c, r in by_conn.items() if r not in results and r not in failures]
+                    for conn in wait_connections(waiting, timeout=0.25):
+                        rank = by_conn[conn]
+                        try:
+                            msg = conn.recv()
+                        except (EOFError, OSError):
+                            self._raise_dead(rank, "decoding a band")
+                        last_heard[rank] = time.monotonic()
+                        if isinstance(msg, DecodeResult) and msg.job_id == job_id:
+                            results[rank] = msg
+                        elif isinstance(msg, WorkerFailure) and msg.job_id == job_id:
+                            failures[rank] = msg
+                    answered = {**results, **failures}
+                    self._check_health(ranks, answered, last_heard, stall_timeout_s, "decoding a band")
+                    if time.monotonic() > deadline and len(answered) < len(ranks):
+                        late = [r for r in ranks if r not in answered]
+                        raise WorkerTimeout(f"worker ranks {late} did not finish decoding within {timeout_s:.0f} s; "
+                                            "the pool was stopped")
+            except BaseException:
+                self.close(force=True)
+                raise
+            if failures:
+                rank, msg = min(failures.items())
+                raise WorkerError(f"worker rank {rank} ({self.devices[rank]}) failed while decoding a band: "
+                                  + _failure_text(msg))
+            return results
+        finally:
+            self._lock.release()
+
     def send(self, rank: int, msg) -> None:
         """One whole message to ``rank``: a large pickle goes out in several writes, and a cancel from
         the prompt thread must not land between the writes of a band call from a rank thread."""
@@ -347,6 +405,7 @@ class Session:
         self.ready = ready
         self.cancel_requested = False
         self.failed: BaseException | None = None
+        self.notes: dict[int, list[str]] = {}  # per rank: what its band outputs said (a compile that failed)
         self._call_ids = itertools.count(1)
         self._closed = False
 
@@ -385,6 +444,8 @@ class Session:
                     last_heard[rank] = time.monotonic()
                     if isinstance(msg, BandOutput) and msg.call_id == expected[rank] and msg.job_id == self.job_id:
                         outputs[rank] = msg
+                        if msg.note and msg.note not in self.notes.setdefault(rank, []):
+                            self.notes[rank].append(msg.note)
                     elif isinstance(msg, WorkerFailure):
                         raise WorkerError(f"worker rank {rank} ({pool.devices[rank]}) failed: " + _failure_text(msg))
                     elif isinstance(msg, Cancelled):

@@ -24,6 +24,7 @@ from .messages import (
     BandResult,
     Cancelled,
     CancelRequest,
+    DecodeJob,
     GenerateJob,
     Heartbeat,
     Hello,
@@ -207,6 +208,10 @@ class _Worker:
                     self.channel.send(self._measure(job))
                 elif isinstance(job, SessionStart):
                     self._session(job)
+                elif isinstance(job, DecodeJob):  # Patch Stitch: decode a band with the VAE (runtime/decode.py)
+                    from .decode import decode
+
+                    self.channel.send(decode(job, self.init.rank, self.device))
                 else:
                     raise TypeError(f"unknown job {type(job).__name__}")
             except JobCancelled as exc:
@@ -253,29 +258,38 @@ class _Worker:
         ctx.reset(rows, ragged_align)
         return model, ctx, spec, checksum
 
-    def _network(self, model, ctx, spec, cond, slowdown: float, graphs: bool = False):
+    def _network(self, model, ctx, spec, cond, slowdown: float, graphs: bool = False, compiled: str = "off"):
         """The band's network call: exchange-aware forward plus the emulated slowdown pad.
 
-        With ``graphs`` on a CUDA device, calls without communication inside are replayed
-        from per-shape CUDA graphs (see parallel/graphs.py); exact-mode calls stay eager.
+        With ``graphs`` on a CUDA device (or ``compiled`` = 'graphs'), calls without communication
+        inside are replayed from per-shape CUDA graphs (see parallel/graphs.py); with ``compiled`` =
+        'torch.compile' they run through torch.compile (parallel/compiled.py). Exact-mode calls
+        stay eager. The compiled callable is kept per model in ``self._graphs`` (dropped with the
+        model) and re-specialised when the context's buffers are re-created. ``call.band`` is it
+        (or None); its ``take_note()`` says once when compiling failed and calls went eager.
         """
         torch = self.torch
         dtype = input_dtype(model)
         forward = spec.adapter.forward
         graphed = None
-        if graphs and self.device.type == "cuda":
-            from ..parallel.graphs import GraphedBand
+        mode = "graphs" if graphs else (compiled or "off")
+        if mode == "graphs" and self.device.type != "cuda":
+            mode = "off"
+        if mode != "off":
+            from ..parallel.compiled import make_band
 
-            graphed = self._graphs.get(id(model))
+            key = id(model) if mode == "graphs" else ("torch.compile", id(model))  # _generate reads id(model)
+            graphed = self._graphs.get(key)
             if graphed is None or graphed.ctx is not ctx:
-                graphed = GraphedBand(lambda inp: forward(model, inp["x"], inp["t"],
-                                                          {k[2:]: v for k, v in inp.items() if k.startswith("c:")}),
-                                      ctx)
-                self._graphs = {id(model): graphed}
+                graphed = make_band(mode, lambda inp: forward(model, inp["x"], inp["t"],
+                                                              {k[2:]: v for k, v in inp.items() if k.startswith("c:")}),
+                                    ctx, model)
+                self._graphs = {k: v for k, v in self._graphs.items() if v.ctx is ctx}
+                self._graphs[key] = graphed
 
         def call(x_in, t, phase, slot: int = 0):
+            start = time.perf_counter()  # before begin_call: its wait for the last exchange is in comm_wait_s
             ctx.begin_call(phase, slot, x_in.shape[-1])
-            start = time.perf_counter()
             if isinstance(t, torch.Tensor):
                 ts = t.to(self.device, torch.float32)
             else:
@@ -288,7 +302,7 @@ class _Worker:
                 out = forward(model, x_dev, ts, cond)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            busy = time.perf_counter() - start - ctx.stats.comm_wait_s  # minus in-layer (FRESH) exchanges
+            busy = max(0.0, time.perf_counter() - start - ctx.stats.comm_wait_s)  # minus every exchange wait
             if slowdown > 1.0:
                 # pad to budget: an emulated slower device finishes its compute later, so the pad
                 # comes before the displaced exchange that the other ranks wait on
@@ -296,6 +310,7 @@ class _Worker:
             stats = ctx.end_call()
             return out.float().cpu(), stats.comm_wait_s
 
+        call.band = graphed
         return call
 
     def _agree(self, step: int, signature: int = 0) -> None:
@@ -415,9 +430,16 @@ class _Worker:
             from .branch_groups import BranchGroups
 
             groups = BranchGroups(self, plan, ctx)
-        self.channel.send(SessionReady(job.job_id, self.init.rank, {"weights_checksum": checksum, "pid": os.getpid(),
-                                                                    "loaded_weights": self.loads > loads,
-                                                                    "loads": self.loads}))
+        from ..parallel.compiled import resolve as resolve_compile
+
+        # branch arrangements' units stay eager (their calls switch the context between groups)
+        compiled, compile_note = resolve_compile(getattr(job, "compile", "off"), self.device.type)
+        compiled = compiled if groups is None else "off"
+        ready = {"weights_checksum": checksum, "pid": os.getpid(), "loaded_weights": self.loads > loads,
+                 "loads": self.loads, "compile": compiled}
+        if compile_note:
+            ready["compile_note"] = compile_note
+        self.channel.send(SessionReady(job.job_id, self.init.rank, ready))
         dtype = input_dtype(model)
         while True:
             msg = self.channel.recv()
@@ -439,7 +461,7 @@ class _Worker:
                 self.channel.send(groups.call(msg, phase, model, spec, job.slowdown, dtype))
                 continue
             cond = self._cond(msg.cond, dtype, msg.cond_key)
-            net = self._network(model, ctx, spec, cond, job.slowdown)
+            net = self._network(model, ctx, spec, cond, job.slowdown, compiled=compiled)
             ctx.local_only = msg.measure_only
             try:
                 with torch.inference_mode():
@@ -449,7 +471,9 @@ class _Worker:
                 require_finite(out, msg.step, phase)
             finally:
                 ctx.local_only = False
-            self.channel.send(BandOutput(job.job_id, msg.call_id, self.init.rank, out.numpy(), busy, comm))
+            note = net.band.take_note() if net.band is not None else None  # compile failed: eager from now on
+            self.channel.send(BandOutput(job.job_id, msg.call_id, self.init.rank, out.numpy(), busy, comm,
+                                         note=note or ""))
 
     def _cond(self, cond: dict, dtype, key: str = "") -> dict:
         """A call's conditioning on the device; sent once per session and named by key afterwards."""
