@@ -232,8 +232,13 @@ def main(argv=None) -> int:
                    "(its own options: bench-balance --help)")
     sub.add_parser("bench-units", help="one device vs bands vs CFG-branch splits on 2 CPU workers, measured "
                    "(bench-units --help)")
+    sub.add_parser("bench-decode", help="Patch Stitch decode: full vs server bands vs bands on 2 CPU workers, "
+                   "time, PSNR, seams, memory (bench-decode --help; needs STADI_COMFYUI_PATH)")
     sub.add_parser("bench-hybrid", help="Hybridiff's adaptive window on a branch split: steps saved, PSNR "
                    "(bench-hybrid --help)")
+    sub.add_parser("bench-fastpath", help="one worker vs 2 workers on displaced bands, SD1.5 512 px "
+                   "(bench-fastpath --help)")
+    sub.add_parser("bench-ops", help="aten ops per band forward vs the stock network (bench-ops --help)")
     sub.add_parser("simulate-arrangements", help="predicted tables: which arrangement auto picks on GPU clusters "
                    "that are not here (simulate-arrangements --help)")
     sub.add_parser("worker", help="run one worker that connects to a coordinator: worker --connect HOST:PORT "
@@ -243,8 +248,8 @@ def main(argv=None) -> int:
         from .runtime import worker
 
         return worker.main(argv[1:])
-    benches = {"bench-balance": "balance", "bench-units": "units", "bench-hybrid": "hybrid",
-               "simulate-arrangements": "arrangements"}
+    benches = {"bench-balance": "balance", "bench-units": "units", "bench-hybrid": "hybrid", "bench-ops": "ops",
+               "bench-fastpath": "fastpath", "bench-decode": "decode", "simulate-arrangements": "arrangements"}
     if argv[:1] and argv[0] in benches:
         import importlib
 

@@ -4,6 +4,8 @@
     python -m stadi_core.bench.gpu mps         # 70%/30% CUDA-MPS emulation: 1 worker vs equal vs elastic vs +strides
     python -m stadi_core.bench.gpu all
     python -m stadi_core.bench.gpu diagnose    # which ingredient turns two bands non-finite (transport, MPS, graphs, mode)
+    python -m stadi_core.bench.gpu acceptance --out DIR   # issue #17 acceptance: all of it in one <= 8 min call
+                                                           # (--device cpu: a < 60 s smoke test on a tiny model)
 
 SDXL architecture with random fp16 weights (nothing is downloaded). The heterogeneous
 cluster is EMULATED on one GPU with CUDA MPS (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE per
@@ -20,17 +22,35 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 from ..api import generate, profile
 from ..cluster import ClusterSpec, DeviceSpec
 from ..models.spec import ModelSpec
 from ..report import measured_capabilities, psnr
+from ..runtime.pool import shutdown_pools
 
 
 def _spec(model: str, dtype: str = "float16") -> ModelSpec:
     return ModelSpec(config=model, dtype=dtype)
+
+
+def band_times(spec: ModelSpec, cluster: ClusterSpec, device: str, px: int, fractions=(1, 2, 4),
+               graph_modes=(False, True), repeats: int = 5):
+    """Yield ``(rows, graphs, seconds)`` of one network call on ``device``'s band of latent/f rows.
+
+    A generator, so a caller with a deadline can stop between measurements (a 2048² CUDA-graph
+    capture is seconds). ``cluster`` may hold more devices than ``device``: they measure at once.
+    """
+    latent = px // 8
+    for f in fractions:
+        rows = latent // f
+        for graphs in graph_modes:
+            cl = profile(spec, cluster, rows=rows, width=latent, repeats=repeats, graphs=graphs)
+            yield rows, graphs, rows / {d.name: d.capability for d in cl.active()}[device]
 
 
 def bench_graphs(args) -> str:
@@ -39,17 +59,13 @@ def bench_graphs(args) -> str:
              "measured alone on one worker: median of 5 after warm-up and capture",
              f"{'image':>6} {'rows':>5} {'eager ms':>9} {'graph ms':>9} {'eager/full':>10} {'graph/full':>10}"]
     for px in args.sizes:
-        latent = px // 8
-        full = {}
-        for rows in (latent, latent // 2, latent // 4):
-            times = {}
-            for graphs in (False, True):
-                cl = profile(spec, ClusterSpec.parse("cuda:0"), rows=rows, width=latent, repeats=5, graphs=graphs)
-                times[graphs] = rows / cl.active()[0].capability
-            full.setdefault(False, times[False])
-            full.setdefault(True, times[True])
-            lines.append(f"{px:>6} {rows:>5} {1000 * times[False]:>9.1f} {1000 * times[True]:>9.1f} "
-                         f"{times[False] / full[False]:>10.2f} {times[True] / full[True]:>10.2f}")
+        times = {}
+        for rows, graphs, sec in band_times(spec, ClusterSpec.parse("cuda:0"), "cuda:0", px):
+            times[rows, graphs] = sec
+        full = max(times)[0]
+        for rows in sorted({r for r, _ in times}, reverse=True):
+            lines.append(f"{px:>6} {rows:>5} {1000 * times[rows, False]:>9.1f} {1000 * times[rows, True]:>9.1f} "
+                         f"{times[rows, False] / times[full, False]:>10.2f} {times[rows, True] / times[full, True]:>10.2f}")
     return "\n".join(lines)
 
 
@@ -81,34 +97,50 @@ def mps_daemon():
 
 
 def bench_mps(args) -> str:
-    from ..runtime.pool import shutdown_pools
-
     spec = _spec(args.model, args.dtype)
-    px = args.mps_size
-    latent = px // 8
+    latent = args.mps_size // 8
     kw = dict(height=latent, width=latent, batch=1, steps=args.steps, sampler="euler", cfg=5.0, seed=0,
               warmup=args.warmup, graphs=not args.eager, stall_timeout_s=300)
-    pct = args.split
     with mps_daemon():
-        generate(spec, ClusterSpec.parse("cuda:0"), mode="displaced", **kw)  # start, build, capture graphs
-        single = generate(spec, ClusterSpec.parse("cuda:0"), mode="displaced", **kw)  # world 1: no exchange
-        shutdown_pools()
-        devs = (DeviceSpec("cuda:0", mps_percent=pct[0]), DeviceSpec("cuda:0.1", mps_percent=pct[1]))
-        equal = ClusterSpec(tuple(DeviceSpec(d.name, relative_speed=1.0, mps_percent=d.mps_percent) for d in devs),
-                            backend="gloo")
-        eq = _attempt(lambda: _warm_then_run(spec, equal, kw, strides="off"))
-        if isinstance(eq, str):  # no measured speeds: plan from the MPS shares instead
-            measured = ClusterSpec(tuple(DeviceSpec(d.name, relative_speed=float(d.mps_percent),
-                                                    mps_percent=d.mps_percent) for d in devs), backend="gloo")
-        else:
-            measured = ClusterSpec(devs, backend="gloo").with_capabilities(measured_capabilities(eq.report))
-        runs = [("1 worker, 100% GPU", single), (f"equal bands {pct[0]}/{pct[1]}", eq)]
-        for name, strides in (("elastic bands", "off"), ("elastic + strides", "auto")):
-            runs.append((name, _attempt(lambda: _warm_then_run(spec, measured, kw, strides=strides))))
-        table = _mps_table(args, runs, single, eq, latent)
-        print(table, flush=True)
-        shutdown_pools()
+        try:
+            runs = list(split_runs(spec, kw, split_devices("cuda", args.split),
+                                   full=("1 worker, 100% GPU", "cuda:0", {})))
+        finally:
+            shutdown_pools()  # before the MPS daemon quits
+    table = _mps_table(args, runs, runs[0][1], runs[1][1], latent)
+    print(table, flush=True)
     return table
+
+
+def split_devices(device: str, pct) -> tuple[DeviceSpec, DeviceSpec]:
+    """Two workers on one device at ``pct`` shares: CUDA MPS thread percentages on a GPU; on a CPU
+    the engine's padded-compute ``slowdown`` (100/pct each), the emulation bench-balance uses."""
+    if device == "cuda":
+        return DeviceSpec("cuda:0", mps_percent=pct[0]), DeviceSpec("cuda:0.1", mps_percent=pct[1])
+    return DeviceSpec("cpu:0", slowdown=100 / pct[0]), DeviceSpec("cpu:1", slowdown=100 / pct[1])
+
+
+def split_runs(spec, kw: dict, devs, full: tuple[str, str, dict]):
+    """Yield ``(name, result or failure line)``: one worker on the whole device, then equal bands,
+    elastic bands and elastic + strides on ``devs`` (see ``split_devices``).
+
+    ``full`` = (row name, cluster, extra generate options) of the one-worker reference. A generator,
+    so a caller can stop at the first non-finite row or a deadline. Elastic bands are planned from
+    the speeds the equal-band run measured (from the shares when that run failed).
+    """
+    name, cluster, opts = full
+    generate(spec, cluster, mode="displaced", **dict(kw, **opts))  # start, build, capture graphs
+    yield name, generate(spec, cluster, mode="displaced", **dict(kw, **opts))  # world 1: no exchange
+    pct = [d.mps_percent or round(100 / d.slowdown) for d in devs]
+    equal = ClusterSpec(tuple(replace(d, relative_speed=1.0) for d in devs), backend="gloo")
+    eq = _attempt(lambda: _warm_then_run(spec, equal, kw, strides="off"))
+    yield f"equal bands {pct[0]}/{pct[1]}", eq
+    if isinstance(eq, str):  # no measured speeds: plan from the shares instead
+        measured = ClusterSpec(tuple(replace(d, relative_speed=float(p)) for d, p in zip(devs, pct)), backend="gloo")
+    else:
+        measured = ClusterSpec(tuple(devs), backend="gloo").with_capabilities(measured_capabilities(eq.report))
+    for name, strides in (("elastic bands", "off"), ("elastic + strides", "auto")):
+        yield name, _attempt(lambda: _warm_then_run(spec, measured, kw, strides=strides))
 
 
 def _warm_then_run(spec, cluster, kw: dict, **opts):
@@ -136,7 +168,6 @@ def _env(name: str, value: str):
 def _attempt(run):
     """``run()``'s result, or the first line of the deliberate error that stopped it (the table goes on)."""
     from ..errors import StadiError
-    from ..runtime.pool import shutdown_pools
 
     try:
         return run()
@@ -145,7 +176,8 @@ def _attempt(run):
         return str(exc).splitlines()[0][:400]
 
 
-def _mps_table(args, runs, single, eq, latent) -> str:
+def _mps_table(args, runs, single, eq, latent, emulation: str | None = None) -> str:
+    """The split comparison; ``emulation`` describes a non-MPS one (the CPU smoke test's slowdown)."""
     from ..runtime.pool import same_gpu_exchange
 
     px, pct = args.mps_size, args.split
@@ -154,10 +186,11 @@ def _mps_table(args, runs, single, eq, latent) -> str:
     equal_s = None if isinstance(eq, str) else eq.report.denoise_s
     speeds = ("(the equal-band run failed: elastic bands planned from the MPS shares)" if equal_s is None else
               ", ".join(f"{k} {v:.0f} rows/s" for k, v in measured_capabilities(eq.report).items()))
-    out = [f"CUDA MPS emulation on one GPU: workers at {pct[0]}% / {pct[1]}% of the SMs (EMULATED heterogeneity); "
-           f"{args.model} random {args.dtype} weights, {px}x{px} ({latent}x{latent} latent), {args.steps} euler "
-           f"steps, displaced mode, warmup {args.warmup}, CUDA graphs {'off' if args.eager else 'on'}; "
-           f"same-GPU exchange: {same_gpu_exchange()}",
+    emulation = emulation or (f"CUDA MPS emulation on one GPU: workers at {pct[0]}% / {pct[1]}% of the SMs "
+                              f"(EMULATED heterogeneity); same-GPU exchange: {same_gpu_exchange()}")
+    out = [f"{emulation}; {args.model} random {args.dtype} weights, {px}x{px} ({latent}x{latent} latent), "
+           f"{args.steps} euler steps, displaced mode, warmup {args.warmup}, "
+           f"CUDA graphs {'off' if args.eager else 'on'}",
            f"capabilities measured in the equal-band run: {speeds}",
            "",
            f"{'configuration':<20} {'rows':>9} {'strides':>7} {'latency s':>9} {'/equal':>7} {'/1 worker':>9} "
@@ -207,17 +240,16 @@ DIAGNOSE_VARIANTS = (
 )
 
 
-def diagnose(args) -> str:
+def diagnose(args, deadline: float | None = None) -> str:
     """Two equal bands on one device, one ingredient changed per row, each against one worker.
 
     The 2048x2048 SDXL fp16 MPS benchmark once returned all-NaN latents for every two-band
     configuration (docs/gpu_bench_h100_mps_INVALID_nonfinite.txt) while one worker stayed
     finite; a non-finite run now stops at its first bad step and names it, so this table
     says which ingredient (mode, CUDA graphs, CUDA MPS, CUDA IPC vs gloo) brings it in.
-    A failed row does not stop the others.
+    A failed row does not stop the others; rows not started by ``deadline`` (time.monotonic())
+    are listed as skipped, so a caller with a time budget keeps what it measured.
     """
-    from ..runtime.pool import shutdown_pools
-
     spec = _spec(args.model, args.dtype)
     latent = args.mps_size // 8
     kw = dict(height=latent, width=latent, batch=1, steps=args.steps, sampler="euler", cfg=5.0, seed=0,
@@ -234,6 +266,9 @@ def diagnose(args) -> str:
     for v in DIAGNOSE_VARIANTS:
         if v.gpu_only and not gpu:
             out.append(f"{v.name:<26} {'skipped':<9} {'':>10} {'':>8} {'':>9}  needs CUDA")
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            out.append(f"{v.name:<26} {'skipped':<9} {'':>10} {'':>8} {'':>9}  past the time budget")
             continue
         pct = args.split if v.mps else (None, None)
         cluster = ClusterSpec(tuple(DeviceSpec(f"{args.device}:{i}" if not gpu else ("cuda:0", "cuda:0.1")[i],
@@ -255,9 +290,14 @@ def diagnose(args) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["acceptance"]:  # its own options (device presets, budgets): see bench/acceptance.py
+        from .acceptance import main as acceptance_main
+
+        return acceptance_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m stadi_core.bench.gpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["graphs", "mps", "all", "diagnose"])
+    p.add_argument("what", choices=["graphs", "mps", "all", "diagnose", "acceptance"])
     p.add_argument("--model", default="sdxl")
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--mps-size", type=int, default=2048, help="image size (px) of the mps and diagnose runs")
