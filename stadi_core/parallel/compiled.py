@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from .context import BandContext, Phase
-from .graphs import GraphedBand, call_key, restart_call
+from .graphs import FallbackBand, GraphedBand, call_key, restart_call
 
 MODES = ("off", "auto", "graphs", "torch.compile")
 
@@ -94,7 +94,7 @@ def _signature(pending: list) -> tuple:
     return tuple((p.key, tuple(p.sizes), p.dim, tuple(p.local.shape), p.local.dtype) for p in pending)
 
 
-class CompiledBand:
+class CompiledBand(FallbackBand):
     """``call(inputs: dict[str, Tensor], phase) -> Tensor`` through ``torch.compile`` (fullgraph, static shapes)."""
 
     def __init__(self, forward: Callable[[dict], torch.Tensor], ctx: BandContext, model=None,
@@ -117,23 +117,12 @@ class CompiledBand:
         self.generation = ctx.generation
         self.signatures: dict[tuple, tuple] = {}  # call key -> exchanges the eager call recorded
         self.compiled_calls = 0
-        self.disabled: str | None = None  # why compiling failed; calls then run eagerly
-        self.note: str | None = None  # a note not yet handed to the run report
         try:
             self.compiled = torch.compile(forward, fullgraph=True, dynamic=False, backend=self.backend,
                                           options=options)
         except Exception as exc:  # e.g. an unknown backend
             self.compiled = None
             self.disabled = self.note = _failure_note(exc)
-
-    def capturable(self, ctx: BandContext, phase: Phase) -> bool:
-        if self.disabled is not None:
-            return False
-        return ctx.world_size == 1 or ctx.local_only or phase is not Phase.FRESH
-
-    def take_note(self) -> str | None:
-        note, self.note = self.note, None
-        return note
 
     def __call__(self, inputs: dict, phase: Phase) -> torch.Tensor:
         ctx = self.ctx

@@ -52,17 +52,12 @@ def restart_call(ctx: BandContext, record: bool) -> None:
         ctx.phase = Phase.REFRESH
 
 
-class GraphedBand:
-    """``call(inputs: dict[str, Tensor], phase) -> Tensor`` with per-shape CUDA graphs."""
+class FallbackBand:
+    """What every compiled band call shares: which calls it takes, and the note it leaves when it
+    had to fall back to eager (``disabled``, set by the subclass, says why)."""
 
-    def __init__(self, forward: Callable[[dict], torch.Tensor], ctx: BandContext, warmup_iters: int = 2):
-        self.forward = forward
-        self.ctx = ctx
-        self.warmup_iters = warmup_iters
-        self.captured: dict[tuple, _Captured] = {}
-        self.generation = ctx.generation
-        self.disabled: str | None = None  # why capture failed; calls then run eagerly
-        self.note: str | None = None  # a note not yet handed to the run report
+    disabled: str | None = None  # why compiling failed; calls then run eagerly
+    note: str | None = None  # a note not yet handed to the run report
 
     def capturable(self, ctx: BandContext, phase: Phase) -> bool:
         if self.disabled is not None:
@@ -72,6 +67,17 @@ class GraphedBand:
     def take_note(self) -> str | None:
         note, self.note = self.note, None
         return note
+
+
+class GraphedBand(FallbackBand):
+    """``call(inputs: dict[str, Tensor], phase) -> Tensor`` with per-shape CUDA graphs."""
+
+    def __init__(self, forward: Callable[[dict], torch.Tensor], ctx: BandContext, warmup_iters: int = 2):
+        self.forward = forward
+        self.ctx = ctx
+        self.warmup_iters = warmup_iters
+        self.captured: dict[tuple, _Captured] = {}
+        self.generation = ctx.generation
 
     def __call__(self, inputs: dict, phase: Phase) -> torch.Tensor:
         if self.generation != self.ctx.generation:  # buffers were re-created: old graphs point at freed memory
