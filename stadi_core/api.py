@@ -86,6 +86,7 @@ def generate(
     should_cancel: Callable[[], bool] | None = None,
     threads_per_worker: int | None = None,
     hybrid_window: str | None = None,
+    prompt: str | None = None,
 ) -> GenerateResult:
     """Denoise a ``batch x channels x height x width`` latent with one band per active device.
 
@@ -109,7 +110,7 @@ def generate(
                     strides=strides, align=align, strategy=strategy, cfg=cfg)
     window = _window_config(hybrid_window, plan, sampler)
     sigmas = spec.adapter.model_sampling(ref_model).sigmas(scheduler, steps)
-    conditioning = make_conditioning(spec, ref_model, batch, seed)
+    conditioning = make_conditioning(spec, ref_model, batch, seed, prompt)
     by_name = {d.name: d for d in cluster.active()}
     devices = [b.device for b in plan.bands]
     threads = {} if threads_per_worker is None else {"threads_per_worker": threads_per_worker}
@@ -215,11 +216,17 @@ def reference_generate(
     scheduler: str | None = None,
     cfg: float = 5.0,
     seed: int = 0,
+    prompt: str | None = None,
+    rows: slice | None = None,
 ) -> torch.Tensor:
-    """The single-process result with the unmodified model: the oracle exact mode must match."""
+    """The single-process result with the unmodified model: the oracle exact mode must match.
+
+    ``rows``: denoise only those latent rows, as an image of their own (the same noise rows as the
+    whole image's) — a band generated with no context from the others, the yardstick seams are
+    measured against."""
     spec = model or ModelSpec()
     net_model = build_model(spec, "cpu")
-    conditioning = make_conditioning(spec, net_model, batch, seed)
+    conditioning = make_conditioning(spec, net_model, batch, seed, prompt)
     cond = batched_conditioning(conditioning, cfg, "cpu", torch.float32)
     forward = spec.adapter.forward
 
@@ -231,7 +238,7 @@ def reference_generate(
     with torch.inference_mode():
         x, _ = run_band(network, sigmas=sampling.sigmas(scheduler, steps), sampler=sampler, cfg=cfg,
                         noise=FullLatentNoise(seed, (batch, spec.adapter.latent_channels(net_model), height, width)),
-                        rows=slice(None), schedule=LoopSchedule(steps=steps), model_sampling=sampling)
+                        rows=rows or slice(None), schedule=LoopSchedule(steps=steps), model_sampling=sampling)
     return x
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m stadi_core generate | profile | simulate | bench-balance``."""
+"""Command line: ``python -m stadi_core generate | profile | simulate | train-tiny | bench-*``."""
 
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def _pairs(items):
 def _add_run_args(p):
     p.add_argument("--devices", help="e.g. cpu*2, cuda:0,cuda:1 (default: every GPU, else two CPU workers)")
     p.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"])
-    p.add_argument("--model", default="tiny-sd15", help="tiny-sd15, tiny-sdxl, tiny-sd3, tiny-sd35, tiny-flux, ... or a local diffusers "
-                   "folder (UNet, SD3 or Flux)")
+    p.add_argument("--model", default="tiny-shapes", help="tiny-shapes (trained here, the default), tiny-sd15, tiny-sdxl, "
+                   "tiny-sd3, tiny-sd35, tiny-flux (random weights), ... or a local diffusers folder (UNet, SD3 or Flux)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--slowdown", action="append", metavar="DEVICE=X", help="emulate a device X times slower")
     p.add_argument("--speed", action="append", metavar="DEVICE=S", help="manual relative speed of a device")
@@ -53,28 +53,62 @@ def _spec(args):
 def cmd_generate(args) -> int:
     from .api import generate
     from .outputs import write_outputs
+    from .planner import Plan
 
     spec = _spec(args)
     cluster = _cluster(args)
+    height, width = _size(args, spec)
     strides = args.strides if args.strides in ("auto", "off") else tuple(int(s) for s in args.strides.split(","))
     print(f"STADI generate: model {args.model}, devices {', '.join(d.name for d in cluster.active())}, "
-          f"latent {args.height}x{args.width}, {args.steps} steps {args.sampler}, mode {args.mode}", flush=True)
+          f"latent {height}x{width}, {args.steps} steps {args.sampler}, mode {args.mode}", flush=True)
     t0 = time.perf_counter()
-    res = generate(spec, cluster, height=args.height, width=args.width, batch=args.batch, steps=args.steps,
+    res = generate(spec, cluster, height=height, width=width, batch=args.batch, steps=args.steps,
                    sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg, seed=args.seed, mode=args.mode,
                    warmup=args.warmup, strides=strides, graphs=args.graphs, strategy=args.strategy,
-                   hybrid_window=args.hybrid_window,
+                   hybrid_window=args.hybrid_window, prompt=args.prompt,
                    on_step=lambda rank, t: rank == 0 and print(f"  step {t['step'] + 1}/{args.steps}", flush=True))
     total = time.perf_counter() - t0
-    from .planner import Plan
-
-    print(Plan.from_dict(res.report.plan).describe())
+    plan = Plan.from_dict(res.report.plan)
+    if getattr(spec.adapter, "TAKES_PROMPT", False):
+        print(f"caption: {spec.adapter.prompt_caption(args.prompt, args.seed)!r}")
+    print(plan.describe())
     print(res.report.table())
     print(f"total {total:.2f} s including worker start-up (warm pools are reused within one process)")
-    paths = write_outputs(Path(args.out), res.latent, res.report)
-    for p in paths:
+    compare = args.compare if args.compare is not None else str(spec.config).startswith("tiny-")
+    if compare:
+        print(_comparison(spec, res.latent, plan, args, height, width))
+    for p in write_outputs(Path(args.out), res.latent, res.report, spec.adapter, plan):
         print(f"wrote {p}")
     return 0
+
+
+def _size(args, spec) -> tuple[int, int]:
+    """--height/--width, else the model's demo size (tiny-shapes: twice its training height)."""
+    default = getattr(spec.adapter, "DEMO_SIZE", (48, 48))
+    return args.height or default[0], args.width or default[1]
+
+
+def _comparison(spec, latent, plan, args, height, width) -> str:
+    """The same seed on one process with the unmodified network, against the parallel result."""
+    from .api import reference_generate
+    from .report import psnr
+
+    ref = reference_generate(spec, height=height, width=width, batch=args.batch, steps=args.steps,
+                             sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg, seed=args.seed,
+                             prompt=args.prompt)
+    diff = float((latent - ref).abs().max())
+    to_rgb = getattr(spec.adapter, "to_rgb", None)
+    if to_rgb is not None:
+        from .quality import psnr as picture_psnr
+
+        quality = f"picture PSNR {picture_psnr(to_rgb(latent), to_rgb(ref)):.2f} dB"
+    else:
+        quality = f"latent PSNR {psnr(latent, ref):.2f} dB"
+    split = f"{plan.world_size} ranks ({plan.strategy}, {plan.mode})" if plan.world_size > 1 else "one rank"
+    verdict = ("equal to float precision" if diff <= 1e-4 * max(1.0, float(ref.abs().max())) else
+               "approximate (displaced context / strides), as the mode allows" if plan.mode == "displaced" or
+               any(b.stride > 1 for b in plan.bands) else "DIFFERENT: please report this")
+    return (f"parallel ({split}) vs single device, same seed: max |diff| {diff:.3g}, {quality} -> {verdict}")
 
 
 def cmd_profile(args) -> int:
@@ -175,8 +209,11 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="one parallel generation; writes latent, preview and report")
     _add_run_args(g)
-    g.add_argument("--height", type=int, default=48, help="latent rows (image px / 8)")
-    g.add_argument("--width", type=int, default=48, help="latent columns (image px / 8)")
+    g.add_argument("--height", type=int, default=None, help="latent rows (image px / 8; tiny-shapes has no VAE: px); "
+                   "default 64 for tiny-shapes, else 48")
+    g.add_argument("--width", type=int, default=None, help="latent columns; default 32 for tiny-shapes, else 48")
+    g.add_argument("--prompt", default=None, help="tiny-shapes caption, e.g. 'red circle horizon stripes' "
+                   "(default: one drawn from the seed)")
     g.add_argument("--batch", type=int, default=1)
     g.add_argument("--steps", type=int, default=12)
     g.add_argument("--sampler", default="euler", choices=["euler", "euler_ancestral", "dpmpp_2m"])
@@ -195,6 +232,8 @@ def main(argv=None) -> int:
                    help="Hybridiff's adaptive window (branch splits): every second step in it reuses the last output")
     g.add_argument("--out", default="out", help="output folder")
     g.add_argument("--graphs", action="store_true", help="CUDA graphs for communication-free band calls")
+    g.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the seed on one process and print max |diff| and PSNR (default: for tiny models)")
     g.set_defaults(func=cmd_generate)
     p = sub.add_parser("profile", help="measure each device's rows/s on the model")
     _add_run_args(p)
@@ -238,9 +277,12 @@ def main(argv=None) -> int:
                    "(bench-hybrid --help)")
     sub.add_parser("bench-fastpath", help="one worker vs 2 workers on displaced bands, SD1.5 512 px "
                    "(bench-fastpath --help)")
+    sub.add_parser("bench-quality", help="PSNR, SSIM and seam score of every mode on the trained tiny-shapes model "
+                   "(bench-quality --help)")
     sub.add_parser("bench-ops", help="aten ops per band forward vs the stock network (bench-ops --help)")
     sub.add_parser("simulate-arrangements", help="predicted tables: which arrangement auto picks on GPU clusters "
                    "that are not here (simulate-arrangements --help)")
+    sub.add_parser("train-tiny", help="train the tiny-shapes model on this CPU (train-tiny --help)")
     sub.add_parser("worker", help="run one worker that connects to a coordinator: worker --connect HOST:PORT "
                    "--rank R (STADI_AUTHKEY in the environment); what the coordinator starts per device")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -248,8 +290,12 @@ def main(argv=None) -> int:
         from .runtime import worker
 
         return worker.main(argv[1:])
+    if argv[:1] == ["train-tiny"]:
+        from . import train_tiny
+
+        return train_tiny.main(argv[1:])
     benches = {"bench-balance": "balance", "bench-units": "units", "bench-hybrid": "hybrid", "bench-ops": "ops",
-               "bench-fastpath": "fastpath", "bench-decode": "decode", "simulate-arrangements": "arrangements"}
+               "bench-fastpath": "fastpath", "bench-decode": "decode", "bench-quality": "quality", "simulate-arrangements": "arrangements"}
     if argv[:1] and argv[0] in benches:
         import importlib
 

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from .. import quality
+
 SMALL_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
                   "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 SD_DDCONFIG = dict(SMALL_DDCONFIG, ch=128)  # what comfy.sd.VAE detects from an SD1.x/SDXL VAE state dict
@@ -122,8 +124,7 @@ def smooth_latent(batch: int, height: int, width: int, seed: int) -> torch.Tenso
 
 
 def psnr1(a: torch.Tensor, ref: torch.Tensor) -> float:
-    mse = float(((a.double() - ref.double()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+    return quality.psnr(a, ref)
 
 
 def seam_rows(rows: list[int], scale: int, overlap_rows: int) -> list[int]:
@@ -140,10 +141,7 @@ def seam_rows(rows: list[int], scale: int, overlap_rows: int) -> list[int]:
 
 def seam_ratio(image: torch.Tensor, pairs: list[int]) -> float:
     """mean |row y+1 - row y| over the seam pairs / the same over every other pair; image (B, H, W, C)."""
-    d = (image[:, 1:].double() - image[:, :-1].double()).abs().mean(dim=(0, 2, 3))
-    mask = torch.zeros(d.shape[0], dtype=torch.bool)
-    mask[pairs] = True
-    return float(d[mask].mean() / d[~mask].mean())
+    return quality.seam_score(image.permute(0, 3, 1, 2), [y + 1 for y in pairs])
 
 
 def seam_score(image: torch.Tensor, full: torch.Tensor, pairs: list[int]) -> float:

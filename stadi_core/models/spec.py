@@ -22,7 +22,7 @@ from types import ModuleType
 import torch
 
 from ..errors import UnsupportedError
-from . import comfy_flux, comfy_mmdit, comfy_unet, diffusers_flux, diffusers_sd3, diffusers_unet
+from . import comfy_flux, comfy_mmdit, comfy_unet, diffusers_flux, diffusers_sd3, diffusers_unet, tiny_shapes
 
 FAMILIES: dict[str, ModuleType] = {
     diffusers_unet.FAMILY: diffusers_unet,
@@ -31,6 +31,7 @@ FAMILIES: dict[str, ModuleType] = {
     comfy_unet.FAMILY: comfy_unet,
     comfy_mmdit.FAMILY: comfy_mmdit,
     comfy_flux.FAMILY: comfy_flux,
+    tiny_shapes.FAMILY: tiny_shapes,
 }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -149,9 +150,16 @@ def weights_checksum(model: torch.nn.Module) -> float:
     return total
 
 
-def make_conditioning(spec: ModelSpec, model: torch.nn.Module, batch: int, seed: int) -> dict:
-    """Deterministic stand-in prompt embeddings {"cond": ..., "uncond": ...} for the family."""
-    return spec.adapter.make_conditioning(model, batch, seed)
+def make_conditioning(spec: ModelSpec, model: torch.nn.Module, batch: int, seed: int,
+                      prompt: str | None = None) -> dict:
+    """Prompt embeddings {"cond": ..., "uncond": ...}: the caption's for a family with a text encoder
+    (tiny-shapes), else deterministic stand-ins drawn from ``seed``."""
+    if not getattr(spec.adapter, "TAKES_PROMPT", False):
+        if prompt:
+            raise UnsupportedError(f"model family {spec.family} has no text encoder here, so a prompt cannot be "
+                                   "used: drop the prompt or use the trained tiny-shapes model")
+        return spec.adapter.make_conditioning(model, batch, seed)
+    return spec.adapter.make_conditioning(model, batch, seed, prompt=prompt, weights=spec.adapter.weights_file(spec))
 
 
 def batched_conditioning(conditioning: dict, cfg: float, device, dtype) -> dict:
