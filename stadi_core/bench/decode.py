@@ -123,10 +123,6 @@ def smooth_latent(batch: int, height: int, width: int, seed: int) -> torch.Tenso
     return up(coarse) * 1.5 + up(mid) * 0.5 + 0.2 * torch.randn(batch, 4, height, width, generator=gen)
 
 
-def psnr1(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return quality.psnr(a, ref)
-
-
 def seam_rows(rows: list[int], scale: int, overlap_rows: int) -> list[int]:
     """Pixel row pairs (y, y+1), by y, inside each seam's cross-fade window (stitch_decoded's o)."""
     px = [r * scale for r in rows]
@@ -245,8 +241,8 @@ def run(args) -> dict:
     mib = lambda b: b / 2**20
 
     def entry(way, image, seconds, memory, ov, seam_pairs):
-        return {"way": way, "overlap_rows": ov, "seconds": seconds, "psnr_db": psnr1(image, full),
-                "seam_psnr_db": psnr1(image[:, strip], full[:, strip]),
+        return {"way": way, "overlap_rows": ov, "seconds": seconds, "psnr_db": quality.psnr(image, full),
+                "seam_psnr_db": quality.psnr(image[:, strip], full[:, strip]),
                 "seam_score": seam_score(image, full, seam_pairs), "seam_ratio": seam_ratio(image, seam_pairs),
                 "full_seam_ratio": seam_ratio(full, seam_pairs),
                 "peak_memory_mib": {k: mib(v) for k, v in memory.items()}}

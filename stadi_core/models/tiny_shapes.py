@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import StadiError
-from . import diffusers_unet
-from .diffusers_unet import alignment, forward, patch_attention  # noqa: F401  (the family interface)
+# the family interface where it is the diffusers UNet's own
+from .diffusers_unet import alignment, build, forward, latent_channels, model_sampling, patch_attention  # noqa: F401
 from .tiny_shapes_data import CAPTION_TOKENS, VOCAB, caption_for, tokenize
 
 FAMILY = "tiny-shapes"
@@ -58,10 +58,6 @@ class CaptionEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.norm(self.token(ids) + self.slot.weight)
-
-
-def build(config: dict) -> nn.Module:
-    return diffusers_unet.build(config)
 
 
 def weights_file(spec) -> Path:
@@ -117,14 +113,6 @@ def caption_encoder(path: str) -> CaptionEncoder:
     enc = CaptionEncoder()
     enc.load_state_dict(split_state(load_state(path), "text."))
     return enc.eval().requires_grad_(False)
-
-
-def model_sampling(model):
-    return diffusers_unet.model_sampling(model)
-
-
-def latent_channels(model) -> int:
-    return model.config.in_channels
 
 
 def encode(captions: list[str | None], path: Path | str = WEIGHTS) -> torch.Tensor:
