@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -13,6 +13,7 @@ from .arrange import Choice, choose_plan, host_shared_speeds
 from .cluster import ClusterSpec
 from .errors import PlanError, WorkerError
 from .models.spec import ModelSpec, batched_conditioning, build_model, make_conditioning
+from .parallel.options import ContextOptions
 from .planner import Plan
 from .report import RunReport
 from .runtime.messages import GenerateJob, MeasureJob
@@ -87,6 +88,7 @@ def generate(
     threads_per_worker: int | None = None,
     hybrid_window: str | None = None,
     prompt: str | None = None,
+    context: "str | ContextOptions | None" = None,
 ) -> GenerateResult:
     """Denoise a ``batch x channels x height x width`` latent with one band per active device.
 
@@ -97,6 +99,8 @@ def generate(
     ``threads_per_worker``: CPU threads of each worker (default: the host's cores shared out).
     ``hybrid_window``: a preset of sampling.hybrid_window (sdxl, sd3, sd15): Hybridiff's adaptive
     window, in which every second step reuses the last network output (branch splits only).
+    ``context``: how displaced steps exchange (parallel/options.py): 'full' (default), 'partial:0.3',
+    'fp8', 'delta', 'partial:0.3+delta', ... or a ContextOptions.
     """
     spec = model or ModelSpec()
     cluster = _as_cluster(cluster)
@@ -108,6 +112,9 @@ def generate(
                         f"use an image width that is a multiple of {8 * align} px")
     plan = plan_for(cluster, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
                     strides=strides, align=align, strategy=strategy, cfg=cfg)
+    if context is not None:
+        options = context if isinstance(context, ContextOptions) else ContextOptions.parse(context)
+        plan = replace(plan, context=options) if plan.world_size > 1 or not options.is_default else plan
     window = _window_config(hybrid_window, plan, sampler)
     sigmas = spec.adapter.model_sampling(ref_model).sigmas(scheduler, steps)
     conditioning = make_conditioning(spec, ref_model, batch, seed, prompt)

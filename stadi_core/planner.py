@@ -17,6 +17,7 @@ from fractions import Fraction
 from typing import Any, Mapping, Sequence
 
 from .errors import PlanError, UnsupportedError
+from .parallel.options import ContextOptions
 from .work_units import BRANCHES, BranchGroup, branch_major_groups, branch_major_shares, check_groups, work_rows
 
 __all__ = [
@@ -76,9 +77,14 @@ class Plan:
     ragged: bool = False  # the last band may end off the alignment (the network takes any height)
     strategy: str = "bands"  # "bands" | "cfg_split" | "cfg_split+bands" (work_units.py)
     groups: tuple[BranchGroup, ...] = ()  # branch arrangements: who computes which rows of which branch
+    context: ContextOptions = ContextOptions()  # how displaced calls exchange (parallel/options.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bands", tuple(self.bands))
+        object.__setattr__(self, "context", ContextOptions.from_dict(self.context))
+        if self.mode == "exact" and not self.context.is_default:
+            raise PlanError(f"context '{self.context.label()}' only applies to displaced mode: exact mode always "
+                            "exchanges every band's full context uncompressed; set mode to displaced or context to full")
         object.__setattr__(self, "notes", tuple(self.notes))
         object.__setattr__(self, "groups", tuple(g if isinstance(g, BranchGroup) else BranchGroup.from_dict(g)
                                                  for g in self.groups))
@@ -157,6 +163,8 @@ class Plan:
     def describe(self) -> str:
         head = (f"plan: {self.height} latent rows (align {self.align}), {self.steps} steps, "
                 f"warmup {self.warmup}, mode {self.mode}, sync every {self.sync_period} step(s)")
+        if self.mode != "exact" and not self.context.is_default:
+            head += f", context {self.context.label()}"
         lines = [head, f"{'rank':>4}  {'device':<8} {'rows':>5}  {'[start,end)':<12} {'stride':>6} "
                        f"{'speed':>9} {'evals':>5}"]
         for b in self.bands:
@@ -178,6 +186,7 @@ class Plan:
             "mode": self.mode, "sync_period": self.sync_period, "notes": list(self.notes),
             "stride_option": self.stride_option, "sampler": self.sampler, "max_stride": self.max_stride,
             "ragged": self.ragged, "strategy": self.strategy, "groups": [g.to_dict() for g in self.groups],
+            "context": self.context.to_dict(),
             "bands": [{"rank": b.rank, "device": b.device, "row_start": b.row_start, "rows": b.rows,
                        "stride": b.stride, "speed": b.speed} for b in self.bands],
         }

@@ -28,8 +28,14 @@ class RankSummary:
     stride: int
     evals: int
     busy_s: float  # network compute (with any emulated pad), excluding waits on other ranks
-    comm_s: float  # blocked in exchanges
+    comm_s: float  # blocked in exchanges (the exposed part: overlapped transfers do not count)
     wall_s: float  # the rank's denoising loop (model loading excluded)
+    sent_bytes: int = 0  # context this rank put on the wire (parallel/links.py counts it)
+
+    @property
+    def comm_pct(self) -> float:
+        """Exposed communication: share of the loop spent blocked in exchanges, in %."""
+        return 100.0 * self.comm_s / self.wall_s if self.wall_s > 0 else 0.0
 
     @property
     def idle_pct(self) -> float:
@@ -58,7 +64,7 @@ class RunReport:
                 rank=band.rank, device=band.device, rows=band.rows, stride=band.stride,
                 evals=sum(1 for s in steps if s["computed"]),
                 busy_s=sum(s["busy_s"] for s in steps), comm_s=sum(s["comm_s"] for s in steps),
-                wall_s=sum(s["wall_s"] for s in steps),
+                wall_s=sum(s["wall_s"] for s in steps), sent_bytes=sum(s.get("sent_bytes", 0) for s in steps),
             ))
         notes = list(plan.notes)
         if any(s > 1 for s in slowdowns):
@@ -75,16 +81,16 @@ class RunReport:
     def to_dict(self) -> dict:
         return {
             "plan": self.plan, "wall_s": self.wall_s, "denoise_s": self.denoise_s, "notes": self.notes, "slowdowns": self.slowdowns,
-            "ranks": [dict(r.__dict__, idle_pct=r.idle_pct) for r in self.ranks],
+            "ranks": [dict(r.__dict__, idle_pct=r.idle_pct, comm_pct=r.comm_pct) for r in self.ranks],
             "steps": self.steps,
         }
 
     def table(self) -> str:
         lines = [f"{'rank':>4} {'device':<8} {'rows':>5} {'stride':>6} {'evals':>5} {'busy s':>8} "
-                 f"{'comm s':>8} {'idle %':>7}"]
+                 f"{'comm s':>8} {'idle %':>7} {'sent MB':>8}"]
         for r in self.ranks:
             lines.append(f"{r.rank:>4} {r.device:<8} {r.rows:>5} {r.stride:>6} {r.evals:>5} {r.busy_s:>8.3f} "
-                         f"{r.comm_s:>8.3f} {r.idle_pct:>7.1f}")
+                         f"{r.comm_s:>8.3f} {r.idle_pct:>7.1f} {r.sent_bytes / 1e6:>8.3f}")
         lines.append(f"denoising {self.denoise_s:.3f} s; whole call {self.wall_s:.3f} s (includes model loading on a cold pool)")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)

@@ -4,14 +4,22 @@ Layers hand it their fresh local data and get back the whole image's context.
 How fresh that context is depends on the phase of the current network call:
 
 * ``FRESH``   – a blocking all-gather inside the layer: every band is current (exact
-  mode, warmup, the first call after a plan change).
+  mode, warmup, the first call after a plan change). Always full and uncompressed.
 * ``REFRESH`` – displaced sync step: the layer gets the stored (stale) context of the
-  other bands plus its own fresh data, and only records what it will send; the
-  exchange starts in ``end_call`` after the forward and completes at the next sync
-  step, writing into the stored buffers in place. The forward is then pure compute (it
-  can be replayed from a CUDA graph), and a fast rank's stale steps overlap a slow
-  rank's longer evaluation instead of waiting for it.
+  other bands plus its own fresh data, and sends its fresh data for the next sync step.
+  With overlap (``ContextOptions.overlap``, eager calls) each layer's exchange starts
+  right there and is waited for only when the next sync call's same layer needs it, so
+  it runs behind a whole step of compute. Otherwise (CUDA graphs, torch.compile, overlap
+  off) the call only records what it will send; the exchanges start in ``end_call`` and
+  complete when the next sync call begins, and the forward stays pure compute (it can be
+  replayed from a CUDA graph). Either way a fast rank's stale steps overlap a slow rank's
+  longer evaluation instead of waiting for it, and the data stored is the same.
 * ``STALE``   – displaced non-sync step: the stored context, no communication.
+
+What a REFRESH sends follows the plan's ``ContextOptions``: all of the band (all-gather)
+or, with partial context, the nearest rows of its attention K/V to each adjacent band
+only (point-to-point); raw, or coded (parallel/codecs.py: fp8, delta with error feedback).
+The wire itself (byte counts, deadlines, an emulated slow link) is parallel/links.py.
 
 Context is kept per call slot: the n-th network call of a sampler step (``slot``) only ever
 reads context stored by slot n of an earlier step, so a cond call and an uncond call that
@@ -34,10 +42,12 @@ from datetime import timedelta
 from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
-from ..errors import UnsupportedError, WorkerTimeout
-from .geometry import band_sizes
+from ..errors import UnsupportedError
+from .codecs import make_codec
+from .geometry import band_sizes, near_sizes, row_tokens
+from .links import EmulatedLink, Link, Transfer
+from .options import ContextOptions
 
 
 class Phase(enum.Enum):
@@ -48,12 +58,28 @@ class Phase(enum.Enum):
 
 @dataclass
 class _Pending:
-    """A fresh local tensor recorded in a REFRESH call, to be exchanged after the forward."""
+    """A fresh local tensor a REFRESH call sends for the next sync step."""
 
     key: tuple
     local: torch.Tensor
     sizes: list
     dim: int
+    coded: bool = False  # may be compressed (K/V, halos; never GroupNorm moments)
+    partial: bool = False  # attention K/V under partial context: nearest rows to each neighbour only
+    channel: int = -1  # the channel dim of ``local`` (per-channel codec scales)
+
+
+@dataclass
+class _Flight:
+    """One key's exchange on the wire: what lands where once ``transfer`` completes.
+
+    ``kind``: "gather" (raw all-gather into ``recv``), "coded" (all-gathered codec payloads) or
+    "pieces" (point-to-point: ``recv`` holds (payload buffer, region of the stored context))."""
+
+    pending: _Pending
+    kind: str
+    transfer: Transfer | None
+    recv: list
 
 
 @dataclass
@@ -115,20 +141,28 @@ class BandContext:
         group=None,
         timeout_s: float = 120.0,
         transport=None,
+        options: ContextOptions | None = None,
     ):
         self.rows = list(rows)
         self.rank = rank
         self.world_size = len(self.rows)
         self.group = group
         self.transport = transport  # CudaIpcTransport for ranks sharing a GPU; None: torch.distributed
+        self.link = Link(group, self.world_size, EmulatedLink.from_env())
         self.timeout = timedelta(seconds=timeout_s)
         self.phase = Phase.FRESH
+        self.options = ContextOptions()
+        self._codec = None
         self._buffers: dict[tuple, list[torch.Tensor]] = {}  # per key: every band's part, views of _whole
         self._whole: dict[tuple, torch.Tensor] = {}  # per key: the parts as one tensor (whole-image tokens)
         self._summaries: dict[tuple, _Summary] = {}
         self._wires: dict[tuple, _Wire] = {}  # all-gather send/receive buffers per exchange key
+        self._mirrors: dict[tuple, torch.Tensor] = {}  # (key, peer or "all"): what receivers hold of ours
+        self._sent_base: dict[tuple, torch.Tensor] = {}  # per key: our part as the last FRESH call sent it
         self._pending: list[_Pending] = []
-        self._inflight: dict[int, list] = {}  # per call slot: exchanges started at its last sync step
+        self._inflight: dict[int, dict[tuple, _Flight]] = {}  # per call slot: exchanges of its last sync step
+        self._launched: dict[tuple, _Flight] = {}  # overlapped: started during this call
+        self.lazy = False  # this call starts exchanges in the layers and waits for them at their next use
         self._calls_seen: dict[int, int] = {}
         self.stats = CallStats()
         self.generation = 0  # bumped whenever stored buffers are re-created
@@ -138,9 +172,28 @@ class BandContext:
         self.ragged_align = 0  # >0: bands start on this alignment and the last one may end off it
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} outside a world of {self.world_size}")
+        if options is not None:
+            self.set_options(options)
+
+    def set_options(self, options: ContextOptions) -> None:
+        """How displaced calls exchange from now on; a change forgets the coders' state."""
+        options = ContextOptions.from_dict(options)
+        if options == self.options:
+            return
+        if self.transport is not None and not options.is_default:
+            raise UnsupportedError(f"context '{options.label()}' needs torch.distributed between the ranks; workers "
+                                   "sharing one GPU exchange through CUDA IPC: use context full")
+        self.complete_inflight(store=False)
+        self.options = options
+        self._codec = make_codec(options.exchange, options.delta_bits)
+        self._mirrors.clear()
+        self._sent_base.clear()
 
     # -- lifecycle of one network call -------------------------------------------------
-    def begin_call(self, phase: Phase, slot: int = 0, width: int = 0) -> None:
+    def begin_call(self, phase: Phase, slot: int = 0, width: int = 0, overlap: bool = False) -> None:
+        """Start a network call. ``overlap``: the caller runs the layers eagerly, so a REFRESH call may
+        start each exchange inside its layer (``ContextOptions.overlap``); graph replays and compiled
+        calls pass False and keep the forward free of communication."""
         if phase is not Phase.FRESH and not self._buffers and self.world_size > 1:
             raise RuntimeError("displaced context used before any synchronous step filled it")
         self.phase = phase
@@ -148,21 +201,31 @@ class BandContext:
         self.width = width
         self._calls_seen.clear()
         self.stats = CallStats()
-        if phase is not Phase.STALE:
+        self.link.take_bytes()
+        self.lazy = (overlap and self.options.overlap and phase is Phase.REFRESH and self.world_size > 1
+                     and not self.local_only and self.transport is None)
+        if phase is not Phase.STALE and not self.lazy:
             self.complete_inflight(slot=slot)  # a sync step needs this slot's previous sync exchange
 
     def end_call(self) -> CallStats:
-        """Start the exchanges a REFRESH call recorded; they complete at the next sync step.
+        """Start the exchanges a deferred REFRESH call recorded (overlapped ones already run); they
+        complete at the next sync step.
 
         Deferring the wait lets a fast rank run its stale steps while a slow rank is still
         computing its (stride > 1) evaluation; the buffers change only at the next sync
         step, so the stale steps in between read a consistent snapshot.
         """
-        if self._pending:
-            t0 = time.perf_counter()
-            self._inflight[self.slot] = self._launch(self._pending)
+        if self.lazy:
+            for flight in self._inflight.pop(self.slot, {}).values():  # keys this call did not reach
+                self._land(flight)
+            if self._launched:
+                self._inflight[self.slot] = self._launched
+            self._launched = {}
+            self.lazy = False
+        elif self._pending:
+            self._inflight[self.slot] = {p.key: self._launch(p) for p in self._pending}
             self._pending = []
-            self.stats.comm_wait_s += time.perf_counter() - t0
+        self.stats.bytes_sent += self.link.take_bytes()
         return self.stats
 
     def complete_inflight(self, store: bool = True, slot: int | None = None) -> None:
@@ -172,42 +235,29 @@ class BandContext:
         call, so each slot's stale steps read the same snapshot whatever the other slots do.
         """
         slots = [s for s in self._inflight if slot is None or s == slot]
-        if not slots:
-            return
-        t0 = time.perf_counter()
-        inflight = [entry for s in slots for entry in self._inflight.pop(s)]
-        for p, gathered, work in inflight:
-            if work is not None:
-                _wait(work, self.timeout)
-            if store:
-                self._store(p.key, _trim(gathered, p.sizes, p.dim), p.dim)
-        self.stats.comm_wait_s += time.perf_counter() - t0
+        flights = [f for s in slots for f in self._inflight.pop(s).values()]
+        for flight in flights:
+            self._land(flight, store)
 
     def take_pending(self) -> list:
         """The exchanges a REFRESH call recorded (kept by a CUDA graph to re-issue after replays)."""
         pending, self._pending = self._pending, []
         return pending
 
-    def _launch(self, pending: list) -> list:
-        """Start an all-gather per recorded tensor: [(pending, gathered, work or None)]."""
-        if self.transport is not None:  # CUDA IPC: synchronous, data already gathered
-            sends = [(p.key, _padded(p.local, p.dim, max(p.sizes))) for p in pending]
-            return [(p, g, None) for p, g in zip(pending, self.transport.all_gather_many(sends))]
-        out = []
-        for p in pending:
-            gathered, work = self._all_gather(p.key, p.local, p.dim, p.sizes, async_op=True)
-            out.append((p, gathered, work))
-        return out
-
-    def reset(self, rows: Sequence[int] | None = None, ragged_align: int = 0) -> None:
+    def reset(self, rows: Sequence[int] | None = None, ragged_align: int = 0,
+              options: ContextOptions | None = None) -> None:
         """Start a new run: stored buffers survive only if the band layout is unchanged.
 
         Keeping them (a warmup step overwrites them in place) keeps their addresses, so
         CUDA graphs captured in an earlier run stay valid; ``generation`` tells when not.
         """
         self._pending = []
+        self._launched = {}
+        self.lazy = False
         self.complete_inflight(store=False)  # a new run starts with a synchronous step anyway
         self.ragged_align = ragged_align
+        if options is not None:
+            self.set_options(options)
         if rows is not None and list(rows) != self.rows:
             if len(rows) != self.world_size:
                 raise ValueError("a re-plan cannot change the number of ranks")
@@ -216,6 +266,8 @@ class BandContext:
             self._whole.clear()
             self._summaries.clear()
             self._wires.clear()
+            self._mirrors.clear()
+            self._sent_base.clear()
             self.generation += 1
             if self.transport is not None:
                 self.transport.reset()
@@ -241,14 +293,21 @@ class BandContext:
         A STALE call sends nothing, so layers skip building what they would send."""
         return self.world_size > 1 and not self.local_only and self.phase is not Phase.STALE
 
+    def _near(self, sizes: Sequence[int]) -> list[int]:
+        """Partial context: each band's tokens an adjacent band attends to (geometry.near_sizes)."""
+        return near_sizes(sizes, self.options.portion, row_tokens(self.total_rows, self.width, sum(sizes)))
+
     # -- the one exchange primitive ------------------------------------------------------
-    def exchange(self, layer_id: int, local: torch.Tensor | None, dim: int, sizes: Sequence[int]) -> list:
+    def exchange(self, layer_id: int, local: torch.Tensor | None, dim: int, sizes: Sequence[int],
+                 coded: bool = False, channel: int = 1) -> list:
         """All ranks' tensors along ``dim`` (rank order), ours always fresh.
 
-        ``local`` may be None in a STALE call (nothing is sent; our entry is then None)."""
+        ``local`` may be None in a STALE call (nothing is sent; our entry is then None).
+        ``coded``: a displaced sync call may send it compressed (ContextOptions.exchange), with
+        per-``channel`` scales."""
         if self.world_size == 1 or self.local_only:
             return [local]
-        return self._exchange(self._next_key(layer_id), local, dim, sizes)
+        return self._exchange(self._next_key(layer_id), local, dim, sizes, coded, channel=channel)
 
     def _next_key(self, layer_id: int) -> tuple:
         """(slot, layer, n): the n-th exchange of this layer in this call, of this call slot."""
@@ -256,23 +315,43 @@ class BandContext:
         self._calls_seen[layer_id] = n + 1
         return (self.slot, layer_id, n)
 
-    def _exchange(self, key: tuple, local: torch.Tensor | None, dim: int, sizes: Sequence[int]) -> list:
+    def _exchange(self, key: tuple, local: torch.Tensor | None, dim: int, sizes: Sequence[int],
+                  coded: bool = False, partial: bool = False, channel: int = -1) -> list:
         if self.phase is Phase.FRESH:
             t0 = time.perf_counter()
             if self.transport is not None:
-                gathered = self.transport.all_gather_many([(key, _padded(local, dim, max(sizes)))])[0]
+                send = _padded(local, dim, max(sizes))
+                self.link.bytes_sent += send.numel() * send.element_size() * (self.world_size - 1)
+                gathered = self.transport.all_gather_many([(key, send)])[0]
             else:
                 gathered = self._all_gather(key, local, dim, sizes, async_op=False)[0]
             self.stats.comm_wait_s += time.perf_counter() - t0
+            if coded and self._codec is not None and self._codec.stateful:  # what every receiver now holds
+                self._sent_base[key] = local.detach().clone()
+                self._mirrors = {k: v for k, v in self._mirrors.items() if k[0] != key}
             return self._store(key, _trim(gathered, sizes, dim), dim)
+        if self.lazy:
+            self._settle(key)
         stored = self._buffers.get(key)
         if stored is None:
             raise RuntimeError(f"no stored context for {key}: the displaced schedule is out of step")
         parts = list(stored)
         parts[self.rank] = local
         if self.phase is Phase.REFRESH:
-            self._pending.append(_Pending(key, local, list(sizes), dim))
+            self._send(_Pending(key, local, list(sizes), dim, coded, partial, channel))
         return parts
+
+    def _send(self, pending: _Pending) -> None:
+        if self.lazy:
+            self._launched[pending.key] = self._launch(pending)
+        else:
+            self._pending.append(pending)
+
+    def _settle(self, key: tuple) -> None:
+        """Overlapped call: land this key's exchange from the last sync step before reading it."""
+        flight = self._inflight.get(self.slot, {}).pop(key, None)
+        if flight is not None:
+            self._land(flight)
 
     def _store(self, key: tuple, parts: list, dim: int) -> list:
         """Keep a key's fresh context: in place (static addresses) unless its shapes changed."""
@@ -285,18 +364,112 @@ class BandContext:
             stored = self._buffers[key] = list(whole.split([p.shape[dim] for p in parts], dim=dim))
         else:
             torch.cat(parts, dim=dim, out=self._whole[key])
+        self._stored_changed(key)
+        return stored
+
+    def _stored_changed(self, key: tuple) -> None:
         summary = self._summaries.get(key)
         if summary is not None and summary.value is not None:  # in use by displaced calls: keep it current
-            summary.refresh(stored)
-        return stored
+            summary.refresh(self._buffers[key])
+
+    # -- the wire: launching and landing a REFRESH exchange --------------------------------
+    def _launch(self, p: _Pending) -> _Flight:
+        codec = self._codec if p.coded else None
+        if self.transport is not None:  # CUDA IPC: synchronous, data already gathered
+            send = _padded(p.local, p.dim, max(p.sizes))
+            self.link.bytes_sent += send.numel() * send.element_size() * (self.world_size - 1)
+            return _Flight(p, "gather", None, self.transport.all_gather_many([(p.key, send)])[0])
+        if p.partial:
+            return self._launch_pieces(p, codec)
+        if codec is None:
+            recv, transfer = self._all_gather(p.key, p.local, p.dim, p.sizes, async_op=True)
+            return _Flight(p, "gather", transfer, recv)
+        local = p.local.detach()
+        shapes = [_with(local.shape, p.dim, n) for n in p.sizes]
+        nbytes = [codec.nbytes(sh, local.dtype, p.channel) for sh in shapes]
+        payload = codec.encode(local, self._mirror(p.key, "all", local), p.channel)
+        send = torch.zeros(max(nbytes), dtype=torch.uint8, device=local.device)
+        send[: payload.numel()] = payload
+        recv = [torch.empty_like(send) for _ in range(self.world_size)]
+        self.stats.exchanges += 1
+        transfer = self.link.all_gather(recv, send, self.timeout, async_op=True)
+        return _Flight(p, "coded", transfer, [r[:n] for r, n in zip(recv, nbytes)])
+
+    def _launch_pieces(self, p: _Pending, codec) -> _Flight:
+        """Partial context: our nearest rows to each adjacent band, theirs into our stored context."""
+        local, dim, sizes, r = p.local.detach(), p.dim, p.sizes, self.rank
+        near = self._near(sizes)
+        whole = self._whole[p.key]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        sends, recvs = [], []
+        for peer in (r - 1, r + 1):
+            if not 0 <= peer < self.world_size:
+                continue
+            first = 0 if peer < r else sizes[r] - near[r]
+            mine = local.narrow(dim, first, near[r])
+            theirs = whole.narrow(dim, starts[peer] + (sizes[peer] - near[peer] if peer < r else 0), near[peer])
+            if codec is None:
+                sends.append((peer, mine.contiguous()))
+                buf = torch.empty(theirs.shape, dtype=theirs.dtype, device=theirs.device)
+            else:
+                mirror = self._mirror(p.key, peer, mine, dim, first)
+                sends.append((peer, codec.encode(mine.contiguous(), mirror, p.channel)))
+                buf = torch.empty(codec.nbytes(theirs.shape, theirs.dtype, p.channel), dtype=torch.uint8,
+                                  device=theirs.device)
+            recvs.append((peer, buf, theirs))
+        self.stats.exchanges += 1
+        transfer = self.link.exchange(sends, [(peer, buf) for peer, buf, _ in recvs])
+        return _Flight(p, "pieces", transfer, [(buf, region) for _, buf, region in recvs])
+
+    def _land(self, flight: _Flight, store: bool = True) -> None:
+        """Wait for a flight and, unless discarding, write what arrived into the stored context.
+
+        Only the wait counts as communication (CallStats.comm_wait_s: the exposed part); decoding
+        is compute."""
+        if flight.transfer is not None:
+            t0 = time.perf_counter()
+            flight.transfer.wait(self.timeout)
+            self.stats.comm_wait_s += time.perf_counter() - t0
+        if not store:
+            return
+        p = flight.pending
+        if flight.kind == "gather":
+            self._store(p.key, _trim(flight.recv, p.sizes, p.dim), p.dim)
+            return
+        codec = self._codec if p.coded else None
+        if flight.kind == "pieces":
+            for buf, region in flight.recv:
+                if codec is None:
+                    region.copy_(buf)
+                else:
+                    _decode(codec, buf, region, p.channel)
+            return
+        stored = self._buffers[p.key]
+        for o, payload in enumerate(flight.recv):
+            if o != self.rank:
+                _decode(codec, payload, stored[o], p.channel)
+        self._stored_changed(p.key)
+
+    def _mirror(self, key: tuple, peer, local: torch.Tensor, dim: int = 0, start: int = 0) -> torch.Tensor | None:
+        """Stateful codecs: our copy of what ``peer`` (or every rank: "all") holds of this payload
+        (``local``'s rows from ``start`` along ``dim`` of our part), starting from what the last
+        FRESH call sent: the receivers stored that exactly."""
+        if not self._codec.stateful:
+            return None
+        mirror = self._mirrors.get((key, peer))
+        if mirror is None:
+            base = self._sent_base.get(key)
+            if base is None:
+                raise RuntimeError(f"no synchronous exchange of {key} to take deltas from")
+            mirror = self._mirrors[(key, peer)] = base.narrow(dim, start, local.shape[dim]).clone()
+        return mirror
 
     def _all_gather(self, key: tuple, local: torch.Tensor, dim: int, sizes: Sequence[int], async_op: bool):
         wire = self._wire(key, local, dim, max(sizes))
         send = wire.load(local.detach(), dim)
         self.stats.exchanges += 1
-        self.stats.bytes_sent += send.numel() * send.element_size()
-        work = dist.all_gather(wire.recv, send, group=self.group, async_op=async_op)
-        return wire.recv, work
+        transfer = self.link.all_gather(wire.recv, send, self.timeout, async_op=async_op)
+        return wire.recv, transfer
 
     def _wire(self, key: tuple, local: torch.Tensor, dim: int, size: int) -> _Wire:
         """The key's buffers; re-made only if the padded shape or dtype changed (a new plan)."""
@@ -318,7 +491,7 @@ class BandContext:
         if self.world_size == 1 or self.local_only:
             return None, None
         edge = torch.cat([x[:, :, :pad], x[:, :, -pad:]], dim=2) if self.sending else None
-        parts = self.exchange(layer_id, edge, 2, [2 * pad] * self.world_size)
+        parts = self.exchange(layer_id, edge, 2, [2 * pad] * self.world_size, coded=True, channel=1)
         top = parts[self.rank - 1].narrow(2, pad, pad) if self.rank > 0 else None
         bottom = parts[self.rank + 1].narrow(2, 0, pad) if self.rank < self.world_size - 1 else None
         return top, bottom
@@ -328,16 +501,24 @@ class BandContext:
 
         The stored context is kept as that tensor, so a displaced call writes only its own run
         into it, and no call concatenates the whole image's tokens. The returned tensor is that
-        buffer: read it in this call, do not keep it."""
+        buffer: read it in this call, do not keep it. Under partial context a displaced call gets
+        the run from the nearest rows of the band above to the nearest rows of the band below."""
         if self.world_size == 1 or self.local_only:
             return tokens
         sizes = self.sizes_like(tokens.shape[dim])
         key = self._next_key(layer_id)
-        self._exchange(key, tokens, dim, sizes)
+        partial = self.options.partial and self.phase is not Phase.FRESH
+        self._exchange(key, tokens, dim, sizes, coded=True, partial=partial, channel=tokens.dim() - 1)
         whole = self._whole[key]
+        start = sum(sizes[: self.rank])
         if self.phase is not Phase.FRESH:
-            whole.narrow(dim, sum(sizes[: self.rank]), sizes[self.rank]).copy_(tokens)
-        return whole
+            whole.narrow(dim, start, sizes[self.rank]).copy_(tokens)
+        if not partial:
+            return whole
+        near = self._near(sizes)
+        lo = start - (near[self.rank - 1] if self.rank > 0 else 0)
+        hi = start + sizes[self.rank] + (near[self.rank + 1] if self.rank < self.world_size - 1 else 0)
+        return whole.narrow(dim, lo, hi - lo)
 
     def summarised(self, layer_id: int, local: torch.Tensor | None, dim: int, sizes: Sequence[int],
                    summarise: Callable, args: tuple = ()) -> tuple:
@@ -373,10 +554,17 @@ def _trim(gathered: list[torch.Tensor], sizes: Sequence[int], dim: int) -> list[
     return [g.narrow(dim, 0, s) for g, s in zip(gathered, sizes)]
 
 
-def _wait(work, timeout: timedelta) -> None:
-    try:
-        ok = work.wait(timeout)
-    except RuntimeError as exc:  # gloo raises on timeout or on a dead peer
-        raise WorkerTimeout(f"context exchange with another rank failed: {exc}") from exc
-    if ok is False:
-        raise WorkerTimeout(f"context exchange did not finish within {timeout.total_seconds():.0f} s")
+def _with(shape, dim: int, n: int) -> list[int]:
+    out = list(shape)
+    out[dim] = n
+    return out
+
+
+def _decode(codec, payload: torch.Tensor, held: torch.Tensor, channel: int) -> None:
+    """Decode into a stored view; a non-contiguous view goes through a contiguous copy."""
+    if held.is_contiguous():
+        codec.decode_into(payload, held, channel)
+        return
+    tmp = held.contiguous()
+    codec.decode_into(payload, tmp, channel)
+    held.copy_(tmp)

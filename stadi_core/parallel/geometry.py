@@ -8,6 +8,7 @@ so its extents are found from the layer's downsampling factor, with the ceil siz
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from ..errors import UnsupportedError
@@ -56,3 +57,32 @@ def _ragged_sizes(rows, rank, local_size, local_rows, ragged_align, width) -> li
     raise UnsupportedError(f"band of {rows[rank]} latent rows reaches a layer with {local_size} values that match "
                            f"no downsampling of bands {list(rows)} up to {ragged_align}x: use an image height that "
                            "is a multiple of the model's alignment")
+
+
+def row_tokens(total_rows: int, width: int, total_tokens: int, max_factor: int = 64) -> int:
+    """Tokens per feature row at a layer with ``total_tokens`` for the whole image, or 0 if unknown.
+
+    The layer's downsampling factor is the power of two at which ceil(rows/f) x ceil(width/f)
+    gives the token count (UNet levels, a DiT's 2x2 patches)."""
+    factor = 1
+    while width and factor <= max_factor:
+        w = -(-width // factor)
+        if -(-total_rows // factor) * w == total_tokens:
+            return w
+        factor *= 2
+    return 0
+
+
+def near_sizes(sizes: Sequence[int], portion: float, per_row: int) -> list[int]:
+    """Partial context (PCPP): how much of each band an adjacent band attends to, in tokens.
+
+    The nearest ceil(portion x rows) whole rows of the band (at least one), so a neighbour sees
+    complete rows; with no row length known, ceil(portion x tokens)."""
+    out = []
+    for size in sizes:
+        if per_row and size % per_row == 0:
+            rows = size // per_row
+            out.append(min(size, max(1, math.ceil(portion * rows - 1e-9)) * per_row))
+        else:
+            out.append(min(size, max(1, math.ceil(portion * size - 1e-9))))
+    return out

@@ -35,9 +35,9 @@ class BranchGroups:
                                        "strategy cfg_split or bands")
             key = (g.ranks, g.rows, self.rank)
             make = (lambda g=g: BandContext(g.rows, g.ranks.index(self.rank), subgroups.get(g.ranks),
-                                            timeout_s=init.timeout_s))
+                                            timeout_s=init.timeout_s, options=plan.context))
             if self.rank in g.ranks:  # a new run: nothing of the last one in flight, same buffers if same rows
-                router.activate(key, make).reset(g.rows, plan.align if plan.ragged else 0)
+                router.activate(key, make).reset(g.rows, plan.align if plan.ragged else 0, plan.context)
                 router.deactivate()
             self.entries.append((key, make))
 
@@ -82,17 +82,18 @@ class BranchGroups:
     def call(self, msg, phase, model, spec, slowdown: float, dtype) -> BandOutput:
         """A session call's units, in group order, so a group's members reach its exchanges together."""
         torch, w = self.worker.torch, self.worker
-        outs, busy, comm = [], 0.0, 0.0
+        outs, busy, comm, sent = [], 0.0, 0.0, 0
         for unit in msg.units:
             net = self.routed(unit.group, w._network(model, self.router, spec, w._cond(unit.cond, dtype, unit.cond_key), slowdown))
             with torch.inference_mode():
                 t0 = time.perf_counter()
-                out, c = net(torch.from_numpy(unit.x), torch.from_numpy(unit.timesteps), phase, msg.slot)
+                out, c, b = net(torch.from_numpy(unit.x), torch.from_numpy(unit.timesteps), phase, msg.slot)
                 busy += time.perf_counter() - t0 - c
                 comm += c
+                sent += b
             require_finite(out, msg.step, phase)
             outs.append(out.numpy())
-        return BandOutput(msg.job_id, msg.call_id, self.rank, None, busy, comm, unit_outs=outs)
+        return BandOutput(msg.job_id, msg.call_id, self.rank, None, busy, comm, unit_outs=outs, sent_bytes=sent)
 
 
 def _subgroups(worker, groups) -> dict:

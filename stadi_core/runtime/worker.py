@@ -229,7 +229,7 @@ class _Worker:
             dist.destroy_process_group()
 
     # -- model cache ---------------------------------------------------------------------
-    def _model(self, spec_dict: dict, rows, ragged_align: int = 0):
+    def _model(self, spec_dict: dict, rows, ragged_align: int = 0, context=None):
         from ..models.spec import ModelSpec, build_model, weights_checksum
         from ..parallel import BandContext, make_patch_parallel
         from ..parallel.router import ContextRouter
@@ -255,7 +255,7 @@ class _Worker:
             self.models[key] = (model, ctx, spec, checksum)
         model, ctx, spec, checksum = self.models[key]
         ctx.deactivate()
-        ctx.reset(rows, ragged_align)
+        ctx.reset(rows, ragged_align, context)
         return model, ctx, spec, checksum
 
     def _network(self, model, ctx, spec, cond, slowdown: float, graphs: bool = False, compiled: str = "off"):
@@ -289,13 +289,14 @@ class _Worker:
 
         def call(x_in, t, phase, slot: int = 0):
             start = time.perf_counter()  # before begin_call: its wait for the last exchange is in comm_wait_s
-            ctx.begin_call(phase, slot, x_in.shape[-1])
+            eager = graphed is None or not graphed.capturable(ctx, phase)
+            ctx.begin_call(phase, slot, x_in.shape[-1], overlap=eager)  # replays keep the forward free of exchanges
             if isinstance(t, torch.Tensor):
                 ts = t.to(self.device, torch.float32)
             else:
                 ts = torch.full((x_in.shape[0],), t, device=self.device, dtype=torch.float32)
             x_dev = x_in.to(self.device, dtype)
-            if graphed is not None and graphed.capturable(ctx, phase):
+            if not eager:
                 inputs = {"x": x_dev, "t": ts, **{f"c:{k}": v for k, v in cond.items()}}
                 out = graphed(inputs, phase)
             else:
@@ -308,7 +309,7 @@ class _Worker:
                 # comes before the displaced exchange that the other ranks wait on
                 time.sleep(busy * (slowdown - 1.0))
             stats = ctx.end_call()
-            return out.float().cpu(), stats.comm_wait_s
+            return out.float().cpu(), stats.comm_wait_s, stats.bytes_sent
 
         call.band = graphed
         return call
@@ -346,7 +347,7 @@ class _Worker:
         if plan.world_size != self.init.world_size:
             raise ValueError(f"plan for {plan.world_size} ranks sent to a pool of {self.init.world_size}")
         band = plan.bands[self.init.rank]
-        model, ctx, spec, checksum = self._model(job.model, plan.rows)
+        model, ctx, spec, checksum = self._model(job.model, plan.rows, context=plan.context)
         dtype = input_dtype(model)
         conditioning = {part: {k: torch.from_numpy(v) for k, v in d.items()} for part, d in job.conditioning.items()}
         schedule = LoopSchedule(steps=plan.steps, warmup=plan.warmup, stride=band.stride,
@@ -423,7 +424,7 @@ class _Worker:
         if plan.world_size != self.init.world_size:
             raise ValueError(f"plan for {plan.world_size} ranks sent to a pool of {self.init.world_size}")
         loads = self.loads
-        model, ctx, spec, checksum = self._model(job.model, plan.rows, plan.align if plan.ragged else 0)
+        model, ctx, spec, checksum = self._model(job.model, plan.rows, plan.align if plan.ragged else 0, plan.context)
         self.session_conds = {}
         groups = None
         if plan.groups:
@@ -466,14 +467,14 @@ class _Worker:
             try:
                 with torch.inference_mode():
                     t0 = time.perf_counter()
-                    out, comm = net(torch.from_numpy(msg.x), torch.from_numpy(msg.timesteps), phase, msg.slot)
+                    out, comm, sent = net(torch.from_numpy(msg.x), torch.from_numpy(msg.timesteps), phase, msg.slot)
                     busy = time.perf_counter() - t0 - comm
                 require_finite(out, msg.step, phase)
             finally:
                 ctx.local_only = False
             note = net.band.take_note() if net.band is not None else None  # compile failed: eager from now on
             self.channel.send(BandOutput(job.job_id, msg.call_id, self.init.rank, out.numpy(), busy, comm,
-                                         note=note or ""))
+                                         note=note or "", sent_bytes=sent))
 
     def _cond(self, cond: dict, dtype, key: str = "") -> dict:
         """A call's conditioning on the device; sent once per session and named by key afterwards."""

@@ -18,7 +18,8 @@ from .noise import FullLatentNoise
 from .samplers import make_sampler
 
 # model_sampling: see model_sampling.py (EpsDiscrete, FlowMatch)
-# network(x_scaled, t, phase) -> raw output for the rows of x (batch doubled under CFG)
+# network(x_scaled, t, phase) -> raw output for the rows of x (batch doubled under CFG), or a parallel
+# network's (raw, seconds blocked in exchanges, bytes sent)
 Network = Callable[[torch.Tensor, float, Phase], torch.Tensor]
 
 
@@ -32,6 +33,7 @@ class StepTiming:
     busy_s: float
     comm_s: float
     wall_s: float
+    sent_bytes: int = 0  # context this rank sent in the step's network call
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -100,12 +102,13 @@ def run_band(
         computed = (schedule.computes(i) and not _window_skips(window, i)) or last_raw is None
         phase = schedule.phase(i)
         busy = comm = 0.0
+        sent = 0
         if computed:
             x_in = model_sampling.scale_in(x, sigma)
             if use_cfg:
                 x_in = torch.cat([x_in, x_in])
             c0 = time.perf_counter()
-            last_raw, comm = _timed_call(network, x_in, model_sampling.timestep(sigma), phase)
+            last_raw, comm, sent = _timed_call(network, x_in, model_sampling.timestep(sigma), phase)
             busy = time.perf_counter() - c0 - comm
             require_finite(last_raw, i, phase)
         if window is not None:
@@ -113,7 +116,7 @@ def run_band(
         eps = cfg_combine(last_raw.float(), cfg, batch)
         denoised = model_sampling.denoised(x, eps, sigma)
         x = solver.step(i, x, denoised, sigma, sigma_next, lambda k: noise.step(k, rows))
-        timing = StepTiming(i, computed, phase.value, busy, comm, time.perf_counter() - t0)
+        timing = StepTiming(i, computed, phase.value, busy, comm, time.perf_counter() - t0, sent)
         timings.append(timing)
         if on_step is not None:
             on_step(timing)
@@ -149,6 +152,6 @@ def require_finite(out: torch.Tensor, step: int, phase: Phase) -> None:
 
 def _timed_call(network: Network, x_in, t, phase):
     out = network(x_in, t, phase)
-    if isinstance(out, tuple):  # (raw, comm seconds) from a parallel network
+    if isinstance(out, tuple):  # (raw, comm seconds, bytes sent) from a parallel network
         return out
-    return out, 0.0
+    return out, 0.0, 0

@@ -18,7 +18,7 @@ import torch
 
 from ..work_units import Unit
 
-# network(x_unit, t, phase) -> (raw for the unit's batch, comm seconds)
+# network(x_unit, t, phase) -> (raw for the unit's batch, comm seconds, bytes sent)
 UnitCall = Callable[[torch.Tensor, object, object], tuple]
 
 
@@ -39,7 +39,7 @@ def _timestep_slice(t, rows: slice):
 
 
 class UnitsNetwork:
-    """Called like a band network on the whole latent's CFG batch; returns (whole raw, comm s)."""
+    """Called like a band network on the whole latent's CFG batch; returns (whole raw, comm s, bytes sent)."""
 
     def __init__(self, units: Sequence[RankUnit], combine: Callable[[torch.Tensor], None]):
         if not units:
@@ -50,15 +50,16 @@ class UnitsNetwork:
     def __call__(self, x_in: torch.Tensor, t, phase):
         batch = x_in.shape[0] // 2
         full = None
-        comm = 0.0
+        comm, sent = 0.0, 0
         for ru in self.units:
             u = ru.unit
             rows = branch_batch(u.branches, batch)
-            out, c = ru.call(x_in[rows, :, u.row_start:u.row_end], _timestep_slice(t, rows), phase)
+            out, c, b = ru.call(x_in[rows, :, u.row_start:u.row_end], _timestep_slice(t, rows), phase)
             comm += c
+            sent += b
             if full is None:
                 full = out.new_zeros((2 * batch, out.shape[1]) + tuple(x_in.shape[2:]))
             full[rows, :, u.row_start:u.row_end] = out
         t0 = time.perf_counter()
         self.combine(full)
-        return full, comm + time.perf_counter() - t0
+        return full, comm + time.perf_counter() - t0, sent  # context only (the all-reduce is not counted)
