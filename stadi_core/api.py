@@ -13,6 +13,7 @@ from .arrange import Choice, choose_plan, host_shared_speeds
 from .cluster import ClusterSpec
 from .errors import PlanError, WorkerError
 from .models.spec import ModelSpec, batched_conditioning, build_model, make_conditioning
+from .parallel.links import LINK_ENV, EmulatedLink
 from .parallel.options import ContextOptions
 from .planner import Plan
 from .report import RunReport
@@ -89,6 +90,7 @@ def generate(
     hybrid_window: str | None = None,
     prompt: str | None = None,
     context: "str | ContextOptions | None" = None,
+    emulate_link: str | None = None,
 ) -> GenerateResult:
     """Denoise a ``batch x channels x height x width`` latent with one band per active device.
 
@@ -101,6 +103,8 @@ def generate(
     window, in which every second step reuses the last network output (branch splits only).
     ``context``: how displaced steps exchange (parallel/options.py): 'full' (default), 'partial:0.3',
     'fp8', 'delta', 'partial:0.3+delta', ... or a ContextOptions.
+    ``emulate_link``: 'GBPS,LATENCY_US' — every context transfer also takes as long as on such a
+    link (parallel/links.py; benchmarks and tests of slow interconnects on one host).
     """
     spec = model or ModelSpec()
     cluster = _as_cluster(cluster)
@@ -121,7 +125,11 @@ def generate(
     by_name = {d.name: d for d in cluster.active()}
     devices = [b.device for b in plan.bands]
     threads = {} if threads_per_worker is None else {"threads_per_worker": threads_per_worker}
-    pool = get_pool(devices, cluster.resolved_backend(), worker_env=_worker_env(by_name, devices), **threads)
+    env = _worker_env(by_name, devices)
+    if emulate_link:
+        EmulatedLink.parse(emulate_link)  # a malformed value fails here, not in every worker
+        env = [dict(e, **{LINK_ENV: emulate_link}) for e in env]
+    pool = get_pool(devices, cluster.resolved_backend(), worker_env=env, **threads)
     shape = (batch, spec.adapter.latent_channels(ref_model), height, width)
     del ref_model
     cond_np = {part: {k: v.numpy() for k, v in d.items()} for part, d in conditioning.items()}

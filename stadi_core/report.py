@@ -64,7 +64,7 @@ class RunReport:
                 rank=band.rank, device=band.device, rows=band.rows, stride=band.stride,
                 evals=sum(1 for s in steps if s["computed"]),
                 busy_s=sum(s["busy_s"] for s in steps), comm_s=sum(s["comm_s"] for s in steps),
-                wall_s=sum(s["wall_s"] for s in steps), sent_bytes=sum(s.get("sent_bytes", 0) for s in steps),
+                wall_s=sum(s["wall_s"] for s in steps), sent_bytes=sum(sum(s.get("sent", {}).values()) for s in steps),
             ))
         notes = list(plan.notes)
         if any(s > 1 for s in slowdowns):

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable, Sequence
 
@@ -67,6 +67,7 @@ class _Pending:
     coded: bool = False  # may be compressed (K/V, halos; never GroupNorm moments)
     partial: bool = False  # attention K/V under partial context: nearest rows to each neighbour only
     channel: int = -1  # the channel dim of ``local`` (per-channel codec scales)
+    kind: str = "kv"  # what it is, for the byte counts: "kv", "halo", "moments"
 
 
 @dataclass
@@ -128,7 +129,11 @@ class CallStats:
 
     comm_wait_s: float = 0.0
     exchanges: int = 0
-    bytes_sent: int = 0
+    sent: dict = field(default_factory=dict)  # bytes put on the wire per kind: "kv", "halo", "moments"
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(self.sent.values())
 
 
 class BandContext:
@@ -225,7 +230,8 @@ class BandContext:
         elif self._pending:
             self._inflight[self.slot] = {p.key: self._launch(p) for p in self._pending}
             self._pending = []
-        self.stats.bytes_sent += self.link.take_bytes()
+        for kind, n in self.link.take_bytes().items():
+            self.stats.sent[kind] = self.stats.sent.get(kind, 0) + n
         return self.stats
 
     def complete_inflight(self, store: bool = True, slot: int | None = None) -> None:
@@ -299,7 +305,7 @@ class BandContext:
 
     # -- the one exchange primitive ------------------------------------------------------
     def exchange(self, layer_id: int, local: torch.Tensor | None, dim: int, sizes: Sequence[int],
-                 coded: bool = False, channel: int = 1) -> list:
+                 coded: bool = False, channel: int = 1, kind: str = "halo") -> list:
         """All ranks' tensors along ``dim`` (rank order), ours always fresh.
 
         ``local`` may be None in a STALE call (nothing is sent; our entry is then None).
@@ -307,7 +313,7 @@ class BandContext:
         per-``channel`` scales."""
         if self.world_size == 1 or self.local_only:
             return [local]
-        return self._exchange(self._next_key(layer_id), local, dim, sizes, coded, channel=channel)
+        return self._exchange(self._next_key(layer_id), local, dim, sizes, coded, channel=channel, kind=kind)
 
     def _next_key(self, layer_id: int) -> tuple:
         """(slot, layer, n): the n-th exchange of this layer in this call, of this call slot."""
@@ -316,15 +322,15 @@ class BandContext:
         return (self.slot, layer_id, n)
 
     def _exchange(self, key: tuple, local: torch.Tensor | None, dim: int, sizes: Sequence[int],
-                  coded: bool = False, partial: bool = False, channel: int = -1) -> list:
+                  coded: bool = False, partial: bool = False, channel: int = -1, kind: str = "kv") -> list:
         if self.phase is Phase.FRESH:
             t0 = time.perf_counter()
             if self.transport is not None:
                 send = _padded(local, dim, max(sizes))
-                self.link.bytes_sent += send.numel() * send.element_size() * (self.world_size - 1)
+                self.link.count(send.numel() * send.element_size() * (self.world_size - 1), kind)
                 gathered = self.transport.all_gather_many([(key, send)])[0]
             else:
-                gathered = self._all_gather(key, local, dim, sizes, async_op=False)[0]
+                gathered = self._all_gather(key, local, dim, sizes, async_op=False, kind=kind)[0]
             self.stats.comm_wait_s += time.perf_counter() - t0
             if coded and self._codec is not None and self._codec.stateful:  # what every receiver now holds
                 self._sent_base[key] = local.detach().clone()
@@ -338,7 +344,7 @@ class BandContext:
         parts = list(stored)
         parts[self.rank] = local
         if self.phase is Phase.REFRESH:
-            self._send(_Pending(key, local, list(sizes), dim, coded, partial, channel))
+            self._send(_Pending(key, local, list(sizes), dim, coded, partial, channel, kind))
         return parts
 
     def _send(self, pending: _Pending) -> None:
@@ -377,12 +383,12 @@ class BandContext:
         codec = self._codec if p.coded else None
         if self.transport is not None:  # CUDA IPC: synchronous, data already gathered
             send = _padded(p.local, p.dim, max(p.sizes))
-            self.link.bytes_sent += send.numel() * send.element_size() * (self.world_size - 1)
+            self.link.count(send.numel() * send.element_size() * (self.world_size - 1), p.kind)
             return _Flight(p, "gather", None, self.transport.all_gather_many([(p.key, send)])[0])
         if p.partial:
             return self._launch_pieces(p, codec)
         if codec is None:
-            recv, transfer = self._all_gather(p.key, p.local, p.dim, p.sizes, async_op=True)
+            recv, transfer = self._all_gather(p.key, p.local, p.dim, p.sizes, async_op=True, kind=p.kind)
             return _Flight(p, "gather", transfer, recv)
         local = p.local.detach()
         shapes = [_with(local.shape, p.dim, n) for n in p.sizes]
@@ -392,7 +398,7 @@ class BandContext:
         send[: payload.numel()] = payload
         recv = [torch.empty_like(send) for _ in range(self.world_size)]
         self.stats.exchanges += 1
-        transfer = self.link.all_gather(recv, send, self.timeout, async_op=True)
+        transfer = self.link.all_gather(recv, send, self.timeout, async_op=True, kind=p.kind)
         return _Flight(p, "coded", transfer, [r[:n] for r, n in zip(recv, nbytes)])
 
     def _launch_pieces(self, p: _Pending, codec) -> _Flight:
@@ -418,7 +424,7 @@ class BandContext:
                                   device=theirs.device)
             recvs.append((peer, buf, theirs))
         self.stats.exchanges += 1
-        transfer = self.link.exchange(sends, [(peer, buf) for peer, buf, _ in recvs])
+        transfer = self.link.exchange(sends, [(peer, buf) for peer, buf, _ in recvs], p.kind)
         return _Flight(p, "pieces", transfer, [(buf, region) for _, buf, region in recvs])
 
     def _land(self, flight: _Flight, store: bool = True) -> None:
@@ -464,11 +470,12 @@ class BandContext:
             mirror = self._mirrors[(key, peer)] = base.narrow(dim, start, local.shape[dim]).clone()
         return mirror
 
-    def _all_gather(self, key: tuple, local: torch.Tensor, dim: int, sizes: Sequence[int], async_op: bool):
+    def _all_gather(self, key: tuple, local: torch.Tensor, dim: int, sizes: Sequence[int], async_op: bool,
+                    kind: str = "kv"):
         wire = self._wire(key, local, dim, max(sizes))
         send = wire.load(local.detach(), dim)
         self.stats.exchanges += 1
-        transfer = self.link.all_gather(wire.recv, send, self.timeout, async_op=async_op)
+        transfer = self.link.all_gather(wire.recv, send, self.timeout, async_op=async_op, kind=kind)
         return wire.recv, transfer
 
     def _wire(self, key: tuple, local: torch.Tensor, dim: int, size: int) -> _Wire:
@@ -508,7 +515,7 @@ class BandContext:
         sizes = self.sizes_like(tokens.shape[dim])
         key = self._next_key(layer_id)
         partial = self.options.partial and self.phase is not Phase.FRESH
-        self._exchange(key, tokens, dim, sizes, coded=True, partial=partial, channel=tokens.dim() - 1)
+        self._exchange(key, tokens, dim, sizes, coded=True, partial=partial, channel=tokens.dim() - 1, kind="kv")
         whole = self._whole[key]
         start = sum(sizes[: self.rank])
         if self.phase is not Phase.FRESH:
@@ -529,7 +536,7 @@ class BandContext:
         if self.world_size == 1 or self.local_only:
             return [local], None
         key = self._next_key(layer_id)
-        parts = self._exchange(key, local, dim, sizes)
+        parts = self._exchange(key, local, dim, sizes, kind="moments")
         summary = self._summaries.get(key)
         if summary is None or summary.fn is not summarise or summary.args != args:
             summary = self._summaries[key] = _Summary(summarise, args)

@@ -41,15 +41,18 @@ class EmulatedLink:
         return self._free_at
 
     @classmethod
-    def from_env(cls) -> "EmulatedLink | None":
-        text = os.environ.get(LINK_ENV, "").strip()
-        if not text:
-            return None
+    def parse(cls, text: str) -> "EmulatedLink":
+        """From 'GBPS,LATENCY_US', e.g. '1.25,50' for 10 GbE."""
         try:
             gbps, latency_us = (float(v) for v in text.split(","))
         except ValueError:
-            raise UnsupportedError(f"{LINK_ENV}={text!r}: expected 'GBPS,LATENCY_US', e.g. '1.25,50'") from None
+            raise UnsupportedError(f"emulated link {text!r}: expected 'GBPS,LATENCY_US', e.g. '1.25,50'") from None
         return cls(gbps, latency_us * 1e-6)
+
+    @classmethod
+    def from_env(cls) -> "EmulatedLink | None":
+        text = os.environ.get(LINK_ENV, "").strip()
+        return cls.parse(text) if text else None
 
 
 class Transfer:
@@ -79,19 +82,21 @@ class Link:
         self.group = group
         self.world_size = world_size
         self.emulated = emulated
-        self.bytes_sent = 0  # since the last take_bytes()
+        self.sent: dict[str, int] = {}  # bytes per kind of context ("kv", "halo", "moments") since take_bytes()
 
-    def take_bytes(self) -> int:
-        n, self.bytes_sent = self.bytes_sent, 0
-        return n
+    def take_bytes(self) -> dict[str, int]:
+        sent, self.sent = self.sent, {}
+        return sent
 
-    def _count(self, nbytes: int) -> float:
-        self.bytes_sent += nbytes
+    def count(self, nbytes: int, kind: str) -> float:
+        """Book ``nbytes`` of ``kind``; returns when an emulated link would have delivered them."""
+        self.sent[kind] = self.sent.get(kind, 0) + nbytes
         return self.emulated.ready_at(nbytes) if self.emulated is not None else 0.0
 
-    def all_gather(self, recv: list, send: torch.Tensor, timeout: timedelta, async_op: bool) -> Transfer | None:
+    def all_gather(self, recv: list, send: torch.Tensor, timeout: timedelta, async_op: bool,
+                   kind: str = "kv") -> Transfer | None:
         """Every rank's ``send`` into ``recv``; waited for here unless ``async_op``."""
-        ready = self._count(send.numel() * send.element_size() * (self.world_size - 1))
+        ready = self.count(send.numel() * send.element_size() * (self.world_size - 1), kind)
         work = dist.all_gather(recv, send, group=self.group, async_op=True)
         transfer = Transfer([work], ready)
         if async_op:
@@ -99,13 +104,14 @@ class Link:
         transfer.wait(timeout)
         return None
 
-    def exchange(self, sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[int, torch.Tensor]]) -> Transfer:
+    def exchange(self, sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[int, torch.Tensor]],
+                 kind: str = "kv") -> Transfer:
         """Point-to-point: each (group rank, tensor) of ``sends`` to that rank, each of ``recvs`` from it."""
         works, ready = [], 0.0
         for peer, buf in recvs:
             works.append(dist.irecv(buf, src=self._global(peer), group=self.group))
         for peer, tensor in sends:
-            ready = max(ready, self._count(tensor.numel() * tensor.element_size()))
+            ready = max(ready, self.count(tensor.numel() * tensor.element_size(), kind))
             works.append(dist.isend(tensor, dst=self._global(peer), group=self.group))
         return Transfer(works, ready)
 

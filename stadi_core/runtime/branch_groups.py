@@ -15,7 +15,7 @@ from datetime import timedelta
 from ..errors import UnsupportedError
 from ..parallel import BandContext
 from ..sampling.band_loop import require_finite
-from ..sampling.unit_network import RankUnit
+from ..sampling.unit_network import RankUnit, add_sent
 from ..work_units import units_of
 from .messages import BandOutput
 
@@ -82,7 +82,7 @@ class BranchGroups:
     def call(self, msg, phase, model, spec, slowdown: float, dtype) -> BandOutput:
         """A session call's units, in group order, so a group's members reach its exchanges together."""
         torch, w = self.worker.torch, self.worker
-        outs, busy, comm, sent = [], 0.0, 0.0, 0
+        outs, busy, comm, sent = [], 0.0, 0.0, {}
         for unit in msg.units:
             net = self.routed(unit.group, w._network(model, self.router, spec, w._cond(unit.cond, dtype, unit.cond_key), slowdown))
             with torch.inference_mode():
@@ -90,10 +90,10 @@ class BranchGroups:
                 out, c, b = net(torch.from_numpy(unit.x), torch.from_numpy(unit.timesteps), phase, msg.slot)
                 busy += time.perf_counter() - t0 - c
                 comm += c
-                sent += b
+                sent = add_sent(sent, b)
             require_finite(out, msg.step, phase)
             outs.append(out.numpy())
-        return BandOutput(msg.job_id, msg.call_id, self.rank, None, busy, comm, unit_outs=outs, sent_bytes=sent)
+        return BandOutput(msg.job_id, msg.call_id, self.rank, None, busy, comm, unit_outs=outs, sent_bytes=sum(sent.values()))
 
 
 def _subgroups(worker, groups) -> dict:

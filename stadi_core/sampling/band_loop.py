@@ -7,7 +7,7 @@ only difference between the two is the network call.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -33,7 +33,11 @@ class StepTiming:
     busy_s: float
     comm_s: float
     wall_s: float
-    sent_bytes: int = 0  # context this rank sent in the step's network call
+    sent: dict = field(default_factory=dict)  # context bytes this rank sent in the step, per kind (kv, halo, ...)
+
+    @property
+    def sent_bytes(self) -> int:
+        return sum(self.sent.values())
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -102,7 +106,7 @@ def run_band(
         computed = (schedule.computes(i) and not _window_skips(window, i)) or last_raw is None
         phase = schedule.phase(i)
         busy = comm = 0.0
-        sent = 0
+        sent = {}
         if computed:
             x_in = model_sampling.scale_in(x, sigma)
             if use_cfg:
@@ -154,4 +158,4 @@ def _timed_call(network: Network, x_in, t, phase):
     out = network(x_in, t, phase)
     if isinstance(out, tuple):  # (raw, comm seconds, bytes sent) from a parallel network
         return out
-    return out, 0.0, 0
+    return out, 0.0, {}

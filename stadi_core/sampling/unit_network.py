@@ -28,6 +28,11 @@ class RankUnit:
     call: UnitCall
 
 
+def add_sent(total: dict, more: dict) -> dict:
+    """Bytes sent per kind of context, summed over calls."""
+    return {k: total.get(k, 0) + more.get(k, 0) for k in total.keys() | more.keys()}
+
+
 def branch_batch(branches: Sequence[str], batch: int) -> slice:
     """Rows of the [uncond; cond] batch a unit's branches occupy (they are consecutive)."""
     lo = 0 if branches[0] == "uncond" else batch
@@ -50,13 +55,13 @@ class UnitsNetwork:
     def __call__(self, x_in: torch.Tensor, t, phase):
         batch = x_in.shape[0] // 2
         full = None
-        comm, sent = 0.0, 0
+        comm, sent = 0.0, {}
         for ru in self.units:
             u = ru.unit
             rows = branch_batch(u.branches, batch)
             out, c, b = ru.call(x_in[rows, :, u.row_start:u.row_end], _timestep_slice(t, rows), phase)
             comm += c
-            sent += b
+            sent = add_sent(sent, b)
             if full is None:
                 full = out.new_zeros((2 * batch, out.shape[1]) + tuple(x_in.shape[2:]))
             full[rows, :, u.row_start:u.row_end] = out
