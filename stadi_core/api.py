@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -47,14 +47,14 @@ def _model_info(spec: ModelSpec):
 
 
 def plan_for(cluster: ClusterSpec, *, height: int, steps: int, sampler: str, mode: str, warmup: int, strides,
-             align: int, strategy: str = "bands", cfg: float = 5.0) -> Plan:
+             align: int, strategy: str = "bands", cfg: float = 5.0, context=None) -> Plan:
     """The plan for the cluster's active devices at their planning speeds (arrange.choose_plan)."""
     return choose_for(cluster, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
-                      strides=strides, align=align, strategy=strategy, cfg=cfg).plan
+                      strides=strides, align=align, strategy=strategy, cfg=cfg, context=context).plan
 
 
 def choose_for(cluster: ClusterSpec, *, height: int, steps: int, sampler: str, mode: str, warmup: int, strides,
-               align: int, strategy: str, cfg: float, ragged: bool = False) -> Choice:
+               align: int, strategy: str, cfg: float, ragged: bool = False, context=None) -> Choice:
     """Every arrangement ``strategy`` allows, priced for this cluster; CPU workers share the host's cores."""
     cluster.validate_available()
     active = cluster.active()
@@ -62,7 +62,7 @@ def choose_for(cluster: ClusterSpec, *, height: int, steps: int, sampler: str, m
     together, alone = host_shared_speeds(names, [d.planning_speed() for d in active], cpu_count=os.cpu_count() or 1)
     return choose_plan(height, together, devices=names, alone_speeds=alone, strategy=strategy, branches=cfg != 1.0,
                        align=align, steps=steps, warmup=warmup, mode=mode, strides=strides, sampler=sampler,
-                       ragged=ragged)
+                       ragged=ragged, context=context)
 
 
 def generate(
@@ -102,7 +102,8 @@ def generate(
     ``hybrid_window``: a preset of sampling.hybrid_window (sdxl, sd3, sd15): Hybridiff's adaptive
     window, in which every second step reuses the last network output (branch splits only).
     ``context``: how displaced steps exchange (parallel/options.py): 'full' (default), 'partial:0.3',
-    'fp8', 'delta', 'partial:0.3+delta', ... or a ContextOptions.
+    'fp8', 'delta', 'partial:0.3+delta', ... a ContextOptions, or 'auto' (the cost model's pick;
+    with no link model, as for one host, that is full).
     ``emulate_link``: 'GBPS,LATENCY_US' — every context transfer also takes as long as on such a
     link (parallel/links.py; benchmarks and tests of slow interconnects on one host).
     """
@@ -115,10 +116,7 @@ def generate(
         raise PlanError(f"latent width {width} is not a multiple of {align}: "
                         f"use an image width that is a multiple of {8 * align} px")
     plan = plan_for(cluster, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
-                    strides=strides, align=align, strategy=strategy, cfg=cfg)
-    if context is not None:
-        options = context if isinstance(context, ContextOptions) else ContextOptions.parse(context)
-        plan = replace(plan, context=options) if plan.world_size > 1 or not options.is_default else plan
+                    strides=strides, align=align, strategy=strategy, cfg=cfg, context=context)
     window = _window_config(hybrid_window, plan, sampler)
     sigmas = spec.adapter.model_sampling(ref_model).sigmas(scheduler, steps)
     conditioning = make_conditioning(spec, ref_model, batch, seed, prompt)

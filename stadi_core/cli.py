@@ -66,6 +66,7 @@ def cmd_generate(args) -> int:
                    sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg, seed=args.seed, mode=args.mode,
                    warmup=args.warmup, strides=strides, graphs=args.graphs, strategy=args.strategy,
                    hybrid_window=args.hybrid_window, prompt=args.prompt,
+                   context=None if args.mode == "exact" and args.context in ("full", "auto") else args.context,
                    on_step=lambda rank, t: rank == 0 and print(f"  step {t['step'] + 1}/{args.steps}", flush=True))
     total = time.perf_counter() - t0
     plan = Plan.from_dict(res.report.plan)
@@ -228,6 +229,10 @@ def main(argv=None) -> int:
                    help="how to split the work: auto picks the arrangement the cost model predicts fastest (one "
                    "device alone included); cfg_split puts cond and uncond on two devices; cfg_split+bands cuts the "
                    "branches by speed")
+    g.add_argument("--context", default="full",
+                   help="how displaced steps exchange context: full, partial:0.3 (PCPP: nearest 30%% of each "
+                   "neighbour's rows), fp8, delta (4-bit deltas with error feedback), combinations such as "
+                   "partial:0.3+delta, ',no-overlap', or auto (the cost model's pick)")
     g.add_argument("--hybrid-window", default=None, choices=["sdxl", "sd3", "sd15"],
                    help="Hybridiff's adaptive window (branch splits): every second step in it reuses the last output")
     g.add_argument("--out", default="out", help="output folder")
@@ -279,6 +284,10 @@ def main(argv=None) -> int:
                    "(bench-fastpath --help)")
     sub.add_parser("bench-quality", help="PSNR, SSIM and seam score of every mode on the trained tiny-shapes model "
                    "(bench-quality --help)")
+    sub.add_parser("bench-context", help="bytes, exposed comm and quality of every context mode (full, partial, fp8, "
+                   "delta) on the trained tiny-shapes model (bench-context --help)")
+    sub.add_parser("bench-context-predict", help="analytic context bytes for SDXL/Flux 1024² and predicted speedups "
+                   "over PCIe and 10 GbE per context mode (bench-context-predict --help)")
     sub.add_parser("bench-ops", help="aten ops per band forward vs the stock network (bench-ops --help)")
     sub.add_parser("simulate-arrangements", help="predicted tables: which arrangement auto picks on GPU clusters "
                    "that are not here (simulate-arrangements --help)")
@@ -295,7 +304,8 @@ def main(argv=None) -> int:
 
         return train_tiny.main(argv[1:])
     benches = {"bench-balance": "balance", "bench-units": "units", "bench-hybrid": "hybrid", "bench-ops": "ops",
-               "bench-fastpath": "fastpath", "bench-decode": "decode", "bench-quality": "quality", "simulate-arrangements": "arrangements"}
+               "bench-fastpath": "fastpath", "bench-decode": "decode", "bench-quality": "quality", "simulate-arrangements": "arrangements",
+               "bench-context": "context", "bench-context-predict": "context_predict"}
     if argv[:1] and argv[0] in benches:
         import importlib
 

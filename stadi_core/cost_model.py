@@ -6,6 +6,13 @@ every rank holds both branches (a small tensor: the latent, twice). The planner 
 speeds (rows/s of both CFG branches); the simulator feeds it measured curves. Exchange bytes
 follow the curves files' convention: per rank per call, per latent row of BOTH branches
 (a one-branch unit sends half).
+
+Context options (``ContextOptions``: partial, fp8, delta, overlap) are priced from a layer
+inventory (``ExchangeCost.for_context``; bytes by context_bytes.py): synchronous calls (exact
+mode, warmup) all-gather everything raw, displaced sync calls send what the options say. A plain
+bytes ``ExchangeCost`` (no inventory) cannot tell K/V from halos, so it prices every option as
+full raw context; only ``overlap`` changes its timing. The encode/decode compute of the codecs
+is NOT priced (small elementwise kernels next to a band's network call; ignored here).
 """
 
 from __future__ import annotations
@@ -14,10 +21,13 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from .context_bytes import Inventory, Traffic, legacy_exchange, traffic
 from .errors import PlanError
+from .parallel.options import ContextOptions
 from .work_units import BRANCHES, units_of
 
-__all__ = ["LinkModel", "ExchangeCost", "StepCost", "gather_seconds", "plan_exchange_seconds", "predict_step"]
+__all__ = ["LinkModel", "ExchangeCost", "StepCost", "gather_seconds", "plan_exchange_seconds", "predict_step",
+           "traffic_seconds"]
 
 
 @dataclass(frozen=True)
@@ -76,29 +86,90 @@ def gather_seconds(payloads: Sequence[float], link: LinkModel, ranks: Sequence[i
 
 @dataclass(frozen=True)
 class ExchangeCost:
-    """What a network call sends: context per rank, and the raw output (per both-branch row)."""
+    """What a network call sends: context per rank, and the raw output (per both-branch row).
+
+    With an ``inventory`` (``for_context``) the flat figures are derived from it (full raw) and
+    kept for callers that read them, while the cost model times each context option per layer
+    kind; ``context`` then overrides the plan's own ``Plan.context`` (to price one plan several
+    ways without re-making it)."""
 
     bytes_per_row: float = 0.0
     bytes_fixed: float = 0.0
     messages: int = 1  # all-gathers per call (one per patch-parallel layer): each pays the latency
     output_bytes_per_row: float = 0.0  # raw network output, both branches, per latent row
+    inventory: Inventory | None = None
+    width: int = 0  # latent columns (inventory pricing)
+    batch: float = 2  # samples of a both-branch call (2 with CFG, 1 for Flux-style guidance)
+    dtype_bytes: int = 2
+    context: ContextOptions | None = None
+
+    @classmethod
+    def for_context(cls, inventory: Inventory, width: int, batch: float = 2, dtype_bytes: int = 2,
+                    options: ContextOptions | str | None = None) -> "ExchangeCost":
+        flat = legacy_exchange(inventory, width, batch, dtype_bytes)
+        if isinstance(options, str):
+            options = ContextOptions.parse(options)
+        opts = None if options is None else ContextOptions.from_dict(options)
+        return cls(flat["bytes_per_row"], flat["bytes_fixed"], int(flat["messages"]), flat["output_bytes_per_row"],
+                   inventory, int(width), batch, dtype_bytes, opts)
+
+    def options_for(self, plan) -> ContextOptions:
+        """The context a displaced sync call of ``plan`` is priced with."""
+        return self.context if self.context is not None else plan.context
+
+    def group_traffic(self, rows, branches: int, options: ContextOptions | None) -> Traffic:
+        """An inventory group's traffic; ``options`` None: a synchronous call (raw, full)."""
+        return traffic(self.inventory, rows, self.width, self.batch * branches / len(BRANCHES), self.dtype_bytes,
+                       options, synchronous=options is None)
 
 
-def group_exchange_seconds(plan, link: LinkModel, cost: ExchangeCost) -> list[float]:
-    """Per unit group: seconds of one synchronous call's context all-gathers among its members."""
+def traffic_seconds(t: Traffic, link: LinkModel, ranks: Sequence[int]) -> list[float]:
+    """Per member: seconds until it holds its context. All-gathered kinds finish together (when the
+    last member has them, as ``gather_seconds``); point-to-point kinds when the member's own
+    neighbours' rows are in. Member i receives sum_j (messages_ji x latency + bytes_ji / bandwidth)."""
+    p = len(ranks)
+
+    def recv(kinds) -> list[float]:
+        return [sum(link.transfer_s(ranks[j], ranks[i], sum(t.bytes[k][j][i] for k in kinds),
+                                    sum(t.messages[k][j][i] for k in kinds)) for j in range(p) if j != i)
+                for i in range(p)]
+
+    if p < 2:
+        return [0.0] * p
+    gathered = recv(sorted(t.gathered))
+    own = recv(sorted(set(t.bytes) - t.gathered))
+    return [max(gathered) + x for x in own]
+
+
+def _members_seconds(plan, link: LinkModel, cost: ExchangeCost, options: ContextOptions | None) -> list[list[float]]:
+    """Per unit group, per member: seconds of one call's context (options None: synchronous)."""
     out = []
     for g in plan.unit_groups:
-        share = len(g.branches) / len(BRANCHES)
-        payloads = [(cost.bytes_fixed + cost.bytes_per_row * r) * share for r in g.rows]
-        out.append(gather_seconds(payloads, link, g.ranks, cost.messages))
+        if len(g.ranks) < 2:
+            out.append([0.0] * len(g.ranks))
+        elif cost.inventory is None:
+            share = len(g.branches) / len(BRANCHES)
+            payloads = [(cost.bytes_fixed + cost.bytes_per_row * r) * share for r in g.rows]
+            out.append([gather_seconds(payloads, link, g.ranks, cost.messages)] * len(g.ranks))
+        else:
+            out.append(traffic_seconds(cost.group_traffic(g.rows, len(g.branches), options), link, g.ranks))
     return out
 
 
-def plan_exchange_seconds(plan, link: LinkModel, cost: ExchangeCost) -> list[float]:
-    """Per rank: seconds of one synchronous call's context exchanges (its groups, one after another)."""
+def group_exchange_seconds(plan, link: LinkModel, cost: ExchangeCost,
+                           options: ContextOptions | None = None) -> list[float]:
+    """Per unit group: seconds of one call's context exchanges among its members (the slowest
+    member's). ``options`` None: a synchronous call; else a displaced sync call with them."""
+    return [max(xs) if xs else 0.0 for xs in _members_seconds(plan, link, cost, options)]
+
+
+def plan_exchange_seconds(plan, link: LinkModel, cost: ExchangeCost,
+                          options: ContextOptions | None = None) -> list[float]:
+    """Per rank: seconds of one call's context exchanges (its groups, one after another); a
+    collective counts its slowest member's time, a point-to-point exchange the rank's own."""
     per_rank = [0.0] * plan.world_size
-    for g, x in zip(plan.unit_groups, group_exchange_seconds(plan, link, cost)):
-        for r in g.ranks:
+    for g, xs in zip(plan.unit_groups, _members_seconds(plan, link, cost, options)):
+        for r, x in zip(g.ranks, xs):
             per_rank[r] += x
     return per_rank
 
@@ -149,6 +220,7 @@ class StepCost:
     compute_s: tuple[float, ...]  # per rank, per base step (amortised over strides)
     exchange_s: tuple[float, ...]  # per rank, a synchronous call's exchanges
     output_s: float  # branch arrangements' output all-reduce
+    displaced_exchange_s: tuple[float, ...] = ()  # per rank, a displaced sync call's exchanges (its context)
 
 
 def predict_step(plan, compute_s: Callable[[int, float], float], *, link: LinkModel | None = None,
@@ -156,22 +228,38 @@ def predict_step(plan, compute_s: Callable[[int, float], float], *, link: LinkMo
     """Seconds per base step: ``compute_s(rank, both-branch rows)`` plus exchanges on ``link``.
 
     Synchronous steps (exact mode; warmup in displaced mode) run each group in lockstep and
-    block on its exchanges (sync_call_seconds). Displaced steps overlap the exchange with the
-    next steps' compute: a rank costs the larger of its own compute and its exchanges, and
-    strides amortise both over the sync period. A plan on one device costs its compute alone.
+    block on their raw full exchanges (sync_call_seconds). A displaced sync step exchanges what
+    the plan's context says (``cost.options_for``), as the engine does:
+    * overlap on: each layer's exchange starts as soon as the layer has computed it and is waited
+      for at the next sync call's same layer, so it overlaps that call's compute and every stale
+      step in between: a rank costs max(compute, exchange / L) per base step (L = sync period);
+    * overlap off: the exchange starts after the forward and is waited for when the next sync
+      call begins, so it hides only behind the stale steps in between: a rank's sync period costs
+      max(L x compute, its call's compute + exchange); at L = 1 that is compute + exchange.
+    Strides amortise both over the sync period. A plan on one device costs its compute alone.
+    The codecs' encode/decode compute is not priced (module docstring).
     """
     link, cost = link or LinkModel(), cost or ExchangeCost()
-    group_x = group_exchange_seconds(plan, link, cost) if plan.world_size > 1 else [0.0]
-    exch = plan_exchange_seconds(plan, link, cost) if plan.world_size > 1 else [0.0] * plan.world_size
+    multi = plan.world_size > 1
+    group_x = group_exchange_seconds(plan, link, cost) if multi else [0.0]
+    exch = plan_exchange_seconds(plan, link, cost) if multi else [0.0] * plan.world_size
     out = output_seconds(plan, link, cost)
     sync = sync_call_seconds(plan, compute_s, group_x) + out
     if plan.splits_branches:
-        comp = [unit_compute_s(plan, b.rank, compute_s) for b in plan.bands]
+        calls = [unit_compute_s(plan, b.rank, compute_s) for b in plan.bands]
+        comp = list(calls)
     else:
-        comp = [compute_s(b.rank, b.rows) / b.stride for b in plan.bands]
+        calls = [compute_s(b.rank, b.rows) for b in plan.bands]
+        comp = [c / b.stride for c, b in zip(calls, plan.bands)]
     if plan.mode == "exact":
-        return StepCost(sync, sync, sync, tuple(comp), tuple(exch), out)
-    steady = max(max(c, x / plan.sync_period) for c, x in zip(comp, exch)) + out
+        return StepCost(sync, sync, sync, tuple(comp), tuple(exch), out, tuple(exch))
+    opts = cost.options_for(plan)
+    disp = plan_exchange_seconds(plan, link, cost, opts) if multi else [0.0] * plan.world_size
+    period = plan.sync_period
+    if opts.overlap:
+        steady = max(max(c, x / period) for c, x in zip(comp, disp)) + out
+    else:
+        steady = max(max(c, (call + x) / period) for c, call, x in zip(comp, calls, disp)) + out
     warm = min(plan.warmup, plan.steps)
     mean = (warm * sync + (plan.steps - warm) * steady) / plan.steps
-    return StepCost(mean, sync, steady, tuple(comp), tuple(exch), out)
+    return StepCost(mean, sync, steady, tuple(comp), tuple(exch), out, tuple(disp))

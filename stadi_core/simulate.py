@@ -21,20 +21,29 @@ The simulator replays a :class:`~stadi_core.planner.Plan` step by step with a co
   warmup steps in ``displaced`` mode) block on each layer's exchange: the step costs
   ``max_i compute_i + X`` for everybody. In ``displaced`` mode a sync step's exchange is
   asynchronous; ``displaced_exchange`` says when it must be complete:
-  ``"deferred"`` (the design, DistriFusion-style; the default) — it overlaps everything
-  until the next sync step, which cannot start before the slowest rank's data is posted
-  and the transfer is done, so a rank waits only for the excess over its own work;
-  ``"overlapped"`` — it overlaps the sync step's own compute and every rank waits for it at
-  the end of that network call (the slowest rank's compute, plus any transfer not hidden);
-  ``"after_forward"`` — it runs after the forward, at the end of the same call, not
-  overlapped (the step then costs what a synchronous step costs). The engine starts a
-  sync step's all-gathers after the forward (``BandContext.end_call``, so the forward can
-  be a CUDA graph) and completes them at the next sync step (``begin_call``): that is
-  ``"deferred"``, the default; the CUDA-IPC transport (same-GPU workers) is synchronous,
-  i.e. ``"after_forward"``.
+  ``"deferred"`` (the default) — it overlaps everything until the next sync step, which
+  cannot start before the transfer is done, so a rank waits only for the excess over its
+  own work. With ``overlap`` on (``ContextOptions``, the engine's default) each layer's
+  exchange is started as soon as the layer has computed it, during the forward, and waited
+  for only when the next sync call reaches that same layer: the transfer runs alongside the
+  sync step's own compute and every stale step after it (modelled conservatively: the next
+  sync step waits for all of it before its first layer). With ``overlap`` off the engine
+  starts the exchanges after the forward (``BandContext.end_call``) and waits for all of
+  them when the next sync call begins: the transfer then starts when the slowest rank has
+  finished its forward and hides only behind the stale steps in between (with sync every
+  step it is fully exposed). ``"overlapped"`` — it overlaps the sync step's own compute and
+  every rank waits for it at the end of that network call (the slowest rank's compute, plus
+  any transfer not hidden); ``"after_forward"`` — it runs after the forward, at the end of
+  the same call, not overlapped (the step then costs what a synchronous step costs); the
+  CUDA-IPC transport (same-GPU workers) is synchronous, i.e. ``"after_forward"``.
   Between sync steps a rank computes on stale context with no communication, or, on a
   step its stride skips, only pays ``step_overhead_s`` (which every rank also pays on
   every step). The makespan is when the last rank finishes.
+* context options — displaced sync steps after warmup send what the plan's ``context`` (or
+  the ``context`` argument) says: partial K/V to the neighbours only, FP8 or delta-coded
+  payloads. Their bytes come from a layer inventory (``exchange=ExchangeCost.for_context``,
+  context_bytes.py); warmup steps and exact mode stay raw and full. With plain byte figures
+  only ``overlap`` is modelled. The codecs' compute is not modelled.
 * emulated slowdowns (optional) — the engine emulates a slow device by padding its compute
   with a sleep AFTER the network call (``slowdown`` x the real compute). The collectives of
   such a rank only wait for the real part; pass ``emulated_slowdowns`` to model a run
@@ -84,6 +93,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import PlanError
+from .parallel.options import ContextOptions
 from .cost_model import (ExchangeCost, LinkModel, gather_seconds, group_exchange_seconds, output_seconds,
                          plan_exchange_seconds, sync_call_seconds, unit_compute_s)
 from .planner import Plan, make_plan
@@ -209,8 +219,9 @@ class SimResult:
     latency_s: float  # makespan: when the last rank finishes
     ranks: list[SimRank]
     steps: list[list[SimStep]]  # per rank, per base step
-    exchange_s: float  # modelled seconds of one sync step's exchange
+    exchange_s: float  # modelled seconds of one synchronous sync step's exchange (warmup, exact)
     notes: list[str] = field(default_factory=list)
+    displaced_exchange_s: float = 0.0  # ... of one displaced sync step's (the plan's context)
 
     @property
     def denoise_s(self) -> float:  # the name RunReport uses for the same quantity
@@ -265,10 +276,13 @@ def simulate(plan: Plan, curves: Mapping[str, Any], *, link: LinkModel | None = 
              bytes_fixed: float = 0.0, bytes_table: Curve | Iterable[Sequence[float]] | None = None,
              messages: int = 1, step_overhead_s: float = 0.0, displaced_exchange: str = "deferred",
              emulated_slowdowns: Sequence[float] | None = None, exchange_s: float | None = None,
-             output_bytes_per_row: float = 0.0) -> SimResult:
+             output_bytes_per_row: float = 0.0, exchange: ExchangeCost | None = None,
+             context: ContextOptions | str | None = None) -> SimResult:
     """Replay ``plan`` with per-device compute ``curves`` ({device: Curve or [(rows, s)]}).
 
-    ``exchange_s`` overrides the byte/link model with measured seconds per sync step.
+    ``exchange_s`` overrides the byte/link model with measured seconds per sync step (every
+    one). ``exchange`` replaces the byte figures (an inventory-backed one prices ``context``);
+    ``context`` defaults to the exchange's, then to the plan's.
     """
     if displaced_exchange not in DISPLACED_EXCHANGES:
         raise PlanError(f"unknown displaced_exchange {displaced_exchange!r}: "
@@ -278,6 +292,11 @@ def simulate(plan: Plan, curves: Mapping[str, Any], *, link: LinkModel | None = 
         raise PlanError("step_overhead_s and messages must be >= 0")
     link = link or LinkModel()
     p = plan.world_size
+    if exchange is not None and (bytes_per_row or bytes_fixed or output_bytes_per_row or bytes_table is not None):
+        raise PlanError("give either exchange= or the byte figures (bytes_per_row, bytes_fixed, ...), not both")
+    cost = exchange or ExchangeCost(bytes_per_row, bytes_fixed, messages, output_bytes_per_row)
+    opts = (ContextOptions.parse(context) if isinstance(context, str)
+            else ContextOptions.from_dict(context) if context is not None else cost.options_for(plan))
     if plan.splits_branches:
         comp = [unit_compute_s(plan, b.rank, lambda r, rows: _curve_for(curves, plan.bands[r].device)(rows))
                 for b in plan.bands]
@@ -288,25 +307,27 @@ def simulate(plan: Plan, curves: Mapping[str, Any], *, link: LinkModel | None = 
         raise PlanError(f"{len(slow)} emulated slowdowns for {p} ranks: give one per rank")
     real = [c / s for c, s in zip(comp, slow)]  # the part other ranks' collectives wait for
     pad = [c - r for c, r in zip(comp, real)]
-    if exchange_s is None and plan.splits_branches:
+    real_s = lambda r, rows: _curve_for(curves, plan.bands[r].device)(rows) / slow[r]  # noqa: E731
+    out_s = 0.0
+    if exchange_s is not None:
+        x = x_disp = 0.0 if p < 2 else float(exchange_s)
+        sync_span = disp_span = max(real) + x
+    elif plan.splits_branches or cost.inventory is not None:
         if bytes_table is not None:
             raise PlanError("a bytes table cannot be used for a branch arrangement: give bytes_per_row/bytes_fixed")
-        cost = ExchangeCost(bytes_per_row, bytes_fixed, messages, output_bytes_per_row)
+        link._check(p)
         out_s = output_seconds(plan, link, cost)  # every rank needs the whole output before its step
-        x = max(plan_exchange_seconds(plan, link, cost))
+        x, x_disp = max(plan_exchange_seconds(plan, link, cost)), max(plan_exchange_seconds(plan, link, cost, opts))
         # a synchronous call runs each branch group in lockstep (cost_model.sync_call_seconds)
-        sync_span = sync_call_seconds(plan, lambda r, rows: _curve_for(curves, plan.bands[r].device)(rows) / slow[r],
-                                      group_exchange_seconds(plan, link, cost)) + output_seconds(plan, link, cost)
-    elif exchange_s is None:
-        x = exchange_seconds(plan.rows, link, bytes_per_row=bytes_per_row, bytes_fixed=bytes_fixed,
-                             bytes_table=bytes_table, messages=messages)
+        sync_span = sync_call_seconds(plan, real_s, group_exchange_seconds(plan, link, cost)) + out_s
+        disp_span = sync_call_seconds(plan, real_s, group_exchange_seconds(plan, link, cost, opts)) + out_s
     else:
-        x = 0.0 if p < 2 else float(exchange_s)
-    if not plan.splits_branches or exchange_s is not None:
-        sync_span = max(real) + x
-        out_s = 0.0
+        x = x_disp = exchange_seconds(plan.rows, link, bytes_per_row=bytes_per_row, bytes_fixed=bytes_fixed,
+                                      bytes_table=bytes_table, messages=messages)
+        sync_span = disp_span = max(real) + x
     o = float(step_overhead_s)
     exact = plan.mode == "exact"
+    after_own_forward = deferred_mode and not opts.overlap  # the engine's end_call launch
 
     ready = [0.0] * p
     # displaced deferred: the last async exchange is complete at pending_done; of the wait for it,
@@ -326,19 +347,20 @@ def simulate(plan: Plan, curves: Mapping[str, Any], *, link: LinkModel | None = 
             pending_done = None
             if fresh or displaced_exchange == "after_forward":
                 # every layer's exchange blocks in lockstep (or all of them run after the forward)
-                done = start + sync_span
+                done = start + (sync_span if fresh else disp_span)
                 for i in range(p):
                     end = done + pad[i] + o
                     _add(timeline[i], t, True, "fresh" if fresh else "refresh", arrive[i], end, comp[i],
-                         x + deferred)
+                         (x if fresh else x_disp) + deferred)
                     ready[i] = end
             else:
                 posted = start + max(real)  # the slowest rank has sent its last layer's data
-                done = start + max(max(real), x)  # ... and every rank has received everything
+                # ... and every rank has received everything (overlap off: sent only after the forward)
+                done = posted + x_disp if after_own_forward else start + max(max(real), x_disp)
                 for i in range(p):
                     if displaced_exchange == "overlapped":
                         end = max(start + real[i], done) + pad[i] + o
-                        _add(timeline[i], t, True, "refresh", arrive[i], end, comp[i], max(0.0, x - real[i]))
+                        _add(timeline[i], t, True, "refresh", arrive[i], end, comp[i], max(0.0, x_disp - real[i]))
                     elif plan.splits_branches:  # the output all-reduce ends every call together
                         end = start + max(comp) + out_s + o
                         _add(timeline[i], t, True, "refresh", arrive[i], end, comp[i], deferred + out_s)
@@ -383,7 +405,12 @@ def simulate(plan: Plan, curves: Mapping[str, Any], *, link: LinkModel | None = 
     if plan.mode == "displaced" and plan.sync_period > 1 and not deferred_mode:
         notes.append(f"{displaced_exchange} exchange: faster ranks wait for the slowest at the end of every sync "
                      "step, so strides gain less than with a deferred exchange")
-    return SimResult(plan=plan, latency_s=max(ready), ranks=ranks, steps=timeline, exchange_s=x, notes=notes)
+    if plan.mode == "displaced" and p > 1 and exchange_s is None and (cost.inventory or not opts.is_default):
+        priced = cost.inventory is not None or (not opts.partial and not opts.compressed)
+        notes.append(f"displaced context {opts.label()}: {x_disp * 1e3:.2f} ms per sync step after warmup"
+                     + ("" if priced else " (priced as full raw: plain byte figures have no layer inventory)"))
+    return SimResult(plan=plan, latency_s=max(ready), ranks=ranks, steps=timeline, exchange_s=x, notes=notes,
+                     displaced_exchange_s=x if exact else x_disp)
 
 
 def _add(steps: list[SimStep], t: int, computed: bool, phase: str, start: float, end: float, busy: float,

@@ -32,7 +32,7 @@ PHASES = ["fresh", "refresh", "stale", "refresh", "stale", "refresh"]  # warmup 
 class LoopbackContext(BandContext):
     """Rank 0 of two, in one process: every 'other band' is a copy of ours (communication stand-in)."""
 
-    def _all_gather(self, key, local, dim, sizes, async_op):
+    def _all_gather(self, key, local, dim, sizes, async_op, kind="kv"):
         wire = self._wire(key, local, dim, max(sizes))
         send = wire.load(local.detach(), dim)
         for r in wire.recv:

@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..arrange import Choice, choose_plan, link_for
+from ..context_bytes import FLUX_DIT, SDXL_UNET, legacy_exchange
 from ..cost_model import ExchangeCost, LinkModel, predict_step
 from ..planner import Plan, make_plan
 from ..simulate import Curve, load_curves, simulate
@@ -86,35 +87,12 @@ TEN_GBE = (1.25, 50e-6)
 # exchange bytes, derived from the architectures
 def sdxl_exchange(width: int = 128, batch: int = 2, dtype_bytes: int = 2) -> dict[str, float]:
     """SDXL UNet exchange per rank per call (derivation: module docstring), both CFG branches."""
-    attn = {2: 10, 4: 60}  # level width divisor -> self-attention layers there (70 in all)
-    tokens_per_row = {2: width / 4, 4: width / 16}  # a latent row is 1/div of a feature row of width/div tokens
-    channels = {2: 640, 4: 1280}
-    per_row = sum(n * tokens_per_row[d] * channels[d] * 2 * dtype_bytes * batch for d, n in attn.items())
-    # 3x3 convs: (input channels, width divisor of the map they read); each sends 2 halo rows
-    convs = [(4, 1)]                                                   # conv_in
-    convs += [(320, 1)] * 4 + [(320, 1)]                               # down 0: 2 resnets, downsampler
-    convs += [(320, 2), (640, 2), (640, 2), (640, 2), (640, 2)]        # down 1: 2 resnets, downsampler
-    convs += [(640, 4), (1280, 4), (1280, 4), (1280, 4)]               # down 2: 2 resnets
-    convs += [(1280, 4)] * 4                                           # mid: 2 resnets
-    convs += [(2560, 4), (1280, 4), (2560, 4), (1280, 4), (1920, 4), (1280, 4), (1280, 2)]  # up 0 (+ skips), upsampler
-    convs += [(1920, 2), (640, 2), (1280, 2), (640, 2), (960, 2), (640, 2), (640, 1)]       # up 1 (+ skips), upsampler
-    convs += [(960, 1), (320, 1), (640, 1), (320, 1), (640, 1), (320, 1)]                   # up 2 (+ skips)
-    convs += [(320, 1)]                                                # conv_out
-    halo = sum(c * (width / d) * 2 * batch * dtype_bytes for c, d in convs)
-    groupnorms = 17 * 2 + 11 + 1  # resnets, transformer inputs, norm_out
-    moments = groupnorms * 2 * 32 * batch * 4  # [mean, m2] x 32 groups, fp32
-    return {"bytes_per_row": per_row, "bytes_fixed": halo + moments, "messages": len(convs) + groupnorms + 70,
-            "output_bytes_per_row": 4 * width * batch * dtype_bytes, "convs": len(convs), "groupnorms": groupnorms,
-            "attentions": 70}
+    return legacy_exchange(SDXL_UNET, width, batch, dtype_bytes)  # the layer inventory: context_bytes.py
 
 
 def flux_exchange(width: int = 128, batch: int = 1, dtype_bytes: int = 2) -> dict[str, float]:
     """Flux.1 exchange per rank per call: image-token K/V of 19 double + 38 single blocks (no CFG)."""
-    layers, hidden = 19 + 38, 3072
-    per_row = layers * (width / 4) * hidden * 2 * dtype_bytes * batch
-    return {"bytes_per_row": per_row, "bytes_fixed": 0.0, "messages": layers,
-            "output_bytes_per_row": 16 * width * batch * dtype_bytes, "convs": 0, "groupnorms": 0,
-            "attentions": layers}
+    return legacy_exchange(FLUX_DIT, width, batch, dtype_bytes)
 
 
 # --------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ class LoopbackContext(BandContext):
         super().__init__(rows, rank=0)
         self.exchanges = 0
 
-    def _all_gather(self, key, local, dim, sizes, async_op):
+    def _all_gather(self, key, local, dim, sizes, async_op, kind="kv"):
         with record_function(_LOOPBACK):
             wire = self._wire(key, local, dim, max(sizes))
             send = wire.load(local.detach(), dim)

@@ -26,7 +26,7 @@ reads context stored by slot n of an earlier step, so a cond call and an uncond 
 ComfyUI sends apart (prompts of different lengths) never read each other's activations.
 
 Stored buffers are allocated once per plan and updated in place (static addresses for
-graph replay). So are the all-gather's send and receive buffers (``_Wire``): the send
+graph replay). So are the all-gather's send and receive buffers (``exchange_parts.Wire``): the send
 buffer is a copy of the fresh tensor, because under CUDA graphs that tensor is a static
 activation the next replay overwrites while an asynchronous collective (NCCL's or gloo's
 own stream) may still be reading it. All-gathers are padded to the largest band and
@@ -46,7 +46,8 @@ import torch
 from ..errors import UnsupportedError
 from .codecs import make_codec
 from .geometry import band_sizes, near_sizes, row_tokens
-from .links import EmulatedLink, Link, Transfer
+from .exchange_parts import Flight, Mirrors, Pending, Summary, Wire, decode, padded, trim, with_size
+from .links import EmulatedLink, Link
 from .options import ContextOptions
 
 
@@ -54,73 +55,6 @@ class Phase(enum.Enum):
     FRESH = "fresh"
     REFRESH = "refresh"
     STALE = "stale"
-
-
-@dataclass
-class _Pending:
-    """A fresh local tensor a REFRESH call sends for the next sync step."""
-
-    key: tuple
-    local: torch.Tensor
-    sizes: list
-    dim: int
-    coded: bool = False  # may be compressed (K/V, halos; never GroupNorm moments)
-    partial: bool = False  # attention K/V under partial context: nearest rows to each neighbour only
-    channel: int = -1  # the channel dim of ``local`` (per-channel codec scales)
-    kind: str = "kv"  # what it is, for the byte counts: "kv", "halo", "moments"
-
-
-@dataclass
-class _Flight:
-    """One key's exchange on the wire: what lands where once ``transfer`` completes.
-
-    ``kind``: "gather" (raw all-gather into ``recv``), "coded" (all-gathered codec payloads) or
-    "pieces" (point-to-point: ``recv`` holds (payload buffer, region of the stored context))."""
-
-    pending: _Pending
-    kind: str
-    transfer: Transfer | None
-    recv: list
-
-
-@dataclass
-class _Wire:
-    """One exchange key's all-gather buffers, allocated once per plan and reused every step.
-
-    The padding rows of ``send`` are zeroed once; each exchange overwrites only the band's
-    rows. A key's next exchange starts only after its previous one was waited for
-    (``complete_inflight`` runs before every synchronous call), so reuse is race-free.
-    """
-
-    send: torch.Tensor
-    recv: list
-
-    def load(self, local: torch.Tensor, dim: int) -> torch.Tensor:
-        self.send.narrow(dim, 0, local.shape[dim]).copy_(local)
-        return self.send
-
-
-@dataclass
-class _Summary:
-    """A function of one exchange key's stored context, kept current as the stored context changes.
-
-    Layers that need only a reduction of the other bands' context (GroupNorm: their moments)
-    read this instead of recomputing it on every stale call; it is recomputed when a sync
-    step stores new context, in place, so a CUDA graph that read it sees the new values.
-    """
-
-    fn: Callable  # fn(stored parts, *args) -> tuple of tensors
-    args: tuple
-    value: tuple | None = None
-
-    def refresh(self, parts: list) -> tuple:
-        new = tuple(self.fn(parts, *self.args))
-        if self.value is None or any(a.shape != b.shape for a, b in zip(self.value, new)):
-            self.value = new
-        else:
-            for dst, src in zip(self.value, new):
-                dst.copy_(src)
-        return self.value
 
 
 @dataclass
@@ -160,13 +94,12 @@ class BandContext:
         self._codec = None
         self._buffers: dict[tuple, list[torch.Tensor]] = {}  # per key: every band's part, views of _whole
         self._whole: dict[tuple, torch.Tensor] = {}  # per key: the parts as one tensor (whole-image tokens)
-        self._summaries: dict[tuple, _Summary] = {}
-        self._wires: dict[tuple, _Wire] = {}  # all-gather send/receive buffers per exchange key
-        self._mirrors: dict[tuple, torch.Tensor] = {}  # (key, peer or "all"): what receivers hold of ours
-        self._sent_base: dict[tuple, torch.Tensor] = {}  # per key: our part as the last FRESH call sent it
-        self._pending: list[_Pending] = []
-        self._inflight: dict[int, dict[tuple, _Flight]] = {}  # per call slot: exchanges of its last sync step
-        self._launched: dict[tuple, _Flight] = {}  # overlapped: started during this call
+        self._summaries: dict[tuple, Summary] = {}
+        self._wires: dict[tuple, Wire] = {}  # all-gather send/receive buffers per exchange key
+        self._mirrors = Mirrors()  # delta codecs: what the receivers hold of our data
+        self._pending: list[Pending] = []
+        self._inflight: dict[int, dict[tuple, Flight]] = {}  # per call slot: exchanges of its last sync step
+        self._launched: dict[tuple, Flight] = {}  # overlapped: started during this call
         self.lazy = False  # this call starts exchanges in the layers and waits for them at their next use
         self._calls_seen: dict[int, int] = {}
         self.stats = CallStats()
@@ -192,7 +125,6 @@ class BandContext:
         self.options = options
         self._codec = make_codec(options.exchange, options.delta_bits)
         self._mirrors.clear()
-        self._sent_base.clear()
 
     # -- lifecycle of one network call -------------------------------------------------
     def begin_call(self, phase: Phase, slot: int = 0, width: int = 0, overlap: bool = False) -> None:
@@ -273,7 +205,6 @@ class BandContext:
             self._summaries.clear()
             self._wires.clear()
             self._mirrors.clear()
-            self._sent_base.clear()
             self.generation += 1
             if self.transport is not None:
                 self.transport.reset()
@@ -326,16 +257,15 @@ class BandContext:
         if self.phase is Phase.FRESH:
             t0 = time.perf_counter()
             if self.transport is not None:
-                send = _padded(local, dim, max(sizes))
+                send = padded(local, dim, max(sizes))
                 self.link.count(send.numel() * send.element_size() * (self.world_size - 1), kind)
                 gathered = self.transport.all_gather_many([(key, send)])[0]
             else:
                 gathered = self._all_gather(key, local, dim, sizes, async_op=False, kind=kind)[0]
             self.stats.comm_wait_s += time.perf_counter() - t0
             if coded and self._codec is not None and self._codec.stateful:  # what every receiver now holds
-                self._sent_base[key] = local.detach().clone()
-                self._mirrors = {k: v for k, v in self._mirrors.items() if k[0] != key}
-            return self._store(key, _trim(gathered, sizes, dim), dim)
+                self._mirrors.sent_fresh(key, local)
+            return self._store(key, trim(gathered, sizes, dim), dim)
         if self.lazy:
             self._settle(key)
         stored = self._buffers.get(key)
@@ -344,10 +274,10 @@ class BandContext:
         parts = list(stored)
         parts[self.rank] = local
         if self.phase is Phase.REFRESH:
-            self._send(_Pending(key, local, list(sizes), dim, coded, partial, channel, kind))
+            self._send(Pending(key, local, list(sizes), dim, coded, partial, channel, kind))
         return parts
 
-    def _send(self, pending: _Pending) -> None:
+    def _send(self, pending: Pending) -> None:
         if self.lazy:
             self._launched[pending.key] = self._launch(pending)
         else:
@@ -379,29 +309,29 @@ class BandContext:
             summary.refresh(self._buffers[key])
 
     # -- the wire: launching and landing a REFRESH exchange --------------------------------
-    def _launch(self, p: _Pending) -> _Flight:
+    def _launch(self, p: Pending) -> Flight:
         codec = self._codec if p.coded else None
         if self.transport is not None:  # CUDA IPC: synchronous, data already gathered
-            send = _padded(p.local, p.dim, max(p.sizes))
+            send = padded(p.local, p.dim, max(p.sizes))
             self.link.count(send.numel() * send.element_size() * (self.world_size - 1), p.kind)
-            return _Flight(p, "gather", None, self.transport.all_gather_many([(p.key, send)])[0])
+            return Flight(p, "gather", None, self.transport.all_gather_many([(p.key, send)])[0])
         if p.partial:
             return self._launch_pieces(p, codec)
         if codec is None:
             recv, transfer = self._all_gather(p.key, p.local, p.dim, p.sizes, async_op=True, kind=p.kind)
-            return _Flight(p, "gather", transfer, recv)
+            return Flight(p, "gather", transfer, recv)
         local = p.local.detach()
-        shapes = [_with(local.shape, p.dim, n) for n in p.sizes]
+        shapes = [with_size(local.shape, p.dim, n) for n in p.sizes]
         nbytes = [codec.nbytes(sh, local.dtype, p.channel) for sh in shapes]
-        payload = codec.encode(local, self._mirror(p.key, "all", local), p.channel)
+        payload = codec.encode(local, self._mirrors.get(p.key, "all", local) if codec.stateful else None, p.channel)
         send = torch.zeros(max(nbytes), dtype=torch.uint8, device=local.device)
         send[: payload.numel()] = payload
         recv = [torch.empty_like(send) for _ in range(self.world_size)]
         self.stats.exchanges += 1
         transfer = self.link.all_gather(recv, send, self.timeout, async_op=True, kind=p.kind)
-        return _Flight(p, "coded", transfer, [r[:n] for r, n in zip(recv, nbytes)])
+        return Flight(p, "coded", transfer, [r[:n] for r, n in zip(recv, nbytes)])
 
-    def _launch_pieces(self, p: _Pending, codec) -> _Flight:
+    def _launch_pieces(self, p: Pending, codec) -> Flight:
         """Partial context: our nearest rows to each adjacent band, theirs into our stored context."""
         local, dim, sizes, r = p.local.detach(), p.dim, p.sizes, self.rank
         near = self._near(sizes)
@@ -418,16 +348,16 @@ class BandContext:
                 sends.append((peer, mine.contiguous()))
                 buf = torch.empty(theirs.shape, dtype=theirs.dtype, device=theirs.device)
             else:
-                mirror = self._mirror(p.key, peer, mine, dim, first)
+                mirror = self._mirrors.get(p.key, peer, mine, dim, first) if codec.stateful else None
                 sends.append((peer, codec.encode(mine.contiguous(), mirror, p.channel)))
                 buf = torch.empty(codec.nbytes(theirs.shape, theirs.dtype, p.channel), dtype=torch.uint8,
                                   device=theirs.device)
             recvs.append((peer, buf, theirs))
         self.stats.exchanges += 1
         transfer = self.link.exchange(sends, [(peer, buf) for peer, buf, _ in recvs], p.kind)
-        return _Flight(p, "pieces", transfer, [(buf, region) for _, buf, region in recvs])
+        return Flight(p, "pieces", transfer, [(buf, region) for _, buf, region in recvs])
 
-    def _land(self, flight: _Flight, store: bool = True) -> None:
+    def _land(self, flight: Flight, store: bool = True) -> None:
         """Wait for a flight and, unless discarding, write what arrived into the stored context.
 
         Only the wait counts as communication (CallStats.comm_wait_s: the exposed part); decoding
@@ -440,7 +370,7 @@ class BandContext:
             return
         p = flight.pending
         if flight.kind == "gather":
-            self._store(p.key, _trim(flight.recv, p.sizes, p.dim), p.dim)
+            self._store(p.key, trim(flight.recv, p.sizes, p.dim), p.dim)
             return
         codec = self._codec if p.coded else None
         if flight.kind == "pieces":
@@ -448,27 +378,13 @@ class BandContext:
                 if codec is None:
                     region.copy_(buf)
                 else:
-                    _decode(codec, buf, region, p.channel)
+                    decode(codec, buf, region, p.channel)
             return
         stored = self._buffers[p.key]
         for o, payload in enumerate(flight.recv):
             if o != self.rank:
-                _decode(codec, payload, stored[o], p.channel)
+                decode(codec, payload, stored[o], p.channel)
         self._stored_changed(p.key)
-
-    def _mirror(self, key: tuple, peer, local: torch.Tensor, dim: int = 0, start: int = 0) -> torch.Tensor | None:
-        """Stateful codecs: our copy of what ``peer`` (or every rank: "all") holds of this payload
-        (``local``'s rows from ``start`` along ``dim`` of our part), starting from what the last
-        FRESH call sent: the receivers stored that exactly."""
-        if not self._codec.stateful:
-            return None
-        mirror = self._mirrors.get((key, peer))
-        if mirror is None:
-            base = self._sent_base.get(key)
-            if base is None:
-                raise RuntimeError(f"no synchronous exchange of {key} to take deltas from")
-            mirror = self._mirrors[(key, peer)] = base.narrow(dim, start, local.shape[dim]).clone()
-        return mirror
 
     def _all_gather(self, key: tuple, local: torch.Tensor, dim: int, sizes: Sequence[int], async_op: bool,
                     kind: str = "kv"):
@@ -478,14 +394,14 @@ class BandContext:
         transfer = self.link.all_gather(wire.recv, send, self.timeout, async_op=async_op, kind=kind)
         return wire.recv, transfer
 
-    def _wire(self, key: tuple, local: torch.Tensor, dim: int, size: int) -> _Wire:
+    def _wire(self, key: tuple, local: torch.Tensor, dim: int, size: int) -> Wire:
         """The key's buffers; re-made only if the padded shape or dtype changed (a new plan)."""
         shape = list(local.shape)
         shape[dim] = size
         wire = self._wires.get(key)
         if wire is None or list(wire.send.shape) != shape or wire.send.dtype != local.dtype:
             send = local.new_zeros(shape)
-            wire = _Wire(send, [torch.empty_like(send) for _ in range(self.world_size)])
+            wire = Wire(send, [torch.empty_like(send) for _ in range(self.world_size)])
             self._wires[key] = wire
         return wire
 
@@ -539,7 +455,7 @@ class BandContext:
         parts = self._exchange(key, local, dim, sizes, kind="moments")
         summary = self._summaries.get(key)
         if summary is None or summary.fn is not summarise or summary.args != args:
-            summary = self._summaries[key] = _Summary(summarise, args)
+            summary = self._summaries[key] = Summary(summarise, args)
         if self.phase is Phase.FRESH:
             return parts, None
         if summary.value is None:  # first displaced call since the context was stored
@@ -547,31 +463,3 @@ class BandContext:
         return None, summary.value
 
 
-def _padded(local: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """``local`` zero-padded along ``dim`` to ``size`` (all-gathers need equal shapes)."""
-    send = local.detach()
-    if send.shape[dim] != size:
-        pad_shape = list(send.shape)
-        pad_shape[dim] = size - send.shape[dim]
-        send = torch.cat([send, send.new_zeros(pad_shape)], dim=dim)
-    return send.contiguous()
-
-
-def _trim(gathered: list[torch.Tensor], sizes: Sequence[int], dim: int) -> list[torch.Tensor]:
-    return [g.narrow(dim, 0, s) for g, s in zip(gathered, sizes)]
-
-
-def _with(shape, dim: int, n: int) -> list[int]:
-    out = list(shape)
-    out[dim] = n
-    return out
-
-
-def _decode(codec, payload: torch.Tensor, held: torch.Tensor, channel: int) -> None:
-    """Decode into a stored view; a non-contiguous view goes through a contiguous copy."""
-    if held.is_contiguous():
-        codec.decode_into(payload, held, channel)
-        return
-    tmp = held.contiguous()
-    codec.decode_into(payload, tmp, channel)
-    held.copy_(tmp)

@@ -67,13 +67,13 @@ class ContextOptions:
         return self == ContextOptions()
 
     def label(self) -> str:
-        """Short human name, e.g. 'partial 0.3 + delta4'."""
-        parts = ["full" if not self.partial else f"partial {self.portion:g}"]
+        """Short human name, e.g. 'full', 'fp8', 'partial 0.3 + delta4'."""
+        parts = [f"partial {self.portion:g}"] if self.partial else []
         if self.exchange == "delta":
             parts.append(f"delta{self.delta_bits}")
         elif self.compressed:
             parts.append(self.exchange)
-        text = " + ".join(parts)
+        text = " + ".join(parts) or "full"
         return text if self.overlap else text + " (no overlap)"
 
     def to_dict(self) -> dict[str, Any]:
