@@ -21,11 +21,12 @@ class StadiRun:
     """One STADI Sampler execution: plan, execution shape, stitched bands and report."""
 
     def __init__(self, model, *, cluster: StadiCluster | None, mode: str, warmup: int, strides: str,
-                 sampler_name: str, steps: int, strategy: str = "auto", compile: str = "off"):
+                 sampler_name: str, steps: int, strategy: str = "auto", compile: str = "off", context: str = "full"):
         compatibility.refuse_second_stadi(model)
         self.deployment = Deployment(model, cluster=cluster, mode=mode, warmup=warmup, strides=strides,
-                                     sampler_name=sampler_name, steps=steps, strategy=strategy, compile=compile)
-        self.strategy, self.compile = strategy, compile
+                                     sampler_name=sampler_name, steps=steps, strategy=strategy, compile=compile,
+                                     context=context)
+        self.strategy, self.compile, self.context = strategy, compile, context
         self.model, self.cluster = model, self.deployment.cluster
         self.mode, self.warmup, self.sampler_name, self.steps = mode, warmup, sampler_name, steps
 
@@ -53,7 +54,7 @@ class StadiRun:
         import comfy.utils
         import latent_preview
 
-        patch = LockstepPatch(self.cluster, self.mode, self.warmup, self.strategy, self.compile)
+        patch = LockstepPatch(self.cluster, self.mode, self.warmup, self.strategy, self.compile, self.context)
         model = patch.apply(self.model)
         callback = latent_preview.prepare_callback(model, self.steps)
         out = comfy.sample.sample(model, noise, self.steps, cfg, self.sampler_name, scheduler, positive, negative,

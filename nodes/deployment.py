@@ -68,8 +68,13 @@ class Deployment:
 
     def __init__(self, model, *, cluster: StadiCluster | None, mode: str, warmup: int, strides: str,
                  sampler_name: str, steps: int, strategy: str = "auto", branches: bool = False,
-                 compile: str = "off"):
+                 compile: str = "off", context: str = "full"):
         import comfy.cli_args
+
+        if mode == "exact" and context not in ("full", "auto"):
+            raise StadiError(f"STADI: context '{context}' only applies to mode 'displaced' (exact mode always exchanges "
+                             "every band's full context): set mode to displaced or context to full")
+        self.context = None if mode == "exact" else context  # how displaced steps exchange (parallel/options.py)
 
         family = compatibility.check_model(model, lockstep=True)  # strided runs check the rest (coordinator)
         self.model = model
@@ -120,7 +125,7 @@ class Deployment:
         self.last_choice = choose_plan(height, together, devices=names, alone_speeds=alone, strategy=self.strategy,
                                        branches=self.branches, align=align, steps=self.steps, warmup=self.warmup,
                                        mode=self.mode, strides=self.strides, sampler=self.sampler_name,
-                                       ragged=self.any_size)
+                                       ragged=self.any_size, context=self.context)
         return self.last_choice.plan
 
     def measured_plan(self, batch: int, height: int, width: int) -> Plan:

@@ -108,8 +108,9 @@ class LockstepPatch:
     """The settings of one STADI Parallel Model (or lockstep STADI Sampler) and its two wrappers."""
 
     def __init__(self, cluster: StadiCluster | None, mode: str, warmup: int, strategy: str = "auto",
-                 compile: str = "off"):
+                 compile: str = "off", context: str = "full"):
         self.cluster, self.mode, self.warmup, self.strategy, self.compile = cluster, mode, warmup, strategy, compile
+        self.context = context
         self.last_report: RunReport | None = None
         self.last_plan = None
 
@@ -139,7 +140,7 @@ class LockstepPatch:
         steps = max(1, int(sigmas.shape[-1]) - 1)
         deployment = Deployment(patcher, cluster=self.cluster, mode=self.mode, warmup=min(self.warmup, steps),
                                 strides="off", sampler_name="lockstep", steps=steps, strategy=self.strategy, compile=self.compile,
-                                branches=compatibility.guider_branches(guider))
+                                context=self.context, branches=compatibility.guider_branches(guider))
         run = LockstepRun(deployment, tuple(noise.shape))
         token = _RUN.set(run)
         try:

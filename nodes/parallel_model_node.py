@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .sampler_node import COMPILE_INPUT
-from .types import CLUSTER_TYPE, STRATEGY_INPUT, StadiCluster
+from .types import CLUSTER_TYPE, CONTEXT_INPUT, STRATEGY_INPUT, StadiCluster
 
 
 class STADIParallelModel:
@@ -31,11 +31,12 @@ class STADIParallelModel:
                 "warmup_steps": ("INT", {"default": 2, "min": 0, "max": 1000,
                                          "tooltip": "synchronous steps before displaced context"}),
             },
-            "optional": {"cluster": (CLUSTER_TYPE,), "strategy": STRATEGY_INPUT, "compile": COMPILE_INPUT},
+            "optional": {"cluster": (CLUSTER_TYPE,), "strategy": STRATEGY_INPUT, "compile": COMPILE_INPUT,
+                         "context": CONTEXT_INPUT},
         }
 
     def patch(self, model, mode, warmup_steps, cluster: StadiCluster | None = None, strategy: str = "auto",
-              compile: str = "auto"):
+              compile: str = "auto", context: str = "full"):
         from stadi_core.errors import PlanError
 
         from .lockstep import LockstepPatch
@@ -43,4 +44,4 @@ class STADIParallelModel:
         if mode == "displaced" and warmup_steps < 1:
             raise PlanError("STADI Parallel Model: displaced mode needs at least 1 warmup step; set warmup_steps "
                             "to 1 or more, or use exact mode")
-        return (LockstepPatch(cluster, mode, warmup_steps, strategy, compile).apply(model),)
+        return (LockstepPatch(cluster, mode, warmup_steps, strategy, compile, context).apply(model),)

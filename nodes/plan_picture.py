@@ -105,7 +105,8 @@ def plan_image(plan: dict, report: dict | None = None, width: int = 512) -> torc
     denoise = report.get("denoise_s")
     head = (f"STADI {plan.get('mode', '?')} · {plan.get('steps', '?')} steps · warmup {plan.get('warmup', '?')} · "
             f"sync every {plan.get('sync_period', '?')} · {plan.get('height') or height} latent rows"
-            + (f" · {plan.get('strategy')}: cond rows, then uncond rows" if plan.get("groups") else ""))
+            + (f" · {plan.get('strategy')}: cond rows, then uncond rows" if plan.get("groups") else "")
+            + (f" · context {_context_label(plan)}" if _context_label(plan) != "full" else ""))
     head2 = f"wall {_fmt_s(wall)}" + (f" · denoising {_fmt_s(denoise)}" if denoise is not None else "")
     header_lines = _wrap(scratch, font, head, inner) + [head2]
 
@@ -214,3 +215,10 @@ def text_image(lines: list[str] | str, width: int = 320, height: int | None = No
         draw.text((max(_PAD, (width - w) // 2), y), line, fill=_FG, font=font)
         y += lh
     return _to_tensor(img)
+
+
+def _context_label(plan: dict) -> str:
+    """How displaced steps exchanged context ('full' unless the plan says otherwise)."""
+    from stadi_core.parallel.options import ContextOptions
+
+    return ContextOptions.from_dict(plan.get("context")).label() if plan.get("mode") == "displaced" else "full"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .types import CLUSTER_TYPE, PATCHES_TYPE, STRATEGY_INPUT, StadiCluster, plan_ui_payload
+from .types import CLUSTER_TYPE, CONTEXT_INPUT, PATCHES_TYPE, STRATEGY_INPUT, StadiCluster, plan_ui_payload
 
 # optional (old prompts validate): how the workers run band calls that have no exchange inside
 COMPILE_INPUT = (["auto", "off", "graphs", "torch.compile"], {
@@ -40,11 +40,11 @@ class STADISampler:
         required["strides"] = (["auto", "off"], {"default": "auto",
                                                  "tooltip": "auto: slower devices may take fewer, larger steps"})
         return {"required": required, "optional": {"cluster": (CLUSTER_TYPE,), "strategy": STRATEGY_INPUT,
-                                                    "compile": COMPILE_INPUT}}
+                                                    "compile": COMPILE_INPUT, "context": CONTEXT_INPUT}}
 
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                mode, warmup_steps, strides, cluster: StadiCluster | None = None, strategy: str = "auto",
-               compile: str = "auto"):
+               compile: str = "auto", context: str = "full"):
         import comfy.sample
 
         from .coordinator import StadiRun
@@ -53,7 +53,8 @@ class STADISampler:
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
         run = StadiRun(model, cluster=cluster, mode=mode, warmup=min(warmup_steps, steps),
-                       strides=strides, sampler_name=sampler_name, steps=steps, strategy=strategy, compile=compile)
+                       strides=strides, sampler_name=sampler_name, steps=steps, strategy=strategy, compile=compile,
+                       context=context)
         extra = {k: v for k, v in latent.items() if k != "samples"}
         patches = run.sample(noise, samples, positive=positive, negative=negative, cfg=cfg, scheduler=scheduler,
                              denoise=denoise, noise_mask=latent.get("noise_mask"), seed=seed, latent_extra=extra)

@@ -14,6 +14,15 @@ from stadi_core.cluster import ClusterSpec
 
 CLUSTER_TYPE = "STADI_CLUSTER"
 PATCHES_TYPE = "STADI_PATCHES"
+# optional (old prompts validate): how displaced steps exchange context (stadi_core/parallel/options.py)
+CONTEXT_INPUT = (["full", "partial:0.5", "partial:0.3", "fp8", "delta", "partial:0.3+delta", "auto"], {
+    "default": "full",
+    "tooltip": "displaced mode only. full: every band's context (DistriFusion); partial:P: each band attends to the "
+               "nearest P of its neighbours' rows and sends only those (PCPP); fp8: context sent as 8-bit floats; "
+               "delta: 4-bit step-to-step changes with error feedback; auto: the lightest the cost model predicts "
+               "pays off on these links. Lighter context moves fewer bytes and changes the image more "
+               "(bench-context measures how much)"})
+
 STRATEGY_INPUT = (["auto", "bands", "cfg_split", "cfg_split+bands"], {
     "default": "auto",
     "tooltip": "auto: the arrangement predicted fastest from the devices' speeds (one device alone included); "
@@ -66,8 +75,9 @@ def plan_ui_payload(patches: StadiPatches) -> dict:
         bands.append({
             "rank": b["rank"], "device": b["device"], "row_start": b["row_start"], "rows": b["rows"],
             "stride": b["stride"], "evals": r.get("evals"), "busy_s": r.get("busy_s"), "comm_s": r.get("comm_s"),
-            "wall_s": r.get("wall_s"), "idle_pct": r.get("idle_pct"),
+            "wall_s": r.get("wall_s"), "idle_pct": r.get("idle_pct"), "sent_bytes": r.get("sent_bytes"),
         })
     return {"height": plan["height"], "steps": plan["steps"], "mode": plan["mode"], "warmup": plan["warmup"],
             "sync_period": plan["sync_period"], "wall_s": report.get("wall_s"), "notes": report.get("notes", []),
-            "bands": bands, "strategy": plan.get("strategy", "bands"), "groups": plan.get("groups", [])}
+            "bands": bands, "strategy": plan.get("strategy", "bands"), "groups": plan.get("groups", []),
+            "context": plan.get("context")}

@@ -71,7 +71,13 @@ def test_parallel_model_schema():
     it = STADIParallelModel.INPUT_TYPES()
     assert list(it["required"]) == ["model", "mode", "warmup_steps"] and it["required"]["model"][0] == "MODEL"
     assert it["required"]["mode"][0] == ["exact", "displaced"] and it["required"]["mode"][1]["default"] == "exact"
-    assert list(it["optional"]) == ["cluster", "strategy", "compile"] and it["optional"]["cluster"][0] == "STADI_CLUSTER"
+    assert list(it["optional"]) == ["cluster", "strategy", "compile", "context"]
+    assert it["optional"]["cluster"][0] == "STADI_CLUSTER" and it["optional"]["context"][1]["default"] == "full"
+    from stadi_core.parallel.options import ContextOptions
+
+    for choice in it["optional"]["context"][0]:  # every choice the node offers is one the engine parses
+        if choice != "auto":
+            ContextOptions.parse(choice)
     assert it["optional"]["strategy"][0] == ["auto", "bands", "cfg_split", "cfg_split+bands"]
     assert it["optional"]["strategy"][1]["default"] == "auto"
     assert STADIParallelModel.RETURN_TYPES == ("MODEL",) and STADIParallelModel.CATEGORY == "sampling/STADI"

@@ -502,7 +502,7 @@ def test_real_run_draws_the_plan(page, server, tmp_path):
     nodes["EmptyLatentImage"]["widgets_values"][:2] = [128, 128]
     sv = nodes["STADISampler"]["widgets_values"]  # seed, control, steps, cfg, sampler, scheduler, denoise, ...
     sv[0], sv[1], sv[2] = 1, "fixed", 4
-    sv[-2] = "bands"  # strategy (then compile): the panel's drawing of two bands (auto runs one CPU worker on a 2-core host)
+    sv[-3] = "bands"  # strategy (then compile, context): the panel's drawing of two bands (auto runs one CPU worker on a 2-core host)
     nodes["STADIClusterProfile"]["widgets_values"][:3] = ["cpu*2", "gloo", False]
     sampler_id = nodes["STADISampler"]["id"]
     profile_id = nodes["STADIClusterProfile"]["id"]

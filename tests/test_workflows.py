@@ -108,7 +108,8 @@ NODES = {
                    ("mode", ("displaced", "exact"), True), ("warmup_steps", "INT", True),
                    ("strides", ("auto", "off"), True), ("cluster", "STADI_CLUSTER", False),
                    ("strategy", ("auto", "bands", "cfg_split", "cfg_split+bands"), False),
-                   ("compile", ("auto", "off", "graphs", "torch.compile"), False)],
+                   ("compile", ("auto", "off", "graphs", "torch.compile"), False),
+                   ("context", ("full", "partial:0.5", "partial:0.3", "fp8", "delta", "partial:0.3+delta", "auto"), False)],
         "outputs": [("LATENT", "LATENT"), ("patches", "STADI_PATCHES")],
     },
     "STADIPatchStitch": {
