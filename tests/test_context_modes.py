@@ -69,6 +69,13 @@ def test_partial_over_the_whole_neighbour_and_lossless_delta_equal_full_displace
     strided = run((1.0, 0.6), "delta-lossless", strides=(1, 2))
     assert torch.equal(strided.latent, strided_full.latent)
     assert [r.evals for r in strided.report.ranks] == [8, 5]
+    # and CFG-branch arrangements: the uneven branch split exchanges inside its uncond group only
+    split = dict(strategy="cfg_split+bands", mode="displaced", warmup=2, strides="off", threads_per_worker=1, **KW)
+    branch_full = generate(SPEC, cluster(1.0, 0.5), context="full", **split)
+    branch_delta = generate(SPEC, cluster(1.0, 0.5), context="delta-lossless", **split)
+    assert [g["ranks"] for g in branch_full.report.plan["groups"]] == [[0, 1], [0]]
+    assert torch.equal(branch_delta.latent, branch_full.latent)
+    assert all(r.sent_bytes > 0 for r in branch_delta.report.ranks)
 
 
 def test_light_modes_cut_counted_bytes_and_keep_the_picture_on_three_ranks():

@@ -55,7 +55,7 @@ def run(args) -> tuple[list[dict], list[dict]]:
     quality, latency = [], []
     for ranks in (2, 3):
         full_bytes = None
-        for context in MODES:
+        for context in MODES if seeds else ():  # --seeds 0: the latency table alone
             t0, latents = time.perf_counter(), []
             for s, c in zip(seeds, captions):
                 res = generate(spec, cluster(ranks), seed=s, prompt=c, context=context, **gen, **kw)
@@ -71,7 +71,7 @@ def run(args) -> tuple[list[dict], list[dict]]:
             quality.append(row)
         if args.link:
             for context in LINK_MODES:
-                res = generate(spec, cluster(ranks), seed=0, prompt=captions[0], context=context,
+                res = generate(spec, cluster(ranks), seed=0, prompt=caption_for(1000), context=context,
                                emulate_link=args.link, **gen, **kw)
                 rep = res.report
                 latency.append(dict(ranks=ranks, mode=context, denoise=rep.denoise_s,
@@ -106,7 +106,7 @@ def table(quality: list[dict], latency: list[dict], args) -> str:
 def main(argv=None) -> int:
     p = common.parser("bench-context", __doc__, model="tiny-shapes", height=64, width=32, steps=20, warmup=2)
     p.set_defaults(cfg=4.0)
-    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--seeds", type=int, default=8, help="seeds of the quality table (0: only the latency table)")
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--link", default="0.01,100", help="emulated link for the latency table ('' to skip)")
     return common.emit(p, argv, lambda args: table(*run(args), args))
