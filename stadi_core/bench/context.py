@@ -90,12 +90,14 @@ def table(quality: list[dict], latency: list[dict], args) -> str:
            "",
            f"{'ranks':>5} {'bands':<9} {'context':<22} {'KB/step':>8} {'x full':>7} {'K/V KB':>7} {'K/V x':>6} "
            f"{'PSNR dB':>8} {'min PSNR':>8} {'SSIM':>7} {'seam':>6} {'1-dev':>6}"]
+    if not quality:  # --seeds 0
+        out = out[:1]
     for r in quality:
         out.append(f"{r['ranks']:>5} {'/'.join(map(str, r['bands'])):<9} {r['label']:<22} {r['total'] / 1e3:>8.1f} "
                    f"{r['ratio']:>7.3f} {r['kv'] / 1e3:>7.1f} {r['kv_ratio']:>6.3f} {r['psnr']:>8.2f} "
                    f"{r['min_psnr']:>8.2f} {r['ssim']:>7.4f} {r['seam']:>6.2f} {r['ref_seam']:>6.2f}")
     if latency:
-        out += ["", f"latency, seed 0, every transfer also paying an emulated link of {args.link} (GB/s, us per message); "
+        out += [""] * bool(quality) + [f"latency, seed 0, every transfer also paying an emulated link of {args.link} (GB/s, us per message); "
                 "comm % = time blocked in exchanges over the loop (the exposed part), busiest rank",
                 f"{'ranks':>5} {'context':<24} {'denoise s':>9} {'comm %':>7} {'MB sent':>8}"]
         for r in latency:
