@@ -190,6 +190,8 @@ class BandContext:
         CUDA graphs captured in an earlier run stay valid; ``generation`` tells when not.
         """
         self._pending = []
+        for flight in self._launched.values():  # a call that ended early (an error) left these on the wire
+            self._land(flight, store=False)
         self._launched = {}
         self.lazy = False
         self.complete_inflight(store=False)  # a new run starts with a synchronous step anyway
