@@ -7,8 +7,9 @@ resolution (the latent divided by ``divisor`` in both directions):
 
 * ``kv``      — a self-attention's K and V of the band's tokens, sent as one tensor [B, N, 2C]
   (the engine concatenates K and V); N = band rows at the layer x width at the layer.
-* ``halo``    — a 3x3 conv's input rows next to the band: [B, C, 2 pad, W/d], sent as
-  [top rows; bottom rows] (pad 1: 2 rows), whatever the band's height.
+* ``halo``    — a 3x3 conv's input rows next to the band: [B, C, 2 pad, W/d], all-gathered as
+  [top rows; bottom rows] (pad 1: 2 rows) in synchronous calls; in displaced calls the top pad
+  rows go to the band above and the bottom ones to the band below only, point to point.
 * ``moments`` — a GroupNorm's per-(sample, group) [mean, var], float32 [2, B, G]; never compressed.
 
 Byte convention (the engine's transport counts exactly this, per rank per network call): an
@@ -225,9 +226,16 @@ def traffic(inv: Inventory, rows: Sequence[int], width: int, batch: float = 2, d
         cols = -(-width // layer.divisor)
         if layer.kind == "moments":
             gather("moments", layer.count * 2 * batch * layer.channels * MOMENT_BYTES, layer.count)
-        elif layer.kind == "halo":
+        elif layer.kind == "halo" and synchronous:
             values = layer.rows * cols * layer.channels * batch
             gather("halo", layer.count * _coded(values, layer.channels, dtype_bytes, codec), layer.count)
+        elif layer.kind == "halo":  # displaced: the top rows to the band above, the bottom rows to the one below
+            values = (layer.rows // 2) * cols * layer.channels * batch
+            for i in range(p):
+                for j in (i - 1, i + 1):
+                    if 0 <= j < p:
+                        by["halo"][i][j] += layer.count * _coded(values, layer.channels, dtype_bytes, codec)
+                        msg["halo"][i][j] += layer.count
         elif not opts.partial or synchronous:
             band = max(layer_rows(rows, i, layer.divisor) for i in range(p))  # padded to the largest band
             values = band * cols * 2 * layer.channels * batch
@@ -241,7 +249,7 @@ def traffic(inv: Inventory, rows: Sequence[int], width: int, batch: float = 2, d
                     if 0 <= j < p and near > 0:
                         by["kv"][i][j] += layer.count * _coded(values, 2 * layer.channels, dtype_bytes, codec)
                         msg["kv"][i][j] += layer.count
-    gathered = frozenset({"halo", "moments"} | (set() if opts.partial and not synchronous else {"kv"}))
+    gathered = frozenset({"moments"} | ({"halo", "kv"} if synchronous else set() if opts.partial else {"kv"}))
     freeze = lambda m: tuple(tuple(r) for r in m)  # noqa: E731
     return Traffic({k: freeze(by[k]) for k in KINDS}, {k: freeze(msg[k]) for k in KINDS}, gathered)
 

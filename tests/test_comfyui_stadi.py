@@ -189,6 +189,29 @@ def test_displaced_mode_with_strides_runs_and_reports(server):
     assert torch.isfinite(_latent(server, entry)).all()
 
 
+def test_light_context_runs_in_comfyui_sends_fewer_bytes_and_exact_refuses_it(server):
+    """The node's context input reaches the workers: the plan says which ran, the transport's byte
+    counts drop, and exact mode refuses a light context with the fix named."""
+    sent, latents = {}, {}
+    for context in ("full", "partial:0.3+delta"):
+        wf = _stadi_workflow("euler", mode="displaced", speeds="cpu:0=1, cpu:1=1", steps=5,
+                             filename_prefix="ctx" + context.replace(":", "").replace("+", ""))
+        wf["6"]["inputs"].update(strides="off", strategy="bands", context=context)
+        entry = server.run(wf, timeout=600)
+        plan = entry["outputs"]["6"]["stadi_plan"][0]
+        assert (plan["context"] or {}).get("exchange", "raw") == ("delta" if "delta" in context else "raw")
+        sent[context] = max(b["sent_bytes"] for b in plan["bands"])
+        latents[context] = _latent(server, entry)
+        assert torch.isfinite(latents[context]).all()
+    assert 0 < sent["partial:0.3+delta"] < 0.5 * sent["full"], sent
+    assert not torch.equal(latents["full"], latents["partial:0.3+delta"])  # it really ran the light exchange
+    wf = _stadi_workflow("euler", steps=2, filename_prefix="ctxexact")
+    wf["6"]["inputs"]["context"] = "fp8"
+    with pytest.raises(ComfyExecutionError) as err:
+        server.run(wf, timeout=300)
+    assert "only applies to mode 'displaced'" in str(err.value.entry)
+
+
 def test_interrupt_ends_the_prompt_and_the_next_one_succeeds(server):
     wf = _stadi_workflow("euler", steps=40, filename_prefix="long")
     with server.listen() as ws:

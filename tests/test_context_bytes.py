@@ -79,7 +79,8 @@ def test_codecs_shrink_against_fp32_raw_by_their_bits_plus_scales():
 
 
 def test_payloads_are_the_sizes_the_engine_codecs_produce():
-    """One layer's K/V ([B, N, 2C], channels last) and halo ([B, C, 2, W]) as codecs.nbytes counts them."""
+    """One layer's K/V ([B, N, 2C], channels last) and displaced halo piece ([B, C, 1, W]: the edge row
+    the one neighbour reads) as codecs.nbytes counts them."""
     b, c, w, rows = 2, 640, 64, 32  # level-1 SDXL attention of a 64-row band at W = 128
     for opts in (FP8, DELTA4, ContextOptions(exchange="delta", delta_bits=2)):
         codec = make_codec(opts.exchange, opts.delta_bits)
@@ -87,7 +88,7 @@ def test_payloads_are_the_sizes_the_engine_codecs_produce():
         assert kv(layer, [64, 64], opts) == codec.nbytes((b, rows * w, 2 * c), torch.float16, -1)
         halo = cb.Inventory("halo", (cb.Layer("halo", c, 2, 1),), 4)
         got = cb.call_bytes(halo, [64, 64], 128, b, 2, opts)[0]["halo"]
-        assert got == codec.nbytes((b, c, 2, w), torch.float16, 1)
+        assert got == codec.nbytes((b, c, 1, w), torch.float16, 1)
 
 
 def test_byte_convention_padded_gathers_unpadded_neighbour_sends():
@@ -95,14 +96,16 @@ def test_byte_convention_padded_gathers_unpadded_neighbour_sends():
     rows = [8, 4, 4]  # per row: 1 column x 2C = 2 values x 1 byte
     full = cb.call_bytes(one, rows, 1, 1, 1, FULL)
     assert [r["kv"] for r in full] == [8 * 2 * 2] * 3  # padded to the largest band, x (P - 1)
-    assert [r["halo"] for r in full] == [2 * 2] * 3 and [r["moments"] for r in full] == [2 * 4 * 2] * 3
+    # displaced halos: the top row to the band above, the bottom row to the band below, point to point
+    assert [r["halo"] for r in full] == [1, 2, 1] and [r["moments"] for r in full] == [2 * 4 * 2] * 3
     part = cb.call_bytes(one, rows, 1, 1, 1, PARTIAL(0.5))
     assert [r["kv"] for r in part] == [4 * 2, 2 * 2 * 2, 2 * 2]  # once per neighbour, the sender's own rows
-    assert [r["halo"] for r in part] == [4] * 3  # halos and moments stay full
+    assert [r["halo"] for r in part] == [1, 2, 1]  # halos and moments stay full
     t = cb.traffic(one, rows, 1, 1, 1, PARTIAL(0.5))
     assert t.bytes["kv"][0][2] == 0 and t.bytes["kv"][1][0] == t.bytes["kv"][1][2] == 4
     sync = cb.call_bytes(one, rows, 1, 1, 1, PARTIAL(0.5, exchange="fp8"), synchronous=True)
-    assert sync == full  # warmup and exact calls: everything raw and full
+    # warmup and exact calls: everything raw, full and all-gathered ([top; bottom] rows to every peer)
+    assert [r["kv"] for r in sync] == [r["kv"] for r in full] and [r["halo"] for r in sync] == [2 * 2] * 3
 
 
 def test_moments_are_never_compressed_and_halos_never_partial():
@@ -179,7 +182,8 @@ def test_overlap_off_never_beats_overlap_on():
 
 
 def test_inventory_full_context_prices_like_the_flat_figures():
-    """Synchronous and full-raw displaced calls cost the same from the inventory as from the bytes."""
+    """Synchronous calls cost the same from the inventory as from the flat bytes (which assume every
+    payload all-gathered); displaced ones no more (their halos go to the neighbours only)."""
     flat = ExchangeCost(**{k: v for k, v in vars(ExchangeCost.for_context(SDXL, 128, 2, 2)).items()
                            if k in ("bytes_per_row", "bytes_fixed", "messages", "output_bytes_per_row")})
     inv = ExchangeCost.for_context(SDXL, 128, 2, 2)
@@ -187,7 +191,11 @@ def test_inventory_full_context_prices_like_the_flat_figures():
         plan = make_plan(128, [1, 1, 1, 1], devices=list("abcd"), align=4, steps=30, warmup=4, mode=mode)
         a = predict_step(plan, lambda r, rows: RTX4090_SDXL(rows), link=TEN_GBE, cost=flat)
         b = predict_step(plan, lambda r, rows: RTX4090_SDXL(rows), link=TEN_GBE, cost=inv)
-        assert b.seconds == pytest.approx(a.seconds) and b.exchange_s == pytest.approx(a.exchange_s)
+        assert b.exchange_s == pytest.approx(a.exchange_s)  # a synchronous call's exchange
+        if mode == "exact":
+            assert b.seconds == pytest.approx(a.seconds)
+        else:
+            assert b.seconds <= a.seconds
 
 
 def test_simulate_prices_each_context_like_the_cost_model():

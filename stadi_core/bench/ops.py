@@ -49,6 +49,11 @@ class LoopbackContext(BandContext):
         self.exchanges += 1
         return wire.recv, None
 
+    def _send_pieces(self, sends, recvs, kind):
+        for (_, buf), (_, tensor) in zip(recvs, sends):  # the neighbour sends what we send
+            buf.copy_(tensor.view(-1)[: buf.numel()].view(buf.shape) if buf.shape != tensor.shape else tensor)
+        return None
+
 
 # ops that only make a view, allocate, or return their input: no kernel runs
 _NO_KERNEL = {"aten::" + n for n in (

@@ -18,7 +18,8 @@ How fresh that context is depends on the phase of the current network call:
 
 What a REFRESH sends follows the plan's ``ContextOptions``: all of the band (all-gather)
 or, with partial context, the nearest rows of its attention K/V to each adjacent band
-only (point-to-point); raw, or coded (parallel/codecs.py: fp8, delta with error feedback).
+only (point-to-point; conv halos always go that way: only the neighbours read them);
+raw, or coded (parallel/codecs.py: fp8, delta with error feedback).
 The wire itself (byte counts, deadlines, an emulated slow link) is parallel/links.py.
 
 Context is kept per call slot: the n-th network call of a sampler step (``slot``) only ever
@@ -238,12 +239,13 @@ class BandContext:
 
     # -- the one exchange primitive ------------------------------------------------------
     def exchange(self, layer_id: int, local: torch.Tensor | None, dim: int, sizes: Sequence[int],
-                 coded: bool = False, channel: int = 1, kind: str = "halo") -> list:
+                 coded: bool = False, channel: int = 1, kind: str = "other") -> list:
         """All ranks' tensors along ``dim`` (rank order), ours always fresh.
 
         ``local`` may be None in a STALE call (nothing is sent; our entry is then None).
         ``coded``: a displaced sync call may send it compressed (ContextOptions.exchange), with
-        per-``channel`` scales."""
+        per-``channel`` scales. ``kind`` names it in the byte counts; "halo" (``local`` = a band's
+        [top; bottom] edge rows) is sent to the adjacent bands only in displaced calls."""
         if self.world_size == 1 or self.local_only:
             return [local]
         return self._exchange(self._next_key(layer_id), local, dim, sizes, coded, channel=channel, kind=kind)
@@ -276,7 +278,8 @@ class BandContext:
         parts = list(stored)
         parts[self.rank] = local
         if self.phase is Phase.REFRESH:
-            self._send(Pending(key, local, list(sizes), dim, coded, partial, channel, kind))
+            pieces = partial or (kind == "halo" and self.transport is None)
+            self._send(Pending(key, local, list(sizes), dim, coded, pieces, channel, kind))
         return parts
 
     def _send(self, pending: Pending) -> None:
@@ -317,7 +320,7 @@ class BandContext:
             send = padded(p.local, p.dim, max(p.sizes))
             self.link.count(send.numel() * send.element_size() * (self.world_size - 1), p.kind)
             return Flight(p, "gather", None, self.transport.all_gather_many([(p.key, send)])[0])
-        if p.partial:
+        if p.pieces:
             return self._launch_pieces(p, codec)
         if codec is None:
             recv, transfer = self._all_gather(p.key, p.local, p.dim, p.sizes, async_op=True, kind=p.kind)
@@ -334,20 +337,22 @@ class BandContext:
         return Flight(p, "coded", transfer, [r[:n] for r, n in zip(recv, nbytes)])
 
     def _launch_pieces(self, p: Pending, codec) -> Flight:
-        """Partial context: our nearest rows to each adjacent band, theirs into our stored context."""
+        """Our rows nearest each adjacent band to that band only; theirs into our stored context.
+
+        K/V under partial context: the nearest ``portion`` of the band's rows. Conv halos: a
+        band's [top; bottom] edge rows, the top half to the band above, the bottom to the one below."""
         local, dim, sizes, r = p.local.detach(), p.dim, p.sizes, self.rank
-        near = self._near(sizes)
-        whole = self._whole[p.key]
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        near = self._near(sizes) if p.kind == "kv" else [s // 2 for s in sizes]
+        stored = self._buffers[p.key]
         sends, recvs = [], []
         for peer in (r - 1, r + 1):
             if not 0 <= peer < self.world_size:
                 continue
             first = 0 if peer < r else sizes[r] - near[r]
             mine = local.narrow(dim, first, near[r])
-            theirs = whole.narrow(dim, starts[peer] + (sizes[peer] - near[peer] if peer < r else 0), near[peer])
-            if codec is None:
-                sends.append((peer, mine.contiguous()))
+            theirs = stored[peer].narrow(dim, sizes[peer] - near[peer] if peer < r else 0, near[peer])
+            if codec is None:  # a copy: the tensor may be a graph's static activation, overwritten before it lands
+                sends.append((peer, mine.clone(memory_format=torch.contiguous_format)))
                 buf = torch.empty(theirs.shape, dtype=theirs.dtype, device=theirs.device)
             else:
                 mirror = self._mirrors.get(p.key, peer, mine, dim, first) if codec.stateful else None
@@ -356,8 +361,12 @@ class BandContext:
                                   device=theirs.device)
             recvs.append((peer, buf, theirs))
         self.stats.exchanges += 1
-        transfer = self.link.exchange(sends, [(peer, buf) for peer, buf, _ in recvs], p.kind)
+        transfer = self._send_pieces(sends, [(peer, buf) for peer, buf, _ in recvs], p.kind)
         return Flight(p, "pieces", transfer, [(buf, region) for _, buf, region in recvs])
+
+    def _send_pieces(self, sends: list, recvs: list, kind: str):
+        """Point-to-point sends and receives on the wire (a one-process stand-in overrides this)."""
+        return self.link.exchange(sends, recvs, kind)
 
     def _land(self, flight: Flight, store: bool = True) -> None:
         """Wait for a flight and, unless discarding, write what arrived into the stored context.
@@ -416,7 +425,7 @@ class BandContext:
         if self.world_size == 1 or self.local_only:
             return None, None
         edge = torch.cat([x[:, :, :pad], x[:, :, -pad:]], dim=2) if self.sending else None
-        parts = self.exchange(layer_id, edge, 2, [2 * pad] * self.world_size, coded=True, channel=1)
+        parts = self.exchange(layer_id, edge, 2, [2 * pad] * self.world_size, coded=True, channel=1, kind="halo")
         top = parts[self.rank - 1].narrow(2, pad, pad) if self.rank > 0 else None
         bottom = parts[self.rank + 1].narrow(2, 0, pad) if self.rank < self.world_size - 1 else None
         return top, bottom

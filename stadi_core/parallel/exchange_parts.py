@@ -23,7 +23,7 @@ class Pending:
     sizes: list
     dim: int
     coded: bool = False  # may be compressed (K/V, halos; never GroupNorm moments)
-    partial: bool = False  # attention K/V under partial context: nearest rows to each neighbour only
+    pieces: bool = False  # sent point-to-point, to the adjacent bands only (conv halos; K/V under partial context)
     channel: int = -1  # the channel dim of ``local`` (per-channel codec scales)
     kind: str = "kv"  # what it is, for the byte counts: "kv", "halo", "moments"
 
