@@ -83,7 +83,7 @@ class LockstepRun:
         for b in plan.bands:
             o = outs[b.rank]
             self.records[b.rank].append(dict(step=step, computed=True, phase=phase.value, busy_s=o.busy_s,
-                                             comm_s=o.comm_s, t0=t0))
+                                             comm_s=o.comm_s, sent=o.sent, t0=t0))
         if plan.splits_branches:
             return assemble(x, outs, places)
         out = torch.cat([torch.from_numpy(outs[b.rank].out) for b in plan.bands], dim=2)

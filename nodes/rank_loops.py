@@ -72,7 +72,7 @@ class RankLoops:
                 last = (tuple(x.shape), torch.from_numpy(out.out))
                 state.last_out[slot] = last
                 state.records.append(dict(step=step, computed=True, phase=phase.value, busy_s=out.busy_s,
-                                          comm_s=out.comm_s, t0=t0))
+                                          comm_s=out.comm_s, sent=out.sent, t0=t0))
             else:
                 state.records.append(dict(step=step, computed=False, phase=Phase.STALE.value, busy_s=0.0,
                                           comm_s=0.0, t0=t0))

@@ -93,7 +93,7 @@ class BranchGroups:
                 sent = add_sent(sent, b)
             require_finite(out, msg.step, phase)
             outs.append(out.numpy())
-        return BandOutput(msg.job_id, msg.call_id, self.rank, None, busy, comm, unit_outs=outs, sent_bytes=sum(sent.values()))
+        return BandOutput(msg.job_id, msg.call_id, self.rank, None, busy, comm, unit_outs=outs, sent=sent)
 
 
 def _subgroups(worker, groups) -> dict:

@@ -193,7 +193,7 @@ class BandOutput:
     comm_s: float
     unit_outs: list = field(default_factory=list)  # one raw output per UnitInput, in order
     note: str = ""  # for the run report, once: e.g. compiling this band failed and calls run eagerly now
-    sent_bytes: int = 0  # context this rank sent in the call (parallel/links.py)
+    sent: dict = field(default_factory=dict)  # context bytes this rank sent in the call, per kind (parallel/links.py)
 
 
 @dataclass

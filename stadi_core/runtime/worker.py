@@ -474,7 +474,7 @@ class _Worker:
                 ctx.local_only = False
             note = net.band.take_note() if net.band is not None else None  # compile failed: eager from now on
             self.channel.send(BandOutput(job.job_id, msg.call_id, self.init.rank, out.numpy(), busy, comm,
-                                         note=note or "", sent_bytes=sum(sent.values())))
+                                         note=note or "", sent=sent))
 
     def _cond(self, cond: dict, dtype, key: str = "") -> dict:
         """A call's conditioning on the device; sent once per session and named by key afterwards."""
