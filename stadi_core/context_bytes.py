@@ -92,14 +92,17 @@ def _convs(pairs: Iterable[tuple[int, int]]) -> tuple[Layer, ...]:
 # conv_in; down 0: 2 resnets + downsampler; down 1; down 2 (no downsampler); mid; up 0..2 with
 # the skip-concatenated inputs, each but the last ending in an upsampler conv read at the finer
 # resolution; conv_out. Resnet shortcut convs are 1x1 (no halo).
-_SDXL_CONVS = ([(4, 1)] + [(320, 1)] * 5
-               + [(320, 2), (640, 2), (640, 2), (640, 2), (640, 2)]
+# SD1.5 and SDXL share their first two down levels (320, 640 channels) and their last three up
+# levels (1280 -> 640 -> 320 with skips, upsamplers, conv_out).
+_DOWN_320_640 = [(4, 1)] + [(320, 1)] * 5 + [(320, 2), (640, 2), (640, 2), (640, 2), (640, 2)]
+_UP_1280_640_320 = ([(2560, 4), (1280, 4), (2560, 4), (1280, 4), (1920, 4), (1280, 4), (1280, 2)]
+                    + [(1920, 2), (640, 2), (1280, 2), (640, 2), (960, 2), (640, 2), (640, 1)]
+                    + [(960, 1), (320, 1), (640, 1), (320, 1), (640, 1), (320, 1)]
+                    + [(320, 1)])
+_SDXL_CONVS = (_DOWN_320_640
                + [(640, 4), (1280, 4), (1280, 4), (1280, 4)]
                + [(1280, 4)] * 4
-               + [(2560, 4), (1280, 4), (2560, 4), (1280, 4), (1920, 4), (1280, 4), (1280, 2)]
-               + [(1920, 2), (640, 2), (1280, 2), (640, 2), (960, 2), (640, 2), (640, 1)]
-               + [(960, 1), (320, 1), (640, 1), (320, 1), (640, 1), (320, 1)]
-               + [(320, 1)])
+               + _UP_1280_640_320)
 SDXL_UNET = Inventory(
     "SDXL UNet",
     (Layer("kv", 640, 2, 10),  # 2 down x 2 + 3 up x 2 attn1 layers at level 1
@@ -110,16 +113,12 @@ SDXL_UNET = Inventory(
     out_channels=4, note="attn1 K/V 70 layers, 40 3x3 convs, 46 GroupNorms (32 groups)")
 
 # SD1.5 UNet (320/640/1280/1280, one transformer per attention block at levels 0-2 and mid).
-_SD15_CONVS = ([(4, 1)] + [(320, 1)] * 5
-               + [(320, 2), (640, 2), (640, 2), (640, 2), (640, 2)]
+_SD15_CONVS = (_DOWN_320_640
                + [(640, 4), (1280, 4), (1280, 4), (1280, 4), (1280, 4)]
                + [(1280, 8)] * 4
                + [(1280, 8)] * 4
                + [(2560, 8), (1280, 8)] * 3 + [(1280, 4)]
-               + [(2560, 4), (1280, 4), (2560, 4), (1280, 4), (1920, 4), (1280, 4), (1280, 2)]
-               + [(1920, 2), (640, 2), (1280, 2), (640, 2), (960, 2), (640, 2), (640, 1)]
-               + [(960, 1), (320, 1), (640, 1), (320, 1), (640, 1), (320, 1)]
-               + [(320, 1)])
+               + _UP_1280_640_320)
 SD15_UNET = Inventory(
     "SD1.5 UNet",
     (Layer("kv", 320, 1, 5), Layer("kv", 640, 2, 5), Layer("kv", 1280, 4, 5), Layer("kv", 1280, 8, 1),

@@ -66,10 +66,6 @@ class CallStats:
     exchanges: int = 0
     sent: dict = field(default_factory=dict)  # bytes put on the wire per kind: "kv", "halo", "moments"
 
-    @property
-    def bytes_sent(self) -> int:
-        return sum(self.sent.values())
-
 
 class BandContext:
     """Per-rank view of the band layout plus the context buffers of every layer."""
@@ -261,9 +257,7 @@ class BandContext:
         if self.phase is Phase.FRESH:
             t0 = time.perf_counter()
             if self.transport is not None:
-                send = padded(local, dim, max(sizes))
-                self.link.count(send.numel() * send.element_size() * (self.world_size - 1), kind)
-                gathered = self.transport.all_gather_many([(key, send)])[0]
+                gathered = self._ipc_gather(key, local, dim, sizes, kind)
             else:
                 gathered = self._all_gather(key, local, dim, sizes, async_op=False, kind=kind)[0]
             self.stats.comm_wait_s += time.perf_counter() - t0
@@ -317,9 +311,7 @@ class BandContext:
     def _launch(self, p: Pending) -> Flight:
         codec = self._codec if p.coded else None
         if self.transport is not None:  # CUDA IPC: synchronous, data already gathered
-            send = padded(p.local, p.dim, max(p.sizes))
-            self.link.count(send.numel() * send.element_size() * (self.world_size - 1), p.kind)
-            return Flight(p, "gather", None, self.transport.all_gather_many([(p.key, send)])[0])
+            return Flight(p, "gather", None, self._ipc_gather(p.key, p.local, p.dim, p.sizes, p.kind))
         if p.pieces:
             return self._launch_pieces(p, codec)
         if codec is None:
@@ -329,11 +321,7 @@ class BandContext:
         shapes = [with_size(local.shape, p.dim, n) for n in p.sizes]
         nbytes = [codec.nbytes(sh, local.dtype, p.channel) for sh in shapes]
         payload = codec.encode(local, self._mirrors.get(p.key, "all", local) if codec.stateful else None, p.channel)
-        send = torch.zeros(max(nbytes), dtype=torch.uint8, device=local.device)
-        send[: payload.numel()] = payload
-        recv = [torch.empty_like(send) for _ in range(self.world_size)]
-        self.stats.exchanges += 1
-        transfer = self.link.all_gather(recv, send, self.timeout, async_op=True, kind=p.kind)
+        recv, transfer = self._all_gather((p.key, "coded"), payload, 0, [max(nbytes)], async_op=True, kind=p.kind)
         return Flight(p, "coded", transfer, [r[:n] for r, n in zip(recv, nbytes)])
 
     def _launch_pieces(self, p: Pending, codec) -> Flight:
@@ -396,6 +384,12 @@ class BandContext:
             if o != self.rank:
                 decode(codec, payload, stored[o], p.channel)
         self._stored_changed(p.key)
+
+    def _ipc_gather(self, key: tuple, local: torch.Tensor, dim: int, sizes: Sequence[int], kind: str) -> list:
+        """Every rank's tensor through CUDA IPC (synchronous), padded to the largest band, counted."""
+        send = padded(local, dim, max(sizes))
+        self.link.count(send.numel() * send.element_size() * (self.world_size - 1), kind)
+        return self.transport.all_gather_many([(key, send)])[0]
 
     def _all_gather(self, key: tuple, local: torch.Tensor, dim: int, sizes: Sequence[int], async_op: bool,
                     kind: str = "kv"):

@@ -46,8 +46,8 @@ class Wire:
     """One exchange key's all-gather buffers, allocated once per plan and reused every step.
 
     The padding rows of ``send`` are zeroed once; each exchange overwrites only the band's
-    rows. A key's next exchange starts only after its previous one was waited for
-    (``complete_inflight`` runs before every synchronous call), so reuse is race-free.
+    rows. A key's next exchange starts only after its previous one has landed (when the next
+    sync call begins, or, overlapped, at that key's own next use), so reuse is race-free.
     """
 
     send: torch.Tensor

@@ -35,10 +35,6 @@ class StepTiming:
     wall_s: float
     sent: dict = field(default_factory=dict)  # context bytes this rank sent in the step, per kind (kv, halo, ...)
 
-    @property
-    def sent_bytes(self) -> int:
-        return sum(self.sent.values())
-
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
