@@ -29,6 +29,7 @@ from ..planner import Plan
 from ..quality import band_boundaries
 from . import common
 from .quality import SPEEDS, cluster, measure, pictures
+from .units import pair_baseline
 
 MODES = ("full", "partial:0.5", "partial:0.3", "fp8", "delta", "partial:0.3+delta")
 LINK_MODES = ("full,no-overlap",) + MODES
@@ -53,6 +54,7 @@ def run(args) -> tuple[list[dict], list[dict]]:
     torch.set_num_threads(1)
     refs = pictures([reference_generate(spec, seed=s, prompt=c, **kw) for s, c in zip(seeds, captions)])
     quality, latency = [], []
+    args.pair = pair_baseline() if args.link else None  # what two busy processes get of one on this host
     for ranks in (2, 3):
         full_bytes = None
         for context in MODES if seeds else ():  # --seeds 0: the latency table alone
@@ -98,7 +100,10 @@ def table(quality: list[dict], latency: list[dict], args) -> str:
                    f"{r['min_psnr']:>8.2f} {r['ssim']:>7.4f} {r['seam']:>6.2f} {r['ref_seam']:>6.2f}")
     if latency:
         out += [""] * bool(quality) + [f"latency, seed 0, every transfer also paying an emulated link of {args.link} (GB/s, us per message); "
-                "comm % = time blocked in exchanges over the loop (the exposed part), busiest rank",
+                "comm % = time blocked in exchanges over the loop (the exposed part), busiest rank; ratios "
+                "between rows are from this one run",
+                f"pair baseline on this machine: two busy single-thread matmul processes each run at {args.pair:.2f} "
+                "of one alone",
                 f"{'ranks':>5} {'context':<24} {'denoise s':>9} {'comm %':>7} {'MB sent':>8}"]
         for r in latency:
             out.append(f"{r['ranks']:>5} {r['mode']:<24} {r['denoise']:>9.2f} {r['comm_pct']:>7.1f} {r['mb']:>8.2f}")
