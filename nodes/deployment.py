@@ -21,7 +21,7 @@ from stadi_core.arrange import choose_plan, host_shared_speeds
 from stadi_core.planner import Plan, make_plan
 from stadi_core.report import RunReport
 from stadi_core.runtime.messages import BandCall, SessionStart
-from stadi_core.runtime.pool import get_pool
+from stadi_core.runtime.registry import get_pool
 
 from . import comfy_api, compatibility
 from .types import StadiCluster

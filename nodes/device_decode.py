@@ -52,7 +52,7 @@ def plan_devices(plan: dict) -> tuple:
 
 def find_pool(patches):
     """(warm pool of the run, None) or (None, why not)."""
-    from stadi_core.runtime import pool as pool_module
+    from stadi_core.runtime.registry import warm_pools
 
     if patches.pool_key:
         devices, backend = tuple(patches.pool_key[0]), patches.pool_key[1]
@@ -60,11 +60,8 @@ def find_pool(patches):
         devices, backend = plan_devices(patches.plan), None
     if not devices:
         return None, "the patches name no devices"
-    with pool_module._POOLS_LOCK:  # the warm pools get_pool keeps: (devices, backend, options) -> pool
-        pools = [p for k, p in pool_module._POOLS.items() if k[0] == devices and backend in (None, k[1])]
-    for p in pools:
-        if p.alive():
-            return p, None
+    for p in warm_pools(devices, backend):
+        return p, None
     return None, f"the worker pool of this run ({', '.join(devices)}) is no longer running"
 
 

@@ -18,7 +18,7 @@ from .parallel.options import ContextOptions
 from .planner import Plan
 from .report import RunReport
 from .runtime.messages import GenerateJob, MeasureJob
-from .runtime.pool import get_pool
+from .runtime.registry import get_pool
 from .sampling.band_loop import NON_FINITE_HINT, LoopSchedule, count_non_finite, run_band
 from .sampling.noise import FullLatentNoise
 from .sampling.samplers import make_sampler

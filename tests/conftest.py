@@ -13,7 +13,7 @@ import pack_loader  # noqa: E402,F401  - the repository as the node pack ``stadi
 @pytest.fixture(scope="session", autouse=True)
 def _stop_worker_pools():
     yield
-    from stadi_core.runtime.pool import shutdown_pools
+    from stadi_core.runtime.registry import shutdown_pools
 
     shutdown_pools()
 

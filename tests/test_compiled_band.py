@@ -22,7 +22,7 @@ from stadi_core.parallel.context import BandContext, Phase
 from stadi_core.parallel.graphs import GraphedBand
 from stadi_core.planner import make_plan
 from stadi_core.runtime.messages import BandCall, SessionStart
-from stadi_core.runtime.pool import get_pool
+from stadi_core.runtime.registry import get_pool
 from stadi_pack.nodes.deployment import compile_notes
 
 SD3 = ModelSpec(family="diffusers-sd3", config="tiny-sd3")  # no 3x3 conv: its layers trace in one graph

@@ -29,7 +29,7 @@ from stadi_core.errors import WorkerError
 from stadi_core.planner import make_plan
 from stadi_core.runtime.decode import VaeSpec
 from stadi_core.runtime.messages import DecodeJob
-from stadi_core.runtime.pool import get_pool
+from stadi_core.runtime.registry import get_pool
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -109,7 +109,7 @@ out["small"] = r
 # the node itself, on the pool the bench used (found by the plan's devices), with the SD architecture
 # detected from the state dict on the workers as a checkpoint's VAE is on the server
 import importlib, logging
-from stadi_core.runtime.pool import get_pool
+from stadi_core.runtime.registry import get_pool
 class Notes(logging.Handler):
     lines = []
     def emit(self, record):

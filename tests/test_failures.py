@@ -88,7 +88,7 @@ def test_cancel_stops_all_ranks_at_one_step_and_pool_survives():
 def test_no_worker_outlives_a_killed_parent(tmp_path):
     script = textwrap.dedent("""
         import sys, time
-        from stadi_core.runtime.pool import get_pool
+        from stadi_core.runtime.registry import get_pool
         if __name__ == "__main__":
             pool = get_pool(["cpu:0", "cpu:1"], "gloo")
             print(" ".join(map(str, pool.pids())), flush=True)
@@ -184,7 +184,7 @@ def test_per_call_session_refuses_a_non_finite_band_output_and_the_pool_recovers
     from stadi_core.models.spec import build_model, make_conditioning
     from stadi_core.planner import make_plan
     from stadi_core.runtime.messages import BandCall, SessionStart
-    from stadi_core.runtime.pool import get_pool
+    from stadi_core.runtime.registry import get_pool
 
     spec = ModelSpec()
     model = build_model(spec, torch.device("cpu"))

@@ -12,7 +12,8 @@ from stadi_core.models.spec import ModelSpec, build_model, make_conditioning
 from stadi_core.parallel.context import BandContext
 from stadi_core.planner import ONE_EVAL_SAMPLERS, make_plan, split_rows
 from stadi_core.runtime.messages import BandCall, SessionStart
-from stadi_core.runtime.pool import JobCancelledError, get_pool
+from stadi_core.runtime.pool import JobCancelledError
+from stadi_core.runtime.registry import get_pool
 from stadi_pack.nodes.compatibility import check_model, image_wide_features
 from stadi_pack.nodes.deployment import CallSlots
 

@@ -26,7 +26,7 @@ from ..api import generate
 from ..cluster import ClusterSpec, DeviceSpec
 from ..models.spec import ModelSpec
 from ..report import psnr
-from ..runtime.pool import shutdown_pools
+from ..runtime.registry import shutdown_pools
 from . import gpu
 
 

@@ -186,7 +186,7 @@ class _Way:
 def run(args) -> dict:
     import importlib
 
-    from ..runtime.pool import get_pool
+    from ..runtime.registry import get_pool
 
     comfy = setup_comfy(args.comfyui)
     pack = load_pack()

@@ -31,7 +31,7 @@ from ..api import generate, profile
 from ..cluster import ClusterSpec, DeviceSpec
 from ..models.spec import ModelSpec
 from ..report import measured_capabilities, psnr
-from ..runtime.pool import shutdown_pools
+from ..runtime.registry import shutdown_pools
 
 
 def _spec(model: str, dtype: str = "float16") -> ModelSpec:

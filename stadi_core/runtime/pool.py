@@ -9,7 +9,6 @@ stay warm across calls, keyed by their devices and backend.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import logging
 import os
@@ -27,15 +26,12 @@ from typing import Callable, Sequence
 
 from ..errors import PlanError, WorkerError, WorkerTimeout
 from .messages import (
-    BandOutput,
     BandResult,
     Cancelled,
     CancelRequest,
     Hello,
     MeasureResult,
     Ready,
-    SessionClosed,
-    SessionEnd,
     SessionReady,
     Shutdown,
     StepReport,
@@ -377,7 +373,7 @@ class WorkerPool:
 
     # -- per-call sessions (ComfyUI path) ------------------------------------------------------
     def open_session(self, make_start: Callable[[int], object], *, per_rank=None,
-                     load_timeout_s: float = 600.0) -> "Session":
+                     load_timeout_s: float = 600.0):
         """Load the model on every rank and return a handle for per-rank band calls."""
         self._lock.acquire()
         try:
@@ -393,120 +389,9 @@ class WorkerPool:
             self.close(force=True)
             self._lock.release()
             raise
+        from .session import Session
+
         return Session(self, job_id, ready)
-
-
-class Session:
-    """Band calls to individual ranks; one thread per rank may call concurrently."""
-
-    def __init__(self, pool: WorkerPool, job_id: int, ready: dict):
-        self.pool = pool
-        self.job_id = job_id
-        self.ready = ready
-        self.cancel_requested = False
-        self.failed: BaseException | None = None
-        self.notes: dict[int, list[str]] = {}  # per rank: what its band outputs said (a compile that failed)
-        self._call_ids = itertools.count(1)
-        self._closed = False
-
-    def call(self, rank: int, make_call: Callable[[int, int], object], stall_timeout_s: float = 120.0) -> BandOutput:
-        """Send one BandCall to ``rank`` and wait for its output, watching every worker's health."""
-        return self.call_all({rank: make_call}, stall_timeout_s)[rank]
-
-    def call_all(self, make_calls: dict, stall_timeout_s: float = 120.0) -> dict:
-        """One BandCall to each rank in ``make_calls`` at once (lockstep); {rank: BandOutput}.
-
-        Every connection is watched together, so a rank that fails while the others wait in a
-        collective for it is reported at once instead of after the collective's timeout. Rank
-        threads (per-rank loops) call it for their own rank; the first failure of any of them
-        stops the others' waits too.
-        """
-        if self.failed is not None:
-            raise WorkerError(f"the session already failed: {self.failed}")
-        pool = self.pool
-        expected = {}
-        try:
-            for rank, make_call in make_calls.items():
-                call_id = next(self._call_ids)
-                pool.send(rank, make_call(self.job_id, call_id))
-                expected[rank] = call_id
-            outputs: dict[int, BandOutput] = {}
-            last_heard = {rank: time.monotonic() for rank in expected}
-            by_conn = {pool.conns[rank]: rank for rank in expected}
-            while len(outputs) < len(expected):
-                waiting = [c for c, r in by_conn.items() if r not in outputs]
-                for conn in wait_connections(waiting, timeout=0.25):
-                    rank = by_conn[conn]
-                    try:
-                        msg = conn.recv()
-                    except (EOFError, OSError):
-                        pool._raise_dead(rank, "evaluating a band")
-                    last_heard[rank] = time.monotonic()
-                    if isinstance(msg, BandOutput) and msg.call_id == expected[rank] and msg.job_id == self.job_id:
-                        outputs[rank] = msg
-                        if msg.note and msg.note not in self.notes.setdefault(rank, []):
-                            self.notes[rank].append(msg.note)
-                    elif isinstance(msg, WorkerFailure):
-                        raise WorkerError(f"worker rank {rank} ({pool.devices[rank]}) failed: " + _failure_text(msg))
-                    elif isinstance(msg, Cancelled):
-                        raise JobCancelledError(f"interrupted at step {msg.step}")
-                if self.failed is not None:
-                    raise WorkerError(f"stopped because another rank failed: {self.failed}")
-                pool._check_health(list(expected), outputs, last_heard, stall_timeout_s, "evaluating a band")
-            return outputs
-        except JobCancelledError:
-            self.cancel_requested = True
-            raise
-        except BaseException as exc:
-            if self.failed is None:
-                self.failed = exc
-            raise
-
-    def cancel(self) -> None:
-        """Ask every rank to stop at its next agreed step."""
-        self.cancel_requested = True
-        self.pool.cancel()
-
-    def close(self, ack_timeout_s: float = 30.0) -> None:
-        """End the session. The pool stays warm when every rank confirms it left the session
-        (also after a cancel: the ranks stop together at an agreed step); a failure, or a rank
-        that does not confirm in time, restarts the pool to drop half-done state."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if self.failed is None and not self._end_all(ack_timeout_s):
-                self.failed = WorkerTimeout("a worker did not leave the session")
-                _log.warning("STADI: a worker did not confirm the end of its session within %.0f s; the worker pool "
-                             "restarts", ack_timeout_s)
-            if self.failed is not None:
-                self.pool.close(force=True)
-        finally:
-            self.pool._lock.release()
-
-    def _end_all(self, timeout_s: float) -> bool:
-        """Send SessionEnd to every rank and drain each connection up to its SessionClosed."""
-        pool = self.pool
-        try:
-            for rank in range(len(pool.conns)):
-                pool.send(rank, SessionEnd(self.job_id))
-        except (OSError, BrokenPipeError):
-            return False
-        open_conns = {conn: rank for rank, conn in enumerate(pool.conns)}
-        deadline = time.monotonic() + timeout_s
-        while open_conns and time.monotonic() < deadline:
-            for conn in wait_connections(list(open_conns), timeout=0.25):
-                try:
-                    msg = conn.recv()
-                except (EOFError, OSError):
-                    return False
-                if isinstance(msg, SessionClosed) and msg.job_id == self.job_id:
-                    open_conns.pop(conn)
-                elif isinstance(msg, WorkerFailure):
-                    return False
-            if any(p.poll() is not None for p in pool.procs):
-                return False
-        return not open_conns
 
 
 def same_gpu_exchange() -> str:
@@ -526,35 +411,3 @@ def _failure_text(msg: WorkerFailure) -> str:
     if not msg.traceback:
         return msg.message
     return f"{msg.message}\n--- worker traceback ---\n{msg.traceback}"
-
-
-# -- warm pools shared across calls ----------------------------------------------------------
-_POOLS: dict[tuple, WorkerPool] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def get_pool(devices: Sequence[str], backend: str, **kw) -> WorkerPool:
-    """A started pool for exactly these devices, reused while it stays healthy."""
-    key = (tuple(devices), backend, repr(sorted(kw.items())))
-    with _POOLS_LOCK:
-        pool = _POOLS.get(key)
-        if pool is not None and pool.alive():
-            return pool
-        if pool is not None:
-            pool.close(force=True)
-        gpus = {d.split(".")[0] for d in devices if d.startswith("cuda")}
-        for other_key in [k for k in _POOLS if gpus & {d.split(".")[0] for d in k[0]}]:
-            _POOLS.pop(other_key).close()  # a GPU belongs to one pool at a time (its memory)
-        pool = WorkerPool(devices, backend, **kw).start()
-        _POOLS[key] = pool
-        return pool
-
-
-def shutdown_pools() -> None:
-    with _POOLS_LOCK:
-        for pool in _POOLS.values():
-            pool.close()
-        _POOLS.clear()
-
-
-atexit.register(shutdown_pools)
