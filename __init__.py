@@ -12,6 +12,15 @@ if _PACK_DIR not in sys.path:
     sys.path.insert(0, _PACK_DIR)
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from .nodes.memory_hooks import install as _install_memory_hooks  # noqa: E402
+
+# "Unload models" / POST /free also releases STADI's warm workers (nodes/memory_hooks.py says how).
+try:
+    _install_memory_hooks()
+except Exception as exc:  # the nodes work without it; only the release on /free is lost
+    import logging
+
+    logging.getLogger("stadi").warning("STADI: POST /free will not release the worker pools: %s", exc)
 
 WEB_DIRECTORY = "./web"
 

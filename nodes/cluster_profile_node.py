@@ -4,6 +4,12 @@ A workflow is often opened on another machine than the one it was made on, so a 
 workflow names that does not exist here is skipped with a note (and, if nothing is left, the
 cluster falls back to CPU workers) instead of failing the prompt. What a user typed wrong in
 a widget, on the other hand, is an error whose message says what to write instead.
+
+The node also reports what the warm STADI workers hold when it runs (one note per pool: devices,
+pids, the model loaded, host and GPU memory per worker; ``registry.pool_report`` as data under the
+``stadi_workers`` UI key), because that memory is invisible to ComfyUI's own memory manager. It is a
+snapshot: ComfyUI caches the node, so it is taken when the node last ran (``GET /stadi/workers``
+answers live).
 """
 
 from __future__ import annotations
@@ -14,13 +20,14 @@ from dataclasses import replace
 
 from stadi_core.cluster import DEVICE_SYNTAX, ClusterSpec, DeviceSpec, canonical_device
 from stadi_core.errors import PlanError
+from stadi_core.runtime.registry import format_pool_report, pool_report
 
 from .device_discovery import cuda_names, devices_fingerprint, discover_devices
 from .types import CLUSTER_TYPE, StadiCluster
 
 log = logging.getLogger("stadi")
 
-__all__ = ["GPUClusterProfile", "build_cluster", "parse_assignments", "parse_device_list"]
+__all__ = ["GPUClusterProfile", "build_cluster", "parse_assignments", "parse_device_list", "profile_ui"]
 
 AUTO_CPU_WORKERS = 2
 _SPLIT = re.compile(r"[,;\n]+")
@@ -213,4 +220,16 @@ class GPUClusterProfile:
     def build(self, devices, backend, measure, speeds, exclude, emulate_slowdown):
         cluster = build_cluster(devices=devices, backend=backend, measure=measure, speeds=speeds,
                                 exclude=exclude, emulate_slowdown=emulate_slowdown)
-        return {"ui": {"stadi_devices": [cluster.to_ui()]}, "result": (cluster,)}
+        return {"ui": profile_ui(cluster), "result": (cluster,)}
+
+
+def profile_ui(cluster: StadiCluster) -> dict:
+    """The node's UI payload: the devices panel (its notes end with one line per warm worker pool)
+    and the pools' data."""
+    pools = pool_report()
+    lines = format_pool_report(pools)
+    for line in lines:
+        log.info("STADI cluster: %s", line)
+    ui = cluster.to_ui()
+    ui["notes"] = list(ui.get("notes") or []) + lines
+    return {"stadi_devices": [ui], "stadi_workers": pools}

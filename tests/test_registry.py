@@ -4,6 +4,7 @@ closed. Real one-worker CPU pools (a few seconds each); idle times of a fraction
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -120,6 +121,12 @@ def test_pool_report_says_what_each_worker_holds():
         line = [ln for ln in format_pool_report() if str(pool.pids()[0]) in ln]
         assert line and "tiny-model-key" in line[0] and "host" in line[0] and "MB" in line[0], format_pool_report()
         print("\n".join(format_pool_report()))
+        from stadi_pack.nodes.cluster_profile_node import build_cluster, profile_ui
+
+        ui = profile_ui(build_cluster("cpu*2", "gloo", measure=False, discovered=[]))
+        json.dumps(ui)
+        assert any(str(pool.pids()[0]) in n for n in ui["stadi_devices"][0]["notes"]), ui
+        assert any(p["model"] == "tiny-model-key" for p in ui["stadi_workers"])
         assert registry.process_rss_bytes(os.getpid()) > 0
     finally:
         release_pools()
