@@ -24,11 +24,3 @@ for module_name, class_name, node_id, display in _NODES:
         continue
     NODE_CLASS_MAPPINGS[node_id] = getattr(module, class_name)
     NODE_DISPLAY_NAME_MAPPINGS[node_id] = display
-
-# Baked weights of a server that was killed (no atexit) would hold RAM in /dev/shm until reboot.
-try:
-    from .weights import remove_stale_weight_folders
-
-    remove_stale_weight_folders()
-except OSError as exc:
-    logging.getLogger("stadi").warning("STADI: could not remove stale weight folders: %s", exc)

@@ -25,7 +25,7 @@ from stadi_core.runtime.registry import get_pool
 
 from . import comfy_api, compatibility
 from .types import StadiCluster
-from .weights import baked_network_file
+from .weights import shared_network
 
 # rows/s measured per (model key, device, latent H, W): plans of later runs start from these
 CAPABILITIES: dict[tuple, float] = {}
@@ -94,11 +94,10 @@ class Deployment:
         model_config = base.model_config
         unet_config = dict(model_config.unet_config)
         unet_config.pop("dtype", None)
-        path, key = baked_network_file(model)
         mirrored = {k: getattr(comfy.cli_args.args, k) for k in MIRRORED_ARGS if hasattr(comfy.cli_args.args, k)}
         # weights as ComfyUI stores them (fp8 included), computed in its manual-cast dtype where it has one
-        self.spec = ModelSpec(family=family, config=unet_config, path=path, dtype=dtype_name(base.get_dtype()),
-                              extra={"comfy_args": mirrored, "weights_key": key,
+        self.spec = ModelSpec(family=family, config=unet_config, dtype=dtype_name(base.get_dtype()),
+                              extra={"comfy_args": mirrored, **shared_network(model),
                                      "model_class": model_class_path(network),
                                      "compute_dtype": dtype_name(comfy_api.compute_dtype(model)),
                                      "scaled_fp8": dtype_name(comfy_api.scaled_fp8_dtype(model_config)),

@@ -1,6 +1,6 @@
 """Patch Stitch's decode on the devices: every worker of the run decodes its own band in parallel.
 
-The server bakes the VAE's weights once (weights.baked_vae_file), sends each rank of the run's
+The server shares the VAE's weights once (weights.shared_vae: its own pages), sends each rank of the run's
 warm worker pool its band of the latent with ``overlap_rows`` rows of its neighbours
 (band_extensions: the same slices the server's decode_bands takes), the workers build ComfyUI's
 VAE from those weights and decode (stadi_core/runtime/decode.py), and the server cross-fades the
@@ -37,12 +37,12 @@ def vae_spec(vae, config: dict | None = None) -> VaeSpec:
 
     from stadi_core.models.comfy_common import MIRRORED_ARGS
 
-    from .weights import baked_vae_file
+    from .weights import shared_vae
 
-    path, key = baked_vae_file(vae)
+    weights, key = shared_vae(vae)
     cls = type(vae.first_stage_model)
     mirrored = {k: getattr(comfy.cli_args.args, k) for k in MIRRORED_ARGS if hasattr(comfy.cli_args.args, k)}
-    return VaeSpec(path=path, key=key, dtype=str(vae.vae_dtype).split(".")[-1],
+    return VaeSpec(weights=weights, key=key, dtype=str(vae.vae_dtype).split(".")[-1],
                    model_class=f"{cls.__module__}:{cls.__qualname__}", config=config, comfy_args=mirrored)
 
 

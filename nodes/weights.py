@@ -1,91 +1,39 @@
-"""Diffusion-network weights with LoRA and other weight patches baked in, written once for the workers
-(and a VAE's weights, for the Patch Stitch node's decode on the devices: ``baked_vae_file``).
+"""The weights the workers run, shared from the server's own memory (stadi_core/runtime/shared_memory.py).
 
-The server never loads its own GPU copy: patched weights are computed on the CPU with
-ComfyUI's own ``calculate_weight`` and written to shared memory (``/dev/shm`` where it
-exists) as safetensors, which each worker reads. Cached per model identity + patch set.
-Shared memory is RAM: the folder is removed when the server exits, and folders left by
-servers that died without cleaning up are removed when the next one starts writing.
+- The diffusion network's *base* weights (as ComfyUI stores them, fp8 included) go into one
+  anonymous memory file per model, and ComfyUI's own tensors are repointed at it, so the host
+  keeps one copy: workers map those pages instead of reading a second and third copy from files.
+- Weight patches (LoRA and the like) travel as the patches themselves, pickled into a small memory
+  file per patch set; each worker applies them with ComfyUI's own ``calculate_weight`` and
+  stochastic rounding, in the dtype and seed the server's ComfyUI uses (``comfy_api.lora_bake_settings``),
+  so a LoRA change moves the LoRA, not the model. A patch that cannot be pickled (a merge whose
+  convert function is a lambda) is computed here and shipped as its finished weight.
+- A VAE (Patch Stitch, decode_on=devices) is shared the same way.
+
+Nothing is written to ``/dev/shm`` or the temp dir: a memory file vanishes when the last process
+holding it exits, however the server ends (SIGTERM, SIGKILL, Ctrl-C).
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import hashlib
-import itertools
-import os
-import shutil
-import tempfile
+import io
+import logging
+import pickle
 import threading
 import weakref
 
+import torch
 
-_CACHE: dict[tuple, str] = {}
+from stadi_core.runtime.shared_memory import SharedFile, share_blob, share_tensors
+
 _LOCK = threading.Lock()
-_KEEP = 2  # baked files kept around (the current model and one more)
-
-
-_PREFIX = "stadi-weights-"
-_SHM = "/dev/shm"
-WEIGHTS_DIR_ENV = "STADI_WEIGHTS_DIR"  # where to write baked weights instead (a fast local disk)
-
-
-def _bases() -> list[str]:
-    """Candidate folders, preferred first: $STADI_WEIGHTS_DIR, else shared memory, else the temp dir."""
-    if os.environ.get(WEIGHTS_DIR_ENV):
-        return [os.environ[WEIGHTS_DIR_ENV]]
-    shm = [_SHM] if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK) else []
-    return shm + [tempfile.gettempdir()]
-
-
-def _base(needed_bytes: int = 0) -> str:
-    """The first candidate with room for ``needed_bytes`` and a margin: shared memory is RAM, and
-    containers often give it only 64 MB (Docker's default), so big models go to the temp dir."""
-    bases = _bases()
-    for base in bases:
-        os.makedirs(base, exist_ok=True)
-        if shutil.disk_usage(base).free >= 2 * needed_bytes:
-            return base
-    from stadi_core.errors import StadiError
-
-    raise StadiError(f"STADI Sampler: no room for the model's {needed_bytes / 2**30:.1f} GiB of weights in "
-                     f"{', '.join(bases)}; free some space or set {WEIGHTS_DIR_ENV} to a folder with room")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_folders(base: str) -> list[str]:
-    """Remove weight folders of servers that are gone; returns what was removed."""
-    removed = []
-    for name in os.listdir(base):
-        pid = name[len(_PREFIX):]
-        if name.startswith(_PREFIX) and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
-            removed.append(name)
-    return removed
-
-
-def remove_stale_weight_folders() -> list[str]:
-    """Sweep every candidate folder (at server start and before each write)."""
-    return [name for base in _bases() if os.path.isdir(base) for name in remove_stale_folders(base)]
-
-
-def _folder(needed_bytes: int) -> str:
-    remove_stale_weight_folders()
-    path = os.path.join(_base(needed_bytes), f"{_PREFIX}{os.getpid()}")
-    if not os.path.isdir(path):
-        os.makedirs(path, exist_ok=True)
-        atexit.register(shutil.rmtree, path, True)
-    return path
+_BASES: dict[int, tuple[SharedFile, dict]] = {}  # id(BaseModel) -> (memory file, its handle dict)
+_PATCHES: dict[tuple, tuple[SharedFile, dict]] = {}  # (id(BaseModel), patches_uuid) -> patch blob
+_PATCHES_KEPT = 2  # the current patch set and one more (alternating LoRA strengths stay warm)
+_VAES: dict[int, tuple[SharedFile, dict, str]] = {}  # id(first_stage_model) -> (file, handle dict, key)
+_PREFIX = "diffusion_model."
+_log = logging.getLogger("stadi")
 
 
 def identity(model_patcher) -> tuple:
@@ -93,101 +41,142 @@ def identity(model_patcher) -> tuple:
     return (id(model_patcher.model), str(model_patcher.patches_uuid))
 
 
-def baked_network_file(model_patcher) -> tuple[str, str]:
-    """(path, key) of a safetensors file with the diffusion model's patched weights.
+def _forget(cache: dict, key) -> None:
+    """The model was garbage-collected: its id may be reused, so its memory file must not be."""
+    entry = cache.pop(key, None)
+    if entry is not None:
+        entry[0].close()
 
-    Every tensor keeps the dtype ComfyUI stores it in (fp8 weights stay fp8: the workers compute
-    with the same manual-cast layers as the server). A patched tensor is computed the way the
-    installed ComfyUI patches it (``comfy_api.lora_bake_settings``: float32 in 0.3.64's
-    ``patch_weight_to_device``, ``lora_compute_dtype`` or the inference dtype in newer versions)
-    and rounded back to the stored dtype with ComfyUI's stochastic rounding and seed (a plain cast
-    for fp16/bf16/fp32). Weights the workers cannot rebuild (quantized tensors, weight wrappers,
-    per-layer attention configs) are refused first.
+
+def _base_handle(model_patcher, base_weights: dict) -> dict:
+    """The model's base weights in shared memory, adopted by ComfyUI's tensors (once per model object).
+
+    Not adopted when ComfyUI patches this model in place (``weight_inplace_update``): a LoRA
+    written into the shared pages would change every worker's base weights.
     """
+    model = model_patcher.model
+    hit = _BASES.get(id(model))
+    if hit is not None:
+        return hit[1]
+    adopt = not getattr(model_patcher, "weight_inplace_update", False)
+    shared, handle = share_tensors(base_weights, adopt=adopt, label="network")
+    _BASES[id(model)] = (shared, handle.to_dict())
+    weakref.finalize(model, _forget, _BASES, id(model))
+    return _BASES[id(model)][1]
+
+
+def _picklable(value) -> bytes | None:
+    """The patch list pickled (tensors on the CPU), or None when it holds something unpicklable."""
+    class CpuPickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            if isinstance(obj, torch.Tensor) and obj.device.type != "cpu":
+                return obj.cpu().__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+            return NotImplemented
+
+    buf = io.BytesIO()
+    try:
+        CpuPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return None
+    return buf.getvalue()
+
+
+def _patched_on_server(name: str, weight, patches, settings) -> torch.Tensor:
+    """A patched weight computed here the way the workers would (the fallback for unpicklable patches)."""
     import comfy.float
     import comfy.lora
-    import comfy.model_patcher
-    from safetensors.torch import save_file
 
+    patch_dtype, intermediate_dtype, seed = settings
+    patched = comfy.lora.calculate_weight(patches, weight.to(patch_dtype, copy=True), name,
+                                          intermediate_dtype=intermediate_dtype)
+    return comfy.float.stochastic_rounding(patched, weight.dtype, seed=seed).to(device="cpu")
+
+
+def _patch_entries(model_patcher, key_patches: dict) -> dict:
+    """{short name: ("patches", pickled list, patch dtype, intermediate dtype, seed) or ("weight", tensor)}."""
+    import comfy.model_patcher
+
+    from . import comfy_api
+
+    entries = {}
+    for name, patches in key_patches.items():
+        if len(patches) < 2:
+            continue
+        weight = patches[0][0]
+        if comfy.model_patcher.get_key_weight(model_patcher.model, name)[1] is not None:
+            from stadi_core.errors import UnsupportedError
+
+            raise UnsupportedError("STADI Sampler: LoRA on a scaled-fp8 model is not supported yet; load the "
+                                   "model in fp8_e4m3fn/bf16/fp16 (UNETLoader weight_dtype) or use KSampler")
+        patch_dtype, intermediate_dtype, seed_key = comfy_api.lora_bake_settings(model_patcher, name, weight)
+        seed = comfy_api.string_to_seed(seed_key)
+        blob = _picklable(patches[1:])
+        short = name[len(_PREFIX):]
+        if blob is None:
+            entries[short] = ("weight", _patched_on_server(name, weight, patches[1:],
+                                                           (patch_dtype, intermediate_dtype, seed)))
+        else:
+            entries[short] = ("patches", blob, str(patch_dtype).removeprefix("torch."),
+                              str(intermediate_dtype).removeprefix("torch."), seed)
+    return entries
+
+
+def shared_network(model_patcher) -> dict:
+    """The ModelSpec extras that tell workers where the network's weights are.
+
+    ``{"shared_weights": handle, "weight_patches": handle or None, "weights_key": key}``: the base
+    weights' memory file (one per model object, shared by all its clones), and the patch set's.
+    Weights the workers cannot rebuild (quantized tensors, weight wrappers, per-layer attention
+    configs) are refused first.
+    """
     from . import comfy_api
 
     ident = identity(model_patcher)
     key = hashlib.sha256(repr(ident).encode()).hexdigest()[:16]
     with _LOCK:
-        path = _CACHE.get(ident)
-        if path and os.path.exists(path):
-            return path, key
         comfy_api.refuse_unrebuildable_weights(model_patcher)
-        prefix = "diffusion_model."
-        state = {}
-        for name, patches in model_patcher.get_key_patches(prefix).items():
-            weight, convert = patches[0]
-            if len(patches) > 1:
-                if comfy.model_patcher.get_key_weight(model_patcher.model, name)[1] is not None:
-                    from stadi_core.errors import UnsupportedError
-
-                    raise UnsupportedError("STADI Sampler: LoRA on a scaled-fp8 model is not supported yet; load the "
-                                           "model in fp8_e4m3fn/bf16/fp16 (UNETLoader weight_dtype) or use KSampler")
-                patch_dtype, intermediate_dtype, seed_key = comfy_api.lora_bake_settings(model_patcher, name, weight)
-                patched = comfy.lora.calculate_weight(patches[1:], convert(weight.to(patch_dtype, copy=True),
-                                                                           inplace=True), name,
-                                                      intermediate_dtype=intermediate_dtype)
-                seed = comfy_api.string_to_seed(seed_key)
-                weight = comfy.float.stochastic_rounding(patched, weight.dtype, seed=seed)
-            state[name[len(prefix):]] = weight.to(device="cpu").contiguous()
-        needed = sum(t.numel() * t.element_size() for t in state.values())
-        for old in list(_CACHE)[:len(_CACHE) - (_KEEP - 1)]:  # make room before writing the new one
-            with contextlib.suppress(OSError):
-                os.remove(_CACHE.pop(old))
-        path = os.path.join(_folder(needed), f"network-{key}.safetensors")
-        save_file(state, path + ".partial")
-        os.replace(path + ".partial", path)
-        _CACHE[ident] = path
-        return path, key
+        key_patches = None
+        if id(model_patcher.model) not in _BASES or (ident not in _PATCHES and model_patcher.patches):
+            key_patches = model_patcher.get_key_patches(_PREFIX)
+        if id(model_patcher.model) not in _BASES:
+            base = {name[len(_PREFIX):]: patches[0][0] for name, patches in key_patches.items()}
+            _base_handle(model_patcher, base)
+        base_handle = _BASES[id(model_patcher.model)][1]
+        patch_handle = None
+        if model_patcher.patches:
+            if ident not in _PATCHES:
+                entries = _patch_entries(model_patcher, key_patches)
+                blob = pickle.dumps(entries, protocol=pickle.HIGHEST_PROTOCOL)
+                for old in list(_PATCHES)[:max(0, len(_PATCHES) - (_PATCHES_KEPT - 1))]:
+                    _PATCHES.pop(old)[0].close()
+                shared, handle = share_blob(blob, label="patches")
+                _PATCHES[ident] = (shared, handle.to_dict())
+                _log.info("STADI: %d patched weights shared with the workers (%.1f MB)", len(entries), len(blob) / 1e6)
+            patch_handle = _PATCHES[ident][1]
+        return {"shared_weights": base_handle, "weight_patches": patch_handle, "weights_key": key}
 
 
-# -- VAE weights (Patch Stitch, decode_on=devices) ----------------------------------------------
-_VAE_CACHE: dict[int, tuple[str, str]] = {}  # id(first_stage_model) -> (path, key)
-_VAE_SERIAL = itertools.count(1)
-_VAE_KEEP = 1
+def shared_vae(vae) -> tuple[dict, str]:
+    """(handle dict, key) of ``vae.first_stage_model``'s weights in shared memory, adopted by its tensors.
 
-
-def _forget_vae(ident: int, path: str) -> None:
-    """The VAE's model was garbage-collected: its id may be reused, so its file must not be."""
-    if _VAE_CACHE.get(ident, (None,))[0] == path:
-        _VAE_CACHE.pop(ident, None)
-    with contextlib.suppress(OSError):
-        os.remove(path)
-
-
-def baked_vae_file(vae) -> tuple[str, str]:
-    """(path, key) of a safetensors file with ``vae.first_stage_model``'s state dict, written once per VAE.
-
-    A VAE carries no weight patches, so the model object is its identity; the key also numbers
-    the bake, so a later VAE that happens to get a collected one's id is a new key (workers cache
-    their VAE by key). Tensors keep the VAE's dtype (``vae.vae_dtype``).
+    A VAE carries no weight patches, so the model object is its identity; the key also includes the
+    memory file's tag, so a later VAE that happens to get a collected one's id is a new key.
     """
-    from safetensors.torch import save_file
-
     model = vae.first_stage_model
     if model is None:
         from stadi_core.errors import UnsupportedError
 
         raise UnsupportedError("Patch Stitch: this VAE has no weights (ComfyUI could not detect it)")
-    ident = id(model)
     with _LOCK:
-        hit = _VAE_CACHE.get(ident)
-        if hit and os.path.exists(hit[0]):
-            return hit
-        state = {k: v.detach().to(device="cpu").contiguous() for k, v in vae.get_sd().items()}
-        key = hashlib.sha256(f"vae:{os.getpid()}:{next(_VAE_SERIAL)}:{ident}".encode()).hexdigest()[:16]
-        needed = sum(t.numel() * t.element_size() for t in state.values())
-        for old in list(_VAE_CACHE)[:len(_VAE_CACHE) - (_VAE_KEEP - 1)]:
-            with contextlib.suppress(OSError):
-                os.remove(_VAE_CACHE.pop(old)[0])
-        path = os.path.join(_folder(needed), f"vae-{key}.safetensors")
-        save_file(state, path + ".partial")
-        os.replace(path + ".partial", path)
-        _VAE_CACHE[ident] = (path, key)
-        weakref.finalize(model, _forget_vae, ident, path)
-        return path, key
+        hit = _VAES.get(id(model))
+        if hit is not None:
+            return hit[1], hit[2]
+        live = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        state = {k: live.get(k, v) for k, v in vae.get_sd().items()}  # the module's own tensors, to adopt
+        shared, handle = share_tensors(state, adopt=True, label="vae")
+        key = hashlib.sha256(f"vae:{handle.pid}:{handle.tag}".encode()).hexdigest()[:16]
+        for old in list(_VAES):  # one VAE shared at a time
+            _forget(_VAES, old)
+        _VAES[id(model)] = (shared, handle.to_dict(), key)
+        weakref.finalize(model, _forget, _VAES, id(model))
+        return handle.to_dict(), key

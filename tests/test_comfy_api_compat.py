@@ -479,13 +479,16 @@ def test_is_interrupt_for_either_base_class(fake_comfy, parent):
 
 
 @pytest.mark.parametrize("version", ["0.3.64", "newest"])
-def test_baked_lora_weight_uses_each_versions_dtype_and_seed(version, fake_comfy, tmp_path, monkeypatch):
-    """nodes/weights.py end to end with fake comfy modules: the patched weight is computed in the dtype
-    and seeded with the key that version's ComfyUI uses, and written for the workers."""
+def test_lora_patches_are_applied_in_the_worker_with_each_versions_dtype_and_seed(version, fake_comfy):
+    """nodes/weights.py (server) to models/comfy_weights.py (worker) with fake comfy modules: the base weight
+    is shared (adopted: the server's tensor now lives in the memory file), the patch travels as a patch, and
+    the worker computes it in the dtype and with the seed that version's ComfyUI uses."""
+    from stadi_core.models import comfy_weights
+
     seen = {}
 
     def calculate_weight(patches, weight, key, intermediate_dtype=torch.float32, original_weights=None):
-        seen.update(weight_dtype=weight.dtype, intermediate=intermediate_dtype, key=key)
+        seen.update(weight_dtype=weight.dtype, intermediate=intermediate_dtype, key=key, patches=patches)
         return weight + 1
 
     def stochastic_rounding(value, dtype, seed=0):
@@ -498,22 +501,27 @@ def test_baked_lora_weight_uses_each_versions_dtype_and_seed(version, fake_comfy
                        string_to_seed=lambda d: -len(d))  # 0.3.64's home of string_to_seed
     fake_comfy(float=module(stochastic_rounding=stochastic_rounding), lora=module(calculate_weight=calculate_weight),
                model_patcher=mp_module, model_management=mm, utils=utils)
-    monkeypatch.setenv(weights.WEIGHTS_DIR_ENV, str(tmp_path))
     w = torch.zeros(2, 2, dtype=torch.bfloat16)
     key = "diffusion_model.blocks.0.weight"
+    patch = (1.0, ("diff", (torch.full((2, 2), 3.0),)), 1.0, None, None)
+    base_model = torch.nn.Module()  # weights.py keys its shared memory to the model object's lifetime
+    base_model.diffusion_model, base_model.model_config = torch.nn.Linear(2, 2), types.SimpleNamespace()
     patcher = types.SimpleNamespace(
-        model=types.SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2), model_config=types.SimpleNamespace()),
-        patches_uuid=f"uuid-{version}", load_device="cuda:0", weight_wrapper_patches={},
-        get_key_patches=lambda prefix: {key: [(w, lambda t, inplace=False: t), (1.0, ("diff", (w,)), 1.0, None,
-                                                                                None)]})
-    path, _ = weights.baked_network_file(patcher)
+        model=base_model,
+        patches_uuid=f"uuid-{version}", load_device="cuda:0", weight_wrapper_patches={}, patches={key: [patch]},
+        get_key_patches=lambda prefix: {key: [(w, lambda t, inplace=False: t), patch],
+                                        "diffusion_model.other": [(torch.ones(3), lambda t, inplace=False: t)]})
+    extra = weights.shared_network(patcher)
+    assert set(extra) == {"shared_weights", "weight_patches", "weights_key"}
+    assert seen == {}  # nothing computed on the server
+    state = comfy_weights.comfy_state(extra)  # what a worker does (here in the same process)
     if version == "newest":
-        assert seen == dict(weight_dtype=torch.float16, intermediate=torch.float32, key=key, seed=len(key),
-                            to=torch.bfloat16)
+        assert {k: v for k, v in seen.items() if k != "patches"} == dict(
+            weight_dtype=torch.float16, intermediate=torch.float32, key=key, seed=len(key), to=torch.bfloat16)
     else:
-        assert seen == dict(weight_dtype=torch.float32, intermediate=torch.float32, key=key, seed=-len(key),
-                            to=torch.bfloat16)
-    from safetensors.torch import load_file
-
-    baked = load_file(path)
-    assert baked["blocks.0.weight"].dtype == torch.bfloat16 and torch.all(baked["blocks.0.weight"] == 1)
+        assert {k: v for k, v in seen.items() if k != "patches"} == dict(
+            weight_dtype=torch.float32, intermediate=torch.float32, key=key, seed=-len(key), to=torch.bfloat16)
+    assert torch.equal(seen["patches"][0][1][1][0], torch.full((2, 2), 3.0))  # the patch itself travelled
+    assert state["blocks.0.weight"].dtype == torch.bfloat16 and torch.all(state["blocks.0.weight"] == 1)
+    assert torch.equal(state["other"], torch.ones(3))  # unpatched: the shared base tensor
+    assert torch.all(w == 0)  # the server's base weight is untouched by the patch

@@ -77,10 +77,11 @@ def test_decode_rows_follow_the_bands_or_split_evenly():
 
 
 def test_worker_decode_failure_keeps_the_pool_and_the_node_falls_back(caplog):
-    """A decode that fails on the workers (here: no ComfyUI there) is reported, the pool stays up,
+    """A decode that fails on the workers (here: weights they cannot map) is reported, the pool stays up,
     and the node decodes on the server instead, with a note."""
     pool = get_pool(["cpu:0", "cpu:1"], "gloo")
-    spec = VaeSpec(path="/nonexistent/vae.safetensors", key="x", dtype="float32").to_dict()
+    gone = {"pid": os.getpid(), "fd": 1 << 20, "size": 64, "tag": "00" * 16, "entries": [["w", "float32", [4], 64]]}
+    spec = VaeSpec(weights=gone, key="x", dtype="float32").to_dict()
     lat = np.zeros((1, 4, 6, 4), np.float32)
     with pytest.raises(WorkerError, match="decoding a band"):
         pool.decode(lambda job_id, rank: DecodeJob(job_id, spec, lat, 4, 0, 2) if rank == 0

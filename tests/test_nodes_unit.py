@@ -484,38 +484,3 @@ def test_other_networks_and_network_wrappers_are_refused_with_what_to_do():
         check_model(_patcher_with_network("comfy.ldm.flux.model", "Flux", object_patches={"diffusion_model.x": 1}))
 
 
-# -- where baked weights go (weights.py) ----------------------------------------------------------------
-
-def test_weights_folder_honours_the_env_and_refuses_when_nothing_has_room(tmp_path, monkeypatch):
-    from stadi_core.errors import StadiError
-    from stadi_pack.nodes import weights
-
-    monkeypatch.setenv(weights.WEIGHTS_DIR_ENV, str(tmp_path))
-    assert weights._base(1024) == str(tmp_path)
-    with pytest.raises(StadiError, match=weights.WEIGHTS_DIR_ENV):
-        weights._base(1 << 60)
-
-
-def test_shared_memory_too_small_falls_back_to_the_temp_dir(tmp_path, monkeypatch):
-    """Docker gives /dev/shm 64 MB by default: a model that does not fit goes to the temp dir."""
-    from stadi_pack.nodes import weights
-
-    monkeypatch.delenv(weights.WEIGHTS_DIR_ENV, raising=False)
-    monkeypatch.setattr(weights.tempfile, "gettempdir", lambda: str(tmp_path))
-    free_shm = weights.shutil.disk_usage(weights._SHM).free if weights.os.path.isdir(weights._SHM) else 0
-    needed = free_shm // 2 + (1 << 20)  # more than half of what shared memory has free
-    if weights.shutil.disk_usage(tmp_path).free < 2 * needed:
-        pytest.skip("the temp dir cannot hold the test size either")
-    assert weights._base(needed) == str(tmp_path)
-
-
-def test_stale_weight_folders_of_dead_servers_are_removed(tmp_path):
-    from stadi_pack.nodes import weights
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
-    for pid in (dead, str(weights.os.getpid()), "notapid"):
-        (tmp_path / f"stadi-weights-{pid}").mkdir()
-    assert weights.remove_stale_folders(str(tmp_path)) == [f"stadi-weights-{dead}"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"stadi-weights-{weights.os.getpid()}", "stadi-weights-notapid"])

@@ -2,7 +2,7 @@
 band attention through ComfyUI's own attention hook.
 
 The worker rebuilds the server's diffusion model class (named in ``spec.extra["model_class"]``)
-from the server's ``unet_config`` and a state dict the server wrote with LoRA already baked in.
+from the server's ``unet_config`` and the weights the server shares (comfy_weights.py).
 ComfyUI is imported lazily, with its command line options set the way the server had them, so
 this module is importable without ComfyUI.
 """
@@ -112,13 +112,14 @@ def model_class_path(module: nn.Module) -> str:
 
 
 def build_from_spec(spec, device) -> nn.Module:
-    """The server's diffusion model, rebuilt from its config and the baked weights file.
+    """The server's diffusion model, rebuilt from its config and the weights the server shares.
 
-    Built on the meta device and filled from the file straight onto ``device``, so a worker never
-    holds a second full copy in host memory (a 12B Flux is 24 GB in bf16); a network with state
-    the file does not carry (non-persistent buffers) is built on the CPU instead.
+    Built on the meta device and given the server's tensors (models/comfy_weights.py: its base
+    weights mapped from its memory, patched ones computed here), so a CPU worker computes on the
+    server's pages and a GPU worker copies them to its device once; a network with state the
+    server does not share (non-persistent buffers) is built on the CPU instead.
     """
-    from safetensors.torch import load_file
+    from .comfy_weights import comfy_state
 
     extra = spec.extra
     prepare_comfy(extra.get("comfy_args", {}), cpu=torch.device(device).type == "cpu")
@@ -137,7 +138,7 @@ def build_from_spec(spec, device) -> nn.Module:
     operations = pick_operations(comfy.ops.pick_operations, weight_dtype, compute_dtype, scaled_fp8=scaled_fp8,
                                  fp8_optimizations=bool(extra.get("fp8_optimizations")))
     config["dtype"] = weight_dtype
-    state = load_file(spec.path, device=str(device))
+    state = comfy_state(extra)
     model = cls(**config, device="meta", operations=operations)
     archive_model_dtypes(model)
     # like load_state_dict into a built model: each tensor takes the dtype the network was built with

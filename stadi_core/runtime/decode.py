@@ -1,7 +1,7 @@
 """Worker side of the Patch Stitch node's device decode: build ComfyUI's VAE once, decode a band.
 
-The server bakes the VAE's weights once per VAE to a safetensors file (nodes/weights.py,
-``baked_vae_file``) and sends a :class:`VaeSpec` with every :class:`DecodeJob`; the worker
+The server shares the VAE's weights once per VAE in anonymous shared memory (nodes/weights.py,
+``shared_vae``) and sends a :class:`VaeSpec` with every :class:`DecodeJob`; the worker
 builds ``comfy.sd.VAE`` from that state dict the way ComfyUI's checkpoint loader does
 (architecture detected from the state dict's keys, or from ``config`` for a VAE that was built
 from one), on its own device and in the server's VAE dtype, and decodes with ``VAE.decode``
@@ -34,7 +34,7 @@ from .messages import DecodeJob, DecodeResult
 
 @dataclass
 class VaeSpec:
-    path: str  # safetensors state dict of VAE.first_stage_model
+    weights: dict  # VAE.first_stage_model's state dict in the server's memory (shared_memory.SharedHandle)
     key: str  # same key <=> same weights
     dtype: str  # the server's VAE dtype (VAE.vae_dtype), e.g. "float32", "bfloat16"
     model_class: str = ""  # module:QualName of the server's first_stage_model; checked after the build
@@ -58,16 +58,17 @@ def _class_path(obj) -> str:
 
 
 def build_vae(spec: VaeSpec, device):
-    """ComfyUI's VAE from the baked state dict, on ``device`` in the server's dtype."""
+    """ComfyUI's VAE from the server's shared state dict, on ``device`` in the server's dtype."""
     import torch
-    from safetensors.torch import load_file
+
+    from .shared_memory import SharedHandle, open_tensors
 
     from ..models.comfy_common import prepare_comfy
 
     prepare_comfy(spec.comfy_args, cpu=torch.device(device).type == "cpu")
     import comfy.sd
 
-    sd = load_file(spec.path)
+    sd = open_tensors(SharedHandle.from_dict(spec.weights))
     vae = comfy.sd.VAE(sd=sd, device=torch.device(device), config=spec.config, dtype=getattr(torch, spec.dtype))
     if vae.first_stage_model is None:
         raise UnsupportedError("Patch Stitch: the workers could not rebuild this VAE from its weights")
