@@ -1,4 +1,13 @@
-"""Make a worker die with its parent: no orphaned processes holding GPU memory."""
+"""A worker's liveness, seen from inside the worker.
+
+- ``tie_to_parent``: die with the coordinator, so no orphaned process holds GPU memory;
+- ``Channel``: the connection to the coordinator with the main thread's progress counter, which the
+  heartbeat thread reports, so the coordinator can tell a stuck main thread from a slow one;
+- ``stall_if_armed``: a test-only hook (inert unless ``STADI_TEST_STALL_FILE`` is set) that hangs the
+  main thread the way a hung CUDA sync would, heartbeats still flowing.
+
+Kept free of torch: the worker imports it before it sets ``CUDA_VISIBLE_DEVICES``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +16,10 @@ import os
 import signal
 import threading
 import time
+
+from .messages import CancelRequest
+
+STALL_FILE_ENV = "STADI_TEST_STALL_FILE"
 
 
 def tie_to_parent(parent_pid: int, poll_s: float = 0.5) -> None:
@@ -28,3 +41,68 @@ def tie_to_parent(parent_pid: int, poll_s: float = 0.5) -> None:
             time.sleep(poll_s)
 
     threading.Thread(target=watch, name="stadi-lifeline", daemon=True).start()
+
+
+class Channel:
+    """The connection to the coordinator, shared by the job loop and the heartbeat thread.
+
+    One lock per direction's writer: the heartbeat thread and the main thread both send, and a
+    message over 16 KB goes out in several writes that must not interleave. ``progress`` and
+    ``doing`` are written by the main thread only and read by the heartbeat thread.
+    """
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.job_id = None
+        self.cancel_requested = False
+        self.progress = 0
+        self.doing = "idle"
+
+    def tick(self, doing: str | None = None) -> None:
+        """The main thread got something done (and now does ``doing``)."""
+        self.progress += 1
+        if doing is not None:
+            self.doing = doing
+
+    def send(self, msg) -> None:
+        with self.lock:
+            self.conn.send(msg)
+
+    def recv(self):
+        msg = self.conn.recv()
+        self.tick()
+        if isinstance(msg, CancelRequest):
+            self.cancel_requested = True
+        return msg
+
+    def poll_cancel(self) -> bool:
+        """Drain pending control messages without blocking; True once a cancel arrived."""
+        while self.conn.poll(0):
+            msg = self.recv()
+            if not isinstance(msg, CancelRequest):
+                raise RuntimeError(f"unexpected {type(msg).__name__} in the middle of a job")
+        return self.cancel_requested
+
+
+def stall_if_armed(rank: int) -> None:
+    """Test-only: when the file named by ``STADI_TEST_STALL_FILE`` exists, block this (main) thread
+    until the process is killed, as a hung CUDA sync or a lost collective would; the heartbeat
+    thread keeps running, which is the point. The file may list the ranks to stall (``1`` or
+    ``0 1``); an empty file stalls every rank. On stalling, ``<file>.stalled`` gets a line
+    ``<rank> <unix time>`` so a test can measure from the moment the worker hung.
+    """
+    path = os.environ.get(STALL_FILE_ENV)
+    if not path or not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            ranks = f.read().replace(",", " ").split()
+    except OSError:
+        return
+    if ranks and str(rank) not in ranks:
+        return
+    with open(path + ".stalled", "a") as f:
+        f.write(f"{rank} {time.time():.3f}\n")
+    while True:
+        time.sleep(0.5)

@@ -81,8 +81,14 @@ class Shutdown:
 
 @dataclass
 class Heartbeat:
+    """Sent every second by a worker's side thread. ``progress`` is the main thread's counter (messages
+    received, band calls started and finished): heartbeats alone prove the process lives, an unmoving
+    counter under flowing heartbeats shows a stuck main thread (a hung CUDA sync, a lost collective)."""
+
     rank: int
     job_id: int | None
+    progress: int = 0
+    doing: str = ""  # what the main thread does now, for the error that names a stuck rank
 
 
 @dataclass

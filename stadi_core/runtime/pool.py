@@ -21,10 +21,11 @@ import threading
 import time
 import uuid
 from multiprocessing.connection import Listener
-from multiprocessing.connection import wait as wait_connections
+from multiprocessing.reduction import ForkingPickler
 from typing import Callable, Sequence
 
 from ..errors import PlanError, WorkerError, WorkerTimeout
+from .liveness import CANCEL_GRACE_S, DEADLINE_FACTOR, POLL_S, Watch, log_dropped
 from .messages import (
     BandResult,
     Cancelled,
@@ -40,6 +41,8 @@ from .messages import (
 )
 
 _job_ids = itertools.count(1)
+LOCK_TIMEOUT_S = 300.0  # how long a run waits for the pool another run holds
+SEND_LOCK_TIMEOUT_S = 60.0  # how long a send waits for another thread's send on the same connection
 _log = logging.getLogger("stadi")
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -86,6 +89,9 @@ class WorkerPool:
         self._store = None
         self._lock = threading.Lock()  # one job at a time per pool
         self._send_locks: list[threading.Lock] = []  # per connection: rank threads and a cancel share it
+        self._close_lock = threading.Lock()  # a failing rank thread and the prompt thread may both close
+        self._call_ids = itertools.count(1)  # band call ids, unique for the pool's life
+        self.bytes_sent: list[int] = [0] * len(self.devices)  # pickled bytes sent to each rank, all messages
         self.broken = False
         self.loaded_model_key: str | None = None  # what the workers hold (for the ComfyUI weight cache)
 
@@ -176,43 +182,57 @@ class WorkerPool:
             conns[hello.rank] = conn
         self.conns = [conns[r] for r in range(self.world_size)]
         self._send_locks = [threading.Lock() for _ in self.conns]
+        self.bytes_sent = [0] * len(self.conns)
         gpus = {d.split(":")[1].split(".")[0] for d in self.devices if d.startswith("cuda")}
         same_gpu = len(gpus) == 1 and all(d.startswith("cuda") for d in self.devices) and self.world_size > 1
         transport = "cuda-ipc" if same_gpu and self.backend == "gloo" and same_gpu_exchange() == "cuda-ipc" else "dist"
-        for rank, (conn, device) in enumerate(zip(self.conns, self.devices)):
-            conn.send(WorkerInit(rank=rank, world_size=self.world_size, device=device, backend=self.backend,
+        for rank, device in enumerate(self.devices):
+            self.send(rank, WorkerInit(rank=rank, world_size=self.world_size, device=device, backend=self.backend,
                                  store_host=self.host, store_port=store_port, store_prefix=prefix,
                                  threads=self.threads if device.startswith("cpu") else 1,
                                  timeout_s=self.collective_timeout_s, extra_sys_path=self.extra_sys_path,
                                  transport=transport))
 
     def close(self, force: bool = False, timeout_s: float = 10.0) -> None:
-        """Stop every worker: politely unless ``force``, then by SIGKILL after ``timeout_s``."""
-        self.broken = True
-        if not force:
-            for conn in self.conns:
-                try:
-                    conn.send(Shutdown())
-                except (OSError, EOFError, BrokenPipeError):
-                    pass
-            deadline = time.monotonic() + timeout_s
+        """Stop every worker: politely unless ``force``, then by SIGKILL after ``timeout_s``.
+
+        Safe from any thread and more than once: a failing rank thread, the prompt thread and an
+        interrupt may all close the pool. Connections stay in ``conns`` (closed) so a thread still
+        reading one gets an error, never an IndexError."""
+        with self._close_lock:
+            self.broken = True
+            if not force:
+                for rank in range(len(self.conns)):
+                    try:
+                        self._write(rank, Shutdown(), lock_timeout_s=1.0)
+                    except (OSError, EOFError, WorkerError):
+                        pass
+                deadline = time.monotonic() + timeout_s
+                for p in self.procs:
+                    try:
+                        p.wait(max(0.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        pass
+            for p in self.procs:
+                if p.poll() is None:
+                    p.kill()
             for p in self.procs:
                 try:
-                    p.wait(max(0.0, deadline - time.monotonic()))
+                    p.wait(5.0)
                 except subprocess.TimeoutExpired:
                     pass
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-        for p in self.procs:
-            try:
-                p.wait(5.0)
-            except subprocess.TimeoutExpired:
-                pass
-        for conn in self.conns:
-            conn.close()
-        self.conns = []
-        self._store = None
+            for conn in self.conns:
+                conn.close()
+            self._store = None
+
+    def _acquire(self, timeout_s: float, doing: str) -> None:
+        """Take the pool (one job at a time) within ``timeout_s``, or say who holds it."""
+        if not self._lock.acquire(timeout=timeout_s):
+            raise WorkerTimeout(f"the worker pool stayed busy for {timeout_s:.0f} s (another run holds it); could "
+                                f"not {doing}. Wait for that run to end or interrupt it.")
+        if not self.alive():
+            self._lock.release()
+            raise WorkerError("this worker pool is closed; get a fresh one with get_pool()")
 
     # -- whole jobs (standalone path) ----------------------------------------------------------
     def run(self, make_job: Callable[[int], object], *, stall_timeout_s: float = 60.0,
@@ -221,26 +241,28 @@ class WorkerPool:
             per_rank: Callable[[object, int], object] | None = None) -> dict:
         """Send ``make_job(job_id)`` (adjusted by ``per_rank``) to every rank; return {rank: result}.
 
-        ``stall_timeout_s`` bounds the silence of any worker (heartbeats every second),
-        so a hung or frozen worker is detected; a dead one is detected at once.
+        ``stall_timeout_s`` bounds the silence of any worker (heartbeats every second), so a frozen
+        worker is detected, and, once a rank has reported its first step, the time its main thread
+        may go without progress (at least 5x its slowest step so far), so a stuck one is too; a dead
+        one is detected at once. A cancel the ranks do not answer in time kills the pool.
         """
-        with self._lock:
-            if not self.alive():
-                raise WorkerError("this worker pool is closed; get a fresh one with get_pool()")
+        self._acquire(LOCK_TIMEOUT_S, "run a job")
+        try:
             job_id = next(_job_ids)
-            for rank, conn in enumerate(self.conns):
+            for rank in range(self.world_size):
                 job = make_job(job_id)
-                conn.send(per_rank(job, rank) if per_rank is not None else job)
-            try:
-                return self._collect(
-                    lambda msg: isinstance(msg, (BandResult, MeasureResult)) and msg.job_id == job_id,
-                    stall_timeout_s, "running a job", on_step=on_step, should_cancel=should_cancel,
-                )
-            except JobCancelledError:
-                raise
-            except BaseException:
-                self.close(force=True)
-                raise
+                self.send(rank, per_rank(job, rank) if per_rank is not None else job)
+            return self._collect(
+                lambda msg: isinstance(msg, (BandResult, MeasureResult)) and msg.job_id == job_id,
+                stall_timeout_s, "running a job", on_step=on_step, should_cancel=should_cancel, progress=True,
+            )
+        except JobCancelledError:
+            raise
+        except BaseException:
+            self.close(force=True)
+            raise
+        finally:
+            self._lock.release()
 
     def decode(self, make_job: Callable[[int, int], object], ranks: Sequence[int] | None = None, *,
                timeout_s: float = 600.0, stall_timeout_s: float = 120.0, lock_timeout_s: float = 60.0) -> dict:
@@ -256,11 +278,8 @@ class WorkerPool:
         from .messages import DecodeResult
 
         ranks = list(range(self.world_size)) if ranks is None else [int(r) for r in ranks]
-        if not self._lock.acquire(timeout=lock_timeout_s):
-            raise WorkerTimeout(f"the worker pool stayed busy for {lock_timeout_s:.0f} s; could not decode on it")
+        self._acquire(lock_timeout_s, "decode on it")
         try:
-            if not self.alive():
-                raise WorkerError("this worker pool is closed; get a fresh one with get_pool()")
             job_id = next(_job_ids)
             deadline = time.monotonic() + timeout_s
             try:
@@ -268,26 +287,20 @@ class WorkerPool:
                     self.send(rank, make_job(job_id, rank))
                 results: dict[int, DecodeResult] = {}
                 failures: dict[int, WorkerFailure] = {}
-                last_heard = {r: time.monotonic() for r in ranks}
-                by_conn = {self.conns[r]: r for r in ranks}
-                while len(results) + len(failures) < len(ranks):
-                    waiting = [c for c, r in by_conn.items() if r not in results and r not in failures]
-                    for conn in wait_connections(waiting, timeout=0.25):
-                        rank = by_conn[conn]
-                        try:
-                            msg = conn.recv()
-                        except (EOFError, OSError):
-                            self._raise_dead(rank, "decoding a band")
-                        last_heard[rank] = time.monotonic()
+                watch = Watch(self, ranks, "decoding a band", stall_timeout_s)
+                pending = list(ranks)
+                while pending:
+                    for rank, msg in watch.receive(pending, 0.25):
                         if isinstance(msg, DecodeResult) and msg.job_id == job_id:
                             results[rank] = msg
                         elif isinstance(msg, WorkerFailure) and msg.job_id == job_id:
                             failures[rank] = msg
-                    answered = {**results, **failures}
-                    self._check_health(ranks, answered, last_heard, stall_timeout_s, "decoding a band")
-                    if time.monotonic() > deadline and len(answered) < len(ranks):
-                        late = [r for r in ranks if r not in answered]
-                        raise WorkerTimeout(f"worker ranks {late} did not finish decoding within {timeout_s:.0f} s; "
+                        else:
+                            log_dropped(rank, msg)
+                    pending = [r for r in ranks if r not in results and r not in failures]
+                    watch.check(pending)
+                    if pending and time.monotonic() > deadline:
+                        raise WorkerTimeout(f"worker ranks {pending} did not finish decoding within {timeout_s:.0f} s; "
                                             "the pool was stopped")
             except BaseException:
                 self.close(force=True)
@@ -300,36 +313,52 @@ class WorkerPool:
         finally:
             self._lock.release()
 
-    def send(self, rank: int, msg) -> None:
-        """One whole message to ``rank``: a large pickle goes out in several writes, and a cancel from
-        the prompt thread must not land between the writes of a band call from a rank thread."""
-        with self._send_locks[rank]:
-            self.conns[rank].send(msg)
+    def send(self, rank: int, msg, lock_timeout_s: float = SEND_LOCK_TIMEOUT_S) -> int:
+        """One whole message to ``rank``; the number of bytes sent.
+
+        Every message to a worker goes through here: a message over 16 KB goes out in several
+        writes, and a cancel from the prompt thread must not land between the writes of a band call
+        from a rank thread. The pickling happens outside the lock."""
+        if self.broken:
+            raise WorkerError("this worker pool was stopped; the next run starts a fresh one")
+        return self._write(rank, msg, lock_timeout_s)
+
+    def _write(self, rank: int, msg, lock_timeout_s: float) -> int:
+        data = ForkingPickler.dumps(msg)  # what conn.send would write; the worker's conn.recv() reads it
+        lock = self._send_locks[rank]
+        if not lock.acquire(timeout=lock_timeout_s):
+            raise WorkerTimeout(f"the connection to worker rank {rank} ({self.devices[rank]}) stayed busy for "
+                                f"{lock_timeout_s:.0f} s: another send to it did not finish")
+        try:
+            self.conns[rank].send_bytes(data)
+            self.bytes_sent[rank] += len(data)
+        finally:
+            lock.release()
+        return len(data)
+
+    def next_call_id(self) -> int:
+        """A band call id no other call of this pool had: a late reply can never pass for a new one."""
+        return next(self._call_ids)
 
     def cancel(self) -> None:
+        """Ask every rank to stop at its next agreed step. Never blocks long: an interrupt must get through."""
         for rank in range(len(self.conns)):
             try:
-                self.send(rank, CancelRequest())
-            except (OSError, BrokenPipeError):
+                self.send(rank, CancelRequest(), lock_timeout_s=1.0)
+            except (OSError, WorkerError):
                 pass
 
     def _collect(self, is_final, stall_timeout_s: float, doing: str, on_step=None, should_cancel=None,
-                 ranks: Sequence[int] | None = None) -> dict:
+                 ranks: Sequence[int] | None = None, progress: bool = False) -> dict:
+        """{rank: final message} of a whole job; ``progress``: also stop a rank whose main thread is stuck."""
         ranks = list(range(self.world_size)) if ranks is None else list(ranks)
         results: dict[int, object] = {}
         cancelled: dict[int, Cancelled] = {}
-        last_heard = {r: time.monotonic() for r in ranks}
-        by_conn = {self.conns[r]: r for r in ranks}
-        cancel_sent = False
-        while len(results) + len(cancelled) < len(ranks):
-            open_conns = [c for c, r in by_conn.items() if r not in results and r not in cancelled]
-            for conn in wait_connections(open_conns, timeout=0.25):
-                rank = by_conn[conn]
-                try:
-                    msg = conn.recv()
-                except (EOFError, OSError):
-                    self._raise_dead(rank, doing)
-                last_heard[rank] = time.monotonic()
+        watch = Watch(self, ranks, doing, stall_timeout_s, armed=False)
+        cancel_at = None
+        pending = list(ranks)
+        while pending:
+            for rank, msg in watch.receive(pending, POLL_S):
                 if isinstance(msg, WorkerFailure):
                     raise WorkerError(f"worker rank {rank} ({self.devices[rank]}) failed while {doing}: "
                                       + _failure_text(msg))
@@ -337,28 +366,25 @@ class WorkerPool:
                     cancelled[rank] = msg
                 elif is_final(msg):
                     results[rank] = msg
-                elif isinstance(msg, StepReport) and on_step is not None:
-                    on_step(rank, msg.timing)
-            self._check_health(ranks, results, last_heard, stall_timeout_s, doing)
-            if should_cancel is not None and not cancel_sent and should_cancel():
+                elif isinstance(msg, StepReport):
+                    if on_step is not None:
+                        on_step(rank, msg.timing)
+                else:
+                    log_dropped(rank, msg)
+            pending = [r for r in ranks if r not in results and r not in cancelled]
+            watch.check(pending, max(stall_timeout_s, DEADLINE_FACTOR * watch.longest_gap_s) if progress else None)
+            if should_cancel is not None and cancel_at is None and should_cancel():
                 self.cancel()
-                cancel_sent = True
+                cancel_at = time.monotonic()
+            grace = max(CANCEL_GRACE_S, 3 * watch.longest_gap_s)  # the ranks stop at their next sync step
+            if pending and cancel_at is not None and time.monotonic() - cancel_at > grace:
+                self.close(force=True)
+                raise JobCancelledError(f"interrupted; the workers did not stop within {grace:.1f} s, so they were "
+                                        "stopped (the next run starts a fresh pool)")
         if cancelled:
             step = min(c.step for c in cancelled.values())
             raise JobCancelledError(f"interrupted at step {step}")
         return results
-
-    def _check_health(self, ranks, done, last_heard, stall_timeout_s: float, doing: str) -> None:
-        now = time.monotonic()
-        for rank, p in enumerate(self.procs):
-            if p.poll() is not None:
-                self._raise_dead(rank, doing)
-        for rank in ranks:
-            if rank not in done and now - last_heard[rank] > stall_timeout_s:
-                raise WorkerTimeout(
-                    f"worker rank {rank} ({self.devices[rank]}) sent nothing for {stall_timeout_s:.0f} s "
-                    f"while {doing}; the pool was stopped. Raise the timeout if the device is just slow."
-                )
 
     def _raise_dead(self, rank: int, doing: str):
         p = self.procs[rank]
@@ -373,16 +399,15 @@ class WorkerPool:
 
     # -- per-call sessions (ComfyUI path) ------------------------------------------------------
     def open_session(self, make_start: Callable[[int], object], *, per_rank=None,
-                     load_timeout_s: float = 600.0):
-        """Load the model on every rank and return a handle for per-rank band calls."""
-        self._lock.acquire()
+                     load_timeout_s: float = 600.0, lock_timeout_s: float = LOCK_TIMEOUT_S):
+        """Load the model on every rank and return a handle for per-rank band calls. The session holds
+        the pool until ``Session.close``; loading keeps its own long deadline (``load_timeout_s``)."""
+        self._acquire(lock_timeout_s, "open a session")
         try:
-            if not self.alive():
-                raise WorkerError("this worker pool is closed; get a fresh one with get_pool()")
             job_id = next(_job_ids)
-            for rank, conn in enumerate(self.conns):
+            for rank in range(self.world_size):
                 start = make_start(job_id)
-                conn.send(per_rank(start, rank) if per_rank is not None else start)
+                self.send(rank, per_rank(start, rank) if per_rank is not None else start)
             ready = self._collect(lambda m: isinstance(m, SessionReady) and m.job_id == job_id, load_timeout_s,
                                   "loading the model")
         except BaseException:

@@ -18,6 +18,8 @@ from datetime import timedelta
 from multiprocessing.connection import Client
 
 from ..errors import StadiError
+from .lifeline import Channel as _Channel
+from .lifeline import stall_if_armed
 from .messages import (
     BandCall,
     BandOutput,
@@ -55,34 +57,6 @@ class JobCancelled(Exception):
     def __init__(self, step: int):
         super().__init__(f"cancelled at step {step}")
         self.step = step
-
-
-class _Channel:
-    """The connection to the coordinator, shared by the job loop and the heartbeat thread."""
-
-    def __init__(self, conn):
-        self.conn = conn
-        self.lock = threading.Lock()
-        self.job_id = None
-        self.cancel_requested = False
-
-    def send(self, msg) -> None:
-        with self.lock:
-            self.conn.send(msg)
-
-    def recv(self):
-        msg = self.conn.recv()
-        if isinstance(msg, CancelRequest):
-            self.cancel_requested = True
-        return msg
-
-    def poll_cancel(self) -> bool:
-        """Drain pending control messages without blocking; True once a cancel arrived."""
-        while self.conn.poll(0):
-            msg = self.recv()
-            if not isinstance(msg, CancelRequest):
-                raise RuntimeError(f"unexpected {type(msg).__name__} in the middle of a job")
-        return self.cancel_requested
 
 
 def _connect(address: tuple[str, int], authkey: bytes):
@@ -181,7 +155,8 @@ class _Worker:
         while True:
             time.sleep(self.init.heartbeat_s)
             try:
-                self.channel.send(Heartbeat(self.init.rank, self.channel.job_id))
+                ch = self.channel
+                ch.send(Heartbeat(self.init.rank, ch.job_id, ch.progress, ch.doing))
             except (OSError, EOFError, BrokenPipeError):
                 os._exit(4)  # the coordinator is gone
 
@@ -327,7 +302,9 @@ class _Worker:
 
             t = torch.tensor([flag, float(signature), -float(signature)], dtype=torch.float64,
                              device=self.device if self.init.backend == "nccl" else "cpu")
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+            doing, self.channel.doing = self.channel.doing, f"waiting for the other ranks at step {step}"
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)  # a rank stuck here blames the others
+            self.channel.doing = doing
             flag = float(t[0])
             if float(t[1]) != -float(t[2]):
                 raise RuntimeError(f"ranks diverged at step {step}: they are not evaluating the same call "
@@ -365,6 +342,7 @@ class _Worker:
             rows = slice(band.row_start, band.row_start + band.rows)
 
         def on_step(timing):
+            self.channel.tick(f"denoising (step {timing.step + 1})")
             self.channel.send(StepReport(job.job_id, self.init.rank, timing.to_dict()))
 
         window = None
@@ -451,6 +429,8 @@ class _Worker:
                 continue
             if not isinstance(msg, BandCall):
                 raise TypeError(f"unexpected {type(msg).__name__} in a session")
+            self.channel.tick(f"evaluating a band (step {msg.step})")
+            stall_if_armed(self.init.rank)  # test-only, inert unless STADI_TEST_STALL_FILE is set
             phase = Phase(msg.phase)
             if msg.cancel:
                 self.channel.cancel_requested = True
@@ -459,7 +439,9 @@ class _Worker:
             else:
                 self.channel.poll_cancel()  # noted; the next sync step acts on it (ranks leave together)
             if groups is not None and not msg.measure_only:
-                self.channel.send(groups.call(msg, phase, model, spec, job.slowdown, dtype))
+                out = groups.call(msg, phase, model, spec, job.slowdown, dtype)
+                self.channel.tick("idle in a session")
+                self.channel.send(out)
                 continue
             cond = self._cond(msg.cond, dtype, msg.cond_key)
             net = self._network(model, ctx, spec, cond, job.slowdown, compiled=compiled)
@@ -473,6 +455,7 @@ class _Worker:
             finally:
                 ctx.local_only = False
             note = net.band.take_note() if net.band is not None else None  # compile failed: eager from now on
+            self.channel.tick("idle in a session")
             self.channel.send(BandOutput(job.job_id, msg.call_id, self.init.rank, out.numpy(), busy, comm,
                                          note=note or "", sent=sent))
 
