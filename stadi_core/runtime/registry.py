@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import threading
 import time
@@ -127,8 +128,8 @@ def idle_release_s() -> float:
     try:
         value = float(raw)
     except ValueError:
-        value = float("nan")
-    if value != value:
+        value = math.nan
+    if math.isnan(value):
         if raw not in _bad_setting_warned:
             _bad_setting_warned.add(raw)
             _log.warning("STADI: %s=%r is not a number of seconds; using %g. Write e.g. %s=300, or 0 to keep "
