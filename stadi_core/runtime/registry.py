@@ -294,7 +294,7 @@ def format_pool_report(report: list[dict] | None = None) -> list[str]:
         workers = "; ".join(f"{w['device']} pid {w['pid']}: host {mb(w['rss_bytes'])}, GPU {mb(w['gpu_bytes'])}"
                             for w in p["workers"])
         lines.append(f"warm workers on {', '.join(p['devices'])} ({p['backend']}, {state}), "
-                     f"model {p['model'] or 'none loaded'}: {workers}")
+                     f"model {p['model'] or 'n/a (not recorded)'}: {workers}")
     return lines
 
 
