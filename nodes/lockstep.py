@@ -8,7 +8,8 @@ and the band outputs are gathered into the full output.
 
 It is attached to a clone of the MODEL with ComfyUI's own wrapper mechanism, nothing global:
 - OUTER_SAMPLE: per sampling run, plan from the latent's shape, open a session on the warm
-  workers, close it afterwards (an Interrupt ends the run between calls: the pool stays warm);
+  workers, close it afterwards (an Interrupt ends the run between calls, the pool staying warm, or
+  during one: ranks that do not stop within 1.2 s are killed and the next run starts a fresh pool);
 - PREPARE_SAMPLING: load nothing on the server (the workers hold the weights) and hand the
   loop a private shell of the BaseModel whose diffusion network is a ``BandNetwork``.
 """
@@ -25,6 +26,7 @@ from stadi_core.errors import StadiError
 from stadi_core.parallel import Phase
 from stadi_core.report import RunReport, measured_capabilities
 from stadi_core.runtime.messages import BandCall
+from stadi_core.runtime.pool import JobCancelledError
 from stadi_core.runtime.session_conds import ConditioningOnce, digest
 
 from .band_network import BandNetwork, private_shell
@@ -77,7 +79,7 @@ class LockstepRun:
                                                     **calls[rank])
 
         t0 = time.perf_counter()
-        outs = self.session.call_all({b.rank: band_call(b.rank) for b in plan.bands})
+        outs = self._call_all({b.rank: band_call(b.rank) for b in plan.bands})
         if fresh:
             self.filled[slot] = shapes
         for b in plan.bands:
@@ -88,6 +90,18 @@ class LockstepRun:
             return assemble(x, outs, places)
         out = torch.cat([torch.from_numpy(outs[b.rank].out) for b in plan.bands], dim=2)
         return out.to(device=x.device, dtype=x.dtype)
+
+    def _call_all(self, calls: dict) -> dict:
+        """The session's lockstep call, watching ComfyUI's Interrupt while it waits: a stuck worker
+        cannot hold the prompt (the session kills the pool 1.2 s after the cancel), and a stop reaches
+        the user as an interrupted prompt, not an error."""
+        import comfy.model_management as mm
+
+        try:
+            return self.session.call_all(calls, should_cancel=mm.processing_interrupted)
+        except JobCancelledError as exc:
+            mm.throw_exception_if_processing_interrupted()  # clears the flag, as ComfyUI's own check does
+            raise mm.InterruptProcessingException() from exc
 
     def close(self) -> None:
         self.session.close()
@@ -145,7 +159,7 @@ class LockstepPatch:
         token = _RUN.set(run)
         try:
             out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
-        finally:  # also on Interrupt: it is raised between network calls, the workers are idle then
+        finally:  # also on Interrupt: between network calls the workers are idle; during one they stopped or died
             _RUN.reset(token)
             run.close()
         self.last_plan = run.plan

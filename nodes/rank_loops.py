@@ -30,6 +30,14 @@ from .band_network import BandNetwork, private_shell
 from .deployment import CallSlots, Deployment, call_inputs, step_index, step_timings
 
 
+def _interrupted() -> bool:
+    """ComfyUI's Interrupt, polled by each rank thread while it waits for its worker (a stuck worker
+    cannot hold the prompt: the session kills the pool 1.2 s after the cancel)."""
+    import comfy.model_management
+
+    return comfy.model_management.processing_interrupted()
+
+
 @dataclass
 class _RankState:
     rank: int
@@ -68,7 +76,7 @@ class RankLoops:
                 lean = self.sent.lean(state.rank, cond, key)  # once per run per rank, then by key
                 out = session.call(state.rank, lambda job_id, call_id: BandCall(
                     job_id, call_id, step, phase.value, xb, ts, lean, cancel=session.cancel_requested,
-                    signature=signature, slot=slot, cond_key=key))
+                    signature=signature, slot=slot, cond_key=key), should_cancel=_interrupted)
                 last = (tuple(x.shape), torch.from_numpy(out.out))
                 state.last_out[slot] = last
                 state.records.append(dict(step=step, computed=True, phase=phase.value, busy_s=out.busy_s,

@@ -4,7 +4,7 @@ one thread per rank may call concurrently, and the session ends with every rank 
 Every wait has a deadline. A band call whose worker makes no progress for the call deadline (max of
 ``STADI_CALL_DEADLINE_S``, 60 s by default, and 5x the slowest call of this session) stops the pool
 with an error naming the rank, device and phase. A cancel (Interrupt) the ranks do not answer within
-1.5 s stops the pool too, so an interrupt ends any prompt within 2 s, stuck worker or not; the next
+1.2 s stops the pool too, so an interrupt ends any prompt within 2 s, stuck worker or not; the next
 run then starts a fresh pool.
 """
 
@@ -63,7 +63,7 @@ class Session:
         the ranks are asked to stop at their next agreed step (calls from then on carry the cancel).
         A call that still completes is returned (the ranks stay in step; the caller's own interrupt
         check ends the loop), a rank that stops raises JobCancelledError, and ranks that have not
-        answered within 1.5 s of the cancel are killed (JobCancelledError; the next run starts a
+        answered within 1.2 s of the cancel are killed (JobCancelledError; the next run starts a
         fresh pool).
         """
         self._raise_if_over("the session already failed")
@@ -118,7 +118,7 @@ class Session:
             log_dropped(rank, msg)
 
     def _check_cancel(self, should_cancel, started: float) -> None:
-        """Send the cancel once it is asked for; kill the ranks if this call has not ended 1.5 s after
+        """Send the cancel once it is asked for; kill the ranks if this call has not ended 1.2 s after
         the cancel (or after it was sent, for a call that already carried the cancel)."""
         if not self.cancel_requested and should_cancel is not None and should_cancel():
             self.cancel()
@@ -161,7 +161,7 @@ class Session:
         raise WorkerError(f"stopped because another rank failed: {self.failed}") from exc
 
     def cancel(self) -> None:
-        """Ask every rank to stop at its next agreed step; the 1.5 s grace starts now."""
+        """Ask every rank to stop at its next agreed step; the 1.2 s grace starts now."""
         if self._cancel_at is None:
             self._cancel_at = time.monotonic()
         self.cancel_requested = True
