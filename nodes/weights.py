@@ -60,6 +60,8 @@ def _base_handle(model_patcher, base_weights: dict) -> dict:
         return hit[1]
     adopt = not getattr(model_patcher, "weight_inplace_update", False)
     shared, handle = share_tensors(base_weights, adopt=adopt, label="network")
+    _log.info("STADI: %d base weights shared with the workers (%.1f MB, %s)", len(base_weights), shared.size / 1e6,
+              "the server's own tensors now live there" if adopt else "a copy: this model is patched in place")
     _BASES[id(model)] = (shared, handle.to_dict())
     weakref.finalize(model, _forget, _BASES, id(model))
     return _BASES[id(model)][1]

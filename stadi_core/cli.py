@@ -288,6 +288,8 @@ def main(argv=None) -> int:
                    "delta) on the trained tiny-shapes model (bench-context --help)")
     sub.add_parser("bench-context-predict", help="analytic context bytes for SDXL/Flux 1024² and predicted speedups "
                    "over PCIe and 10 GbE per context mode (bench-context-predict --help)")
+    sub.add_parser("bench-memory", help="host memory of STADI runs in the real ComfyUI with a full-size SD1.5: server, "
+                   "files, workers, bytes sent (bench-memory --help; needs STADI_COMFYUI_PATH)")
     sub.add_parser("bench-ops", help="aten ops per band forward vs the stock network (bench-ops --help)")
     sub.add_parser("simulate-arrangements", help="predicted tables: which arrangement auto picks on GPU clusters "
                    "that are not here (simulate-arrangements --help)")
@@ -305,7 +307,7 @@ def main(argv=None) -> int:
         return train_tiny.main(argv[1:])
     benches = {"bench-balance": "balance", "bench-units": "units", "bench-hybrid": "hybrid", "bench-ops": "ops",
                "bench-fastpath": "fastpath", "bench-decode": "decode", "bench-quality": "quality", "simulate-arrangements": "arrangements",
-               "bench-context": "context", "bench-context-predict": "context_predict"}
+               "bench-context": "context", "bench-context-predict": "context_predict", "bench-memory": "memory"}
     if argv[:1] and argv[0] in benches:
         import importlib
 

@@ -71,6 +71,12 @@ TINY_SD15_UNET_CONFIG = {
 }
 TINY_SD15_UNET_PREFIX = "model.diffusion_model."
 
+# The real SD1.5 UNet (0.86 B parameters), as comfy/model_detection.py lists it: the memory benchmark's
+# checkpoint (stadi_core/bench/memory.py), random weights.
+FULL_SD15_UNET_CONFIG = dict(
+    TINY_SD15_UNET_CONFIG, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0])
+
 
 # --------------------------------------------------------------------------------------------
 # Locating ComfyUI
@@ -159,15 +165,17 @@ def _place(src: Path, dst: Path) -> Path:
 # Tiny SD1.5 checkpoint
 # --------------------------------------------------------------------------------------------
 
-def _sd15_config(in_channels: int) -> dict:
-    """The tiny UNet's config; 9 input channels make it an inpainting model (latent + mask + masked image)."""
-    return dict(TINY_SD15_UNET_CONFIG, in_channels=in_channels)
+def _sd15_config(in_channels: int, full: bool = False) -> dict:
+    """The tiny UNet's config (or the real SD1.5's); 9 input channels make it an inpainting model
+    (latent + mask + masked image)."""
+    return dict(FULL_SD15_UNET_CONFIG if full else TINY_SD15_UNET_CONFIG, in_channels=in_channels)
 
 
-def tiny_sd15_cache_key(seed: int = 0, comfy: Path | None = None, in_channels: int = 4) -> str:
+def tiny_sd15_cache_key(seed: int = 0, comfy: Path | None = None, in_channels: int = 4, full: bool = False) -> str:
     comfy = Path(comfy) if comfy else require_comfyui()
     blob = json.dumps(
-        {"v": _BUILDER_VERSION, "cfg": _sd15_config(in_channels), "seed": int(seed), "comfy": comfyui_version(comfy)},
+        {"v": _BUILDER_VERSION, "cfg": _sd15_config(in_channels, full), "seed": int(seed),
+         "comfy": comfyui_version(comfy)},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -188,6 +196,15 @@ def write_tiny_sd15_checkpoint(path, seed: int = 0, comfy: Path | None = None, t
         f"tiny-sd15-{tiny_sd15_cache_key(seed, comfy, in_channels)}", path, timeout,
         lambda tmp: [sys.executable, str(Path(__file__).resolve()), "build-checkpoint", str(tmp), "--seed",
                      str(int(seed)), "--comfyui", str(comfy), "--in-channels", str(in_channels)])
+
+
+def write_full_sd15_checkpoint(path, seed: int = 0, comfy: Path | None = None, timeout: float = 1800.0) -> Path:
+    """Like write_tiny_sd15_checkpoint with the real SD1.5 UNet (0.86 B parameters, 1.7 GB in fp16)."""
+    comfy = Path(comfy) if comfy else require_comfyui()
+    return build_cached(
+        f"full-sd15-{tiny_sd15_cache_key(seed, comfy, full=True)}", path, timeout,
+        lambda tmp: [sys.executable, str(Path(__file__).resolve()), "build-checkpoint", str(tmp), "--seed",
+                     str(int(seed)), "--comfyui", str(comfy), "--full"])
 
 
 def build_cached(stem: str, path, timeout: float, command) -> Path:
@@ -279,7 +296,7 @@ def random_fill(sd: dict, module, prefix: str, gen) -> None:
         sd[prefix + full] = t.to(torch.float16).contiguous()
 
 
-def _build_checkpoint_main(out: str, seed: int, comfy_dir: str, in_channels: int = 4) -> None:
+def _build_checkpoint_main(out: str, seed: int, comfy_dir: str, in_channels: int = 4, full: bool = False) -> None:
     """Runs in a subprocess with the ComfyUI checkout importable."""
     sys.path.insert(0, comfy_dir)
     import torch
@@ -296,7 +313,7 @@ def _build_checkpoint_main(out: str, seed: int, comfy_dir: str, in_channels: int
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     ops = comfy.ops.disable_weight_init  # the layer classes ComfyUI itself builds SD1.5 with
-    unet = UNetModel(**_sd15_config(in_channels), dtype=torch.float32, device="meta", operations=ops)
+    unet = UNetModel(**_sd15_config(in_channels, full), dtype=torch.float32, device="meta", operations=ops)
     clip = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float32)
     taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
 
@@ -890,11 +907,12 @@ def _main(argv: list[str]) -> int:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--in-channels", type=int, default=4, help="9 for an inpainting UNet")
     b.add_argument("--comfyui", default=os.environ.get("STADI_COMFYUI_PATH"))
+    b.add_argument("--full", action="store_true", help="the real SD1.5 UNet instead of the reduced one")
     a = ap.parse_args(argv)
     if a.cmd == "build-checkpoint":
         if not a.comfyui:
             ap.error("--comfyui or STADI_COMFYUI_PATH is required")
-        _build_checkpoint_main(a.out, a.seed, str(Path(a.comfyui).resolve()), a.in_channels)
+        _build_checkpoint_main(a.out, a.seed, str(Path(a.comfyui).resolve()), a.in_channels, a.full)
     return 0
 
 
