@@ -14,7 +14,7 @@ import torch
 
 from stadi_core.cluster import ClusterSpec
 from stadi_core.errors import StadiError
-from stadi_core.models.comfy_common import MIRRORED_ARGS, model_class_path
+from stadi_core.models.comfy_common import mirrored_args, model_class_path
 from stadi_core.models.spec import FAMILIES, ModelSpec
 from stadi_core.parallel import Phase
 from stadi_core.arrange import choose_plan, host_shared_speeds
@@ -94,7 +94,7 @@ class Deployment:
         model_config = base.model_config
         unet_config = dict(model_config.unet_config)
         unet_config.pop("dtype", None)
-        mirrored = {k: getattr(comfy.cli_args.args, k) for k in MIRRORED_ARGS if hasattr(comfy.cli_args.args, k)}
+        mirrored = mirrored_args(comfy.cli_args.args)
         # weights as ComfyUI stores them (fp8 included), computed in its manual-cast dtype where it has one
         self.spec = ModelSpec(family=family, config=unet_config, dtype=dtype_name(base.get_dtype()),
                               extra={"comfy_args": mirrored, **shared_network(model),
@@ -170,6 +170,7 @@ class Deployment:
         session = pool.open_session(lambda job_id: SessionStart(job_id, self.spec.to_dict(), plan.to_dict(),
                                                                 compile=compile),
                                     per_rank=per_rank)
+        pool.loaded_model_key = f"{self.spec.family} (weights {self.spec.extra.get('weights_key')})"  # the profile shows it
         return pool, session
 
     def report(self, plan: Plan, pool, session, timings: list, wall: float, notes: list[str] = ()) -> RunReport:
@@ -181,6 +182,10 @@ class Deployment:
         report.notes.append(f"weights loaded by ranks {loaded}" if loaded else "weights already loaded (warm workers)")
         report.notes.extend(self.cluster.notes)
         report.notes.extend(compile_notes(session))
+        options = [f"--{k.replace('_', '-')}" + (f" {' '.join(v)}" if isinstance(v, list) else "")
+                   for k, v in self.spec.extra.get("comfy_args", {}).items() if v]
+        if options:
+            report.notes.append("ComfyUI options the workers run with, as the server: " + ", ".join(options))
         return report
 
     def measure(self, plan: Plan, batch: int, width: int) -> list[float]:

@@ -35,13 +35,13 @@ def vae_spec(vae, config: dict | None = None) -> VaeSpec:
     """What a worker rebuilds ``vae`` (a comfy.sd.VAE) from; ``config`` when it was built from one."""
     import comfy.cli_args
 
-    from stadi_core.models.comfy_common import MIRRORED_ARGS
+    from stadi_core.models.comfy_common import mirrored_args
 
     from .weights import shared_vae
 
     weights, key = shared_vae(vae)
     cls = type(vae.first_stage_model)
-    mirrored = {k: getattr(comfy.cli_args.args, k) for k in MIRRORED_ARGS if hasattr(comfy.cli_args.args, k)}
+    mirrored = mirrored_args(comfy.cli_args.args)
     return VaeSpec(weights=weights, key=key, dtype=str(vae.vae_dtype).split(".")[-1],
                    model_class=f"{cls.__module__}:{cls.__qualname__}", config=config, comfy_args=mirrored)
 

@@ -525,3 +525,24 @@ def test_lora_patches_are_applied_in_the_worker_with_each_versions_dtype_and_see
     assert state["blocks.0.weight"].dtype == torch.bfloat16 and torch.all(state["blocks.0.weight"] == 1)
     assert torch.equal(state["other"], torch.ones(3))  # unpatched: the shared base tensor
     assert torch.all(w == 0)  # the server's base weight is untouched by the patch
+
+
+def test_mirrored_options_cross_as_plain_data_and_the_worker_rebuilds_fast_features(fake_comfy):
+    """--fast is a set of enum members on the server; the spec carries their values and a worker turns them
+    back into its own ComfyUI's members before comfy.model_management / comfy.ops read them."""
+    import enum
+
+    class PerformanceFeature(enum.Enum):
+        Fp16Accumulation = "fp16_accumulation"
+        AutoTune = "autotune"
+
+    server_args = types.SimpleNamespace(fast={PerformanceFeature.AutoTune, PerformanceFeature.Fp16Accumulation},
+                                        deterministic=True, force_channels_last=False, use_pytorch_cross_attention=True)
+    mirrored = comfy_common.mirrored_args(server_args)
+    assert mirrored == {"fast": ["autotune", "fp16_accumulation"], "deterministic": True, "force_channels_last": False,
+                        "use_pytorch_cross_attention": True}  # only what this ComfyUI has
+    worker_args = types.SimpleNamespace(fast=set(), cpu=False)
+    fake_comfy(cli_args=module(args=worker_args, PerformanceFeature=PerformanceFeature))
+    comfy_common.prepare_comfy(mirrored, cpu=True)
+    assert worker_args.fast == {PerformanceFeature.AutoTune, PerformanceFeature.Fp16Accumulation}
+    assert worker_args.deterministic is True and worker_args.use_pytorch_cross_attention is True and worker_args.cpu

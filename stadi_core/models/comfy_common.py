@@ -21,7 +21,21 @@ from ..errors import UnsupportedError
 MIRRORED_ARGS = ("use_split_cross_attention", "use_quad_cross_attention", "use_pytorch_cross_attention",
                  "disable_xformers", "use_sage_attention", "use_flash_attention", "force_upcast_attention",
                  "dont_upcast_attention",
-                 "use_ck_attention")  # newer ComfyUI (Comfy Kitchen attention); the server mirrors only what it has
+                 "use_ck_attention",  # newer ComfyUI (Comfy Kitchen attention); the server mirrors only what it has
+                 "fast",  # fp16 accumulation, fp8 matmuls, cuBLAS ops, cuDNN autotune (read at import and in comfy.ops)
+                 "deterministic",  # torch.use_deterministic_algorithms, set when comfy.model_management is imported
+                 "force_channels_last")  # the network's memory format (BaseModel applies it; build_from_spec here)
+
+
+def mirrored_args(args) -> dict:
+    """The server's values of MIRRORED_ARGS that its ComfyUI has, as plain data (``--fast``'s set of
+    enum members becomes their sorted values: a worker rebuilds them from its own ComfyUI)."""
+    out = {}
+    for name in MIRRORED_ARGS:
+        if hasattr(args, name):
+            value = getattr(args, name)
+            out[name] = sorted(getattr(v, "value", v) for v in value) if isinstance(value, (set, frozenset)) else value
+    return out
 
 
 def prepare_comfy(comfy_args: dict, cpu: bool) -> None:
@@ -30,6 +44,9 @@ def prepare_comfy(comfy_args: dict, cpu: bool) -> None:
 
     args = comfy.cli_args.args
     for name, value in comfy_args.items():
+        if name == "fast" and isinstance(value, list):
+            feature = getattr(comfy.cli_args, "PerformanceFeature", None)
+            value = {feature(v) for v in value} if feature is not None else set(value)
         setattr(args, name, value)
     args.cpu = cpu
 
@@ -154,6 +171,11 @@ def build_from_spec(spec, device) -> nn.Module:
         archive_model_dtypes(model)
         model.load_state_dict(state, strict=False)
     model = model.to(device=device)
+    import comfy.model_management
+
+    channels_last = getattr(comfy.model_management, "force_channels_last", None)
+    if channels_last is not None and channels_last():  # what BaseModel does with the server's network
+        model = model.to(memory_format=torch.channels_last)
     model._stadi_compute_dtype = compute_dtype or weight_dtype  # what inputs are cast to (spec.input_dtype)
     return model
 
