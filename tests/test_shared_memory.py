@@ -9,13 +9,25 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 
 import pytest
 import torch
 
 from stadi_core.runtime import shared_memory as shm
 
-pytestmark = pytest.mark.skipif(not shm.available(), reason="memfd and /proc are Linux-only")
+
+
+@pytest.fixture(autouse=True, params=["memfd", "named"])
+def mode(request, monkeypatch):
+    """Both ways: anonymous memory files (Linux) and the named segments used where memfd is missing."""
+    if request.param == "memfd":
+        if not shm.available():
+            pytest.skip("memfd and /proc are Linux-only")
+        monkeypatch.delenv("STADI_SHARED_MEMORY", raising=False)
+    else:
+        monkeypatch.setenv("STADI_SHARED_MEMORY", "named")  # children inherit it
+    return request.param
 
 _CHILD = textwrap.dedent("""
     import json, sys, torch
@@ -45,7 +57,7 @@ def _open_in_child(handle: shm.SharedHandle) -> dict:
     return json.loads(out.stdout)
 
 
-def test_adopted_tensors_live_in_the_shared_file_and_another_process_reads_them_without_a_copy():
+def test_adopted_tensors_live_in_the_shared_file_and_another_process_reads_them_without_a_copy(mode):
     big = torch.arange(16 << 20, dtype=torch.float32).reshape(4096, -1) / 1e6  # 64 MiB
     weights = {"big": torch.nn.Parameter(big, requires_grad=False), "half": torch.ones(3, 5, dtype=torch.float16),
                "fp8": torch.full((7,), 0.5).to(torch.float8_e4m3fn), "scalar": torch.tensor(2.5)}
@@ -54,6 +66,7 @@ def test_adopted_tensors_live_in_the_shared_file_and_another_process_reads_them_
     shared, handle = shm.share_tensors(weights, adopt=True, label="test")
     try:
         base = torch.frombuffer(shared.map, dtype=torch.uint8).data_ptr()
+        assert bool(handle.name) == (mode == "named")
         for name, t in weights.items():  # the same objects now point into the memory file, values intact
             assert base <= t.data_ptr() < base + shared.size, name
             assert float(t.double().sum()) == expected[name]
@@ -105,7 +118,12 @@ def test_nothing_is_left_in_shm_or_tmp_when_the_sharing_process_is_killed():
     finally:
         server.send_signal(signal.SIGKILL)
         server.wait(30)
-    after = {d: set(os.listdir(d)) for d in before}
+    deadline = time.monotonic() + 10  # a named segment is unlinked by the dead server's resource tracker
+    while True:
+        after = {d: set(os.listdir(d)) for d in before}
+        if all(after[d] <= before[d] for d in before) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert all(after[d] <= before[d] for d in before), {d: after[d] - before[d] for d in before}
     with pytest.raises(shm.SharedMemoryError, match="cannot open"):
         shm.open_tensors(handle)

@@ -11,7 +11,10 @@ copied and nothing crosses the control socket but a small :class:`SharedHandle`.
 Blobs (pickled weight patches such as a LoRA) travel the same way: a LoRA change maps megabytes,
 not the model.
 
-Linux only (memfd, /proc); elsewhere ``available()`` is False and callers refuse with the reason.
+Where there is no memfd (Windows, macOS) or ``STADI_SHARED_MEMORY=named``, a named segment of
+``multiprocessing.shared_memory`` takes its place: Windows frees it with its last handle, and on POSIX
+the server's resource tracker (a process of its own) unlinks it even after a SIGKILL. Workers map it
+read-write there, and never write to weights.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ class SharedMemoryError(RuntimeError):
 
 
 def available() -> bool:
-    return hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+    """Whether anonymous memory files work here (else the named fallback is used)."""
+    return hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd") and \
+        os.environ.get("STADI_SHARED_MEMORY", "auto") != "named"
 
 
 @dataclass(frozen=True)
@@ -54,16 +59,17 @@ class SharedHandle:
     tag: str  # hex of the first _TAG_BYTES bytes
     entries: tuple = ()  # TensorEntry per tensor; empty for a blob
     blob_size: int = 0  # bytes of the blob after the tag, for a blob
+    name: str = ""  # a named segment (the fallback without memfd); "" for a memory file
 
     def to_dict(self) -> dict:
         return {"pid": self.pid, "fd": self.fd, "size": self.size, "tag": self.tag, "blob_size": self.blob_size,
-                "entries": [[e.name, e.dtype, list(e.shape), e.offset] for e in self.entries]}
+                "name": self.name, "entries": [[e.name, e.dtype, list(e.shape), e.offset] for e in self.entries]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SharedHandle":
         entries = tuple(TensorEntry(n, dt, tuple(shape), off) for n, dt, shape, off in d.get("entries", ()))
         return cls(pid=d["pid"], fd=d["fd"], size=d["size"], tag=d["tag"], entries=entries,
-                   blob_size=d.get("blob_size", 0))
+                   blob_size=d.get("blob_size", 0), name=d.get("name", ""))
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -88,27 +94,36 @@ class SharedFile:
     """The server's side of one memory file: kept open while workers may still map it."""
 
     def __init__(self, size: int, label: str):
-        if not available():
-            raise SharedMemoryError("anonymous shared memory (memfd) needs Linux")
-        self.fd = os.memfd_create(f"stadi-{label}", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, max(size, _TAG_BYTES))
-        self.map = mmap.mmap(self.fd, max(size, _TAG_BYTES))
+        self.size = max(size, _TAG_BYTES)
+        self.fd, self.name, self._segment = -1, "", None
+        if available():
+            self.fd = os.memfd_create(f"stadi-{label}", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, self.size)
+            self.map = mmap.mmap(self.fd, self.size)
+        else:
+            from multiprocessing import shared_memory
+
+            self._segment = shared_memory.SharedMemory(create=True, size=self.size)
+            self.name, self.map = self._segment.name, self._segment.buf
         self.tag = secrets.token_bytes(_TAG_BYTES)
         self.map[:_TAG_BYTES] = self.tag
-        self.size = max(size, _TAG_BYTES)
         self._lock = threading.Lock()
         self.closed = False
 
     def handle(self, entries: tuple = (), blob_size: int = 0) -> SharedHandle:
         return SharedHandle(pid=os.getpid(), fd=self.fd, size=self.size, tag=self.tag.hex(), entries=entries,
-                            blob_size=blob_size)
+                            blob_size=blob_size, name=self.name)
 
     def close(self) -> None:
         """Stop offering the file to new workers (mappings, ours included, stay valid)."""
         with self._lock:
-            if not self.closed:
-                self.closed = True
+            if self.closed:
+                return
+            self.closed = True
+            if self._segment is None:
                 os.close(self.fd)
+            elif os.name == "posix":  # the name goes; Windows frees a segment with its last handle
+                self._segment.unlink()
 
 
 def layout(tensors: dict[str, torch.Tensor]) -> tuple[tuple, int]:
@@ -143,6 +158,25 @@ def share_blob(data: bytes, *, label: str) -> tuple[SharedFile, SharedHandle]:
     return shared, shared.handle(blob_size=len(data))
 
 
+def _open_named(handle: SharedHandle):
+    """A named segment (the fallback), not handed to this process's resource tracker: the server owns it."""
+    from multiprocessing import shared_memory
+
+    try:
+        segment = shared_memory.SharedMemory(name=handle.name)
+    except OSError as exc:
+        raise SharedMemoryError(f"cannot open the server's shared weights {handle.name!r} ({exc}): workers must run on "
+                                "the server's host while the server runs") from exc
+    if os.name == "posix":
+        from multiprocessing import resource_tracker
+
+        resource_tracker.unregister(segment._name, "shared_memory")  # else our exit would unlink the server's
+    if bytes(segment.buf[:_TAG_BYTES]).hex() != handle.tag:
+        segment.close()
+        raise SharedMemoryError(f"{handle.name} is not the server's shared weights (tag differs)")
+    return segment
+
+
 def _map(handle: SharedHandle) -> mmap.mmap:
     """The server's memory file, mapped copy-on-write (its pages are shared until someone writes)."""
     path = f"/proc/{handle.pid}/fd/{handle.fd}"
@@ -162,13 +196,28 @@ def _map(handle: SharedHandle) -> mmap.mmap:
     return mapped
 
 
+_SEGMENTS: dict[str, object] = {}  # the named segment this process's tensors use (one model at a time)
+
+
 def open_tensors(handle: SharedHandle) -> dict[str, torch.Tensor]:
     """Name -> tensor over the server's pages (read them freely; a write copies that page only)."""
+    if handle.name:
+        if handle.name not in _SEGMENTS:
+            segment = _open_named(handle)
+            _SEGMENTS.clear()  # the previous model's segment goes with its tensors
+            _SEGMENTS[handle.name] = segment  # its buffer must outlive the tensors over it
+        return {e.name: _view(_SEGMENTS[handle.name].buf, e) for e in handle.entries}
     mapped = _map(handle)
     return {e.name: _view(mapped, e) for e in handle.entries}
 
 
 def open_blob(handle: SharedHandle) -> bytes:
+    if handle.name:
+        segment = _open_named(handle)
+        try:
+            return bytes(segment.buf[_TAG_BYTES:_TAG_BYTES + handle.blob_size])
+        finally:
+            segment.close()
     mapped = _map(handle)
     try:
         return mapped[_TAG_BYTES:_TAG_BYTES + handle.blob_size]
