@@ -14,8 +14,13 @@ import time
 
 import pytest
 import torch
-
-from comfy_support import ComfyServer, comfyui_marks, load_latent_file, require_comfyui, sd15_api_workflow
+from comfy_support import (
+    ComfyServer,
+    comfyui_marks,
+    load_latent_file,
+    require_comfyui,
+    sd15_api_workflow,
+)
 
 pytestmark = comfyui_marks()
 
@@ -103,8 +108,7 @@ def test_a_stuck_worker_ends_the_prompt_within_the_deadline_naming_the_rank(serv
     assert entry["status"]["status_str"] == "error", text
     assert "worker rank 1 (cpu:1) made no progress" in text and "evaluating a band" in text, text[-3000:]
     assert DEADLINE_S <= took < DEADLINE_S + 4, took
-    stall_file_disarm = marker.with_name(marker.name.removesuffix(".stalled"))
-    stall_file_disarm.unlink()
+    marker.with_name(marker.name.removesuffix(".stalled")).unlink()  # disarm
     _next_prompt_succeeds(server, shape, f"afterstuck{shape}")
 
 
@@ -122,5 +126,5 @@ def test_interrupt_ends_a_prompt_with_a_stuck_worker_within_2s(server, stall, sh
     assert entry["status"]["status_str"] == "error", entry["status"]
     assert "execution_interrupted" in str(entry["status"]["messages"]), entry["status"]
     assert took < 2.0, took
-    marker.with_name(marker.name.removesuffix(".stalled")).unlink()
+    marker.with_name(marker.name.removesuffix(".stalled")).unlink()  # disarm
     _next_prompt_succeeds(server, shape, f"afterint{shape}")

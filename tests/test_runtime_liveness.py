@@ -14,14 +14,20 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from helpers import gone
+
 from stadi_core.errors import WorkerError, WorkerTimeout
 from stadi_core.models.spec import ModelSpec, build_model, make_conditioning
 from stadi_core.planner import make_plan
-from stadi_core.runtime.liveness import CALL_DEADLINE_ENV
 from stadi_core.runtime.lifeline import STALL_FILE_ENV
-from stadi_core.runtime.messages import BandCall, BandOutput, Cancelled, SessionStart, WorkerFailure
+from stadi_core.runtime.liveness import CALL_DEADLINE_ENV
+from stadi_core.runtime.messages import (
+    BandCall,
+    BandOutput,
+    Cancelled,
+    SessionStart,
+    WorkerFailure,
+)
 from stadi_core.runtime.pool import JobCancelledError, WorkerPool
 from stadi_core.runtime.registry import get_pool
 from stadi_core.runtime.session import Session
@@ -190,8 +196,8 @@ def test_call_ids_are_unique_across_sessions_of_one_pool(cond):
         session = _session(pool, plan)
         try:
             for step in range(2):
-                out = session.call(0, lambda job_id, call_id: BandCall(job_id, call_id, step, "fresh", x,
-                                                                       np.array([500.0], np.float32), cond))
+                out = session.call(0, lambda job_id, call_id, step=step: BandCall(
+                    job_id, call_id, step, "fresh", x, np.array([500.0], np.float32), cond))
                 ids.append(out.call_id)
         finally:
             session.close()
@@ -212,7 +218,7 @@ def test_the_pool_lock_is_taken_with_a_deadline_that_says_who_holds_it():
 
 
 class _FakePool:
-    devices = ["cpu:0"]
+    devices = ("cpu:0",)
 
 
 def test_a_reply_nobody_waits_for_is_dropped_with_a_log_line(caplog):

@@ -12,11 +12,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import queue
 import secrets
-import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -25,12 +22,12 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Callable, Sequence
 
 from ..errors import PlanError, WorkerError, WorkerTimeout
+from .launch import accept_workers, describe_exit, launch_workers
 from .liveness import CANCEL_GRACE_S, DEADLINE_FACTOR, POLL_S, Watch, log_dropped
 from .messages import (
     BandResult,
     Cancelled,
     CancelRequest,
-    Hello,
     MeasureResult,
     Ready,
     SessionReady,
@@ -44,22 +41,10 @@ _job_ids = itertools.count(1)
 LOCK_TIMEOUT_S = 300.0  # how long a run waits for the pool another run holds
 SEND_LOCK_TIMEOUT_S = 60.0  # how long a send waits for another thread's send on the same connection
 _log = logging.getLogger("stadi")
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class JobCancelledError(WorkerError):
     """The run was interrupted on request; the pool stays usable."""
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "stopped answering"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
 
 
 class WorkerPool:
@@ -120,8 +105,8 @@ class WorkerPool:
         authkey = secrets.token_bytes(16)
         listener = Listener((self.host, 0), authkey=authkey)
         try:
-            self._launch(listener, authkey)
-            self._accept(listener, port, f"stadi/{uuid.uuid4().hex[:8]}")
+            self.procs.extend(launch_workers(self.devices, self.worker_env, listener, authkey))
+            self._init_workers(listener, port, f"stadi/{uuid.uuid4().hex[:8]}")
             ready = self._collect(lambda msg: isinstance(msg, Ready), self.start_timeout_s, "starting")
         except BaseException:
             self.close(force=True)
@@ -131,56 +116,9 @@ class WorkerPool:
         self.info = [ready[r] for r in range(self.world_size)]
         return self
 
-    def _launch(self, listener: Listener, authkey: bytes) -> None:
-        host, lport = listener.address
-        for rank, device in enumerate(self.devices):
-            env = dict(os.environ)
-            env["STADI_AUTHKEY"] = authkey.hex()
-            env["STADI_PARENT_PID"] = str(os.getpid())
-            env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_PARENT] + [p for p in [env.get("PYTHONPATH")] if p])
-            kind, _, index = device.partition(":")
-            if kind == "cuda":
-                env["CUDA_VISIBLE_DEVICES"] = index.split(".")[0] or "0"
-            env.update(self.worker_env[rank])
-            cmd = [sys.executable, "-m", "stadi_core.runtime.worker", "--connect", f"{host}:{lport}",
-                   "--rank", str(rank)]
-            self.procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
-
-    def _accept(self, listener: Listener, store_port: int, prefix: str) -> None:
-        """Take one connection per rank; a worker that dies before connecting is reported."""
-        accepted: queue.Queue = queue.Queue()
-
-        def accept_all():
-            for _ in range(self.world_size):
-                try:
-                    accepted.put(listener.accept())
-                except OSError as exc:  # listener closed or auth failure
-                    accepted.put(exc)
-                    return
-
-        threading.Thread(target=accept_all, name="stadi-accept", daemon=True).start()
-        conns: dict[int, object] = {}
-        deadline = time.monotonic() + self.start_timeout_s
-        while len(conns) < self.world_size:
-            for rank, p in enumerate(self.procs):
-                if p.poll() is not None and rank not in conns:
-                    raise WorkerError(f"worker rank {rank} ({self.devices[rank]}) {_describe_exit(p.returncode)} "
-                                      "before connecting; see its output above")
-            try:
-                conn = accepted.get(timeout=0.25)
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    raise WorkerTimeout(f"workers did not connect within {self.start_timeout_s:.0f} s")
-                continue
-            if isinstance(conn, Exception):
-                raise WorkerError(f"a worker could not connect: {conn}")
-            if not conn.poll(30):
-                raise WorkerTimeout("a connected worker did not introduce itself within 30 s")
-            hello = conn.recv()
-            if not isinstance(hello, Hello) or not 0 <= hello.rank < self.world_size or hello.rank in conns:
-                raise WorkerError(f"unexpected greeting {hello!r}")
-            conns[hello.rank] = conn
-        self.conns = [conns[r] for r in range(self.world_size)]
+    def _init_workers(self, listener: Listener, store_port: int, prefix: str) -> None:
+        """Take one connection per rank, then tell each worker its rank, device and group."""
+        self.conns = accept_workers(listener, self.procs, self.devices, self.start_timeout_s)
         self._send_locks = [threading.Lock() for _ in self.conns]
         self.bytes_sent = [0] * len(self.conns)
         gpus = {d.split(":")[1].split(".")[0] for d in self.devices if d.startswith("cuda")}
@@ -188,10 +126,10 @@ class WorkerPool:
         transport = "cuda-ipc" if same_gpu and self.backend == "gloo" and same_gpu_exchange() == "cuda-ipc" else "dist"
         for rank, device in enumerate(self.devices):
             self.send(rank, WorkerInit(rank=rank, world_size=self.world_size, device=device, backend=self.backend,
-                                 store_host=self.host, store_port=store_port, store_prefix=prefix,
-                                 threads=self.threads if device.startswith("cpu") else 1,
-                                 timeout_s=self.collective_timeout_s, extra_sys_path=self.extra_sys_path,
-                                 transport=transport))
+                                       store_host=self.host, store_port=store_port, store_prefix=prefix,
+                                       threads=self.threads if device.startswith("cpu") else 1,
+                                       timeout_s=self.collective_timeout_s, extra_sys_path=self.extra_sys_path,
+                                       transport=transport))
 
     def close(self, force: bool = False, timeout_s: float = 10.0) -> None:
         """Stop every worker: politely unless ``force``, then by SIGKILL after ``timeout_s``.
@@ -393,7 +331,7 @@ class WorkerPool:
         except subprocess.TimeoutExpired:
             pass
         raise WorkerError(
-            f"worker rank {rank} ({self.devices[rank]}, pid {p.pid}) {_describe_exit(p.poll())} while {doing}; "
+            f"worker rank {rank} ({self.devices[rank]}, pid {p.pid}) {describe_exit(p.poll())} while {doing}; "
             "all workers were stopped and the next run starts a fresh pool"
         )
 
