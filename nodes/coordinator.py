@@ -10,6 +10,8 @@ Both keep ComfyUI's noise, sigmas, progress bar, preview and interrupt semantics
 
 from __future__ import annotations
 
+from stadi_core.errors import WorkerLost
+
 from . import compatibility
 from .deployment import Deployment
 from .lockstep import LockstepPatch
@@ -39,11 +41,15 @@ class StadiRun:
         batch, _, height, width = latent_image.shape
         self.deployment.branches = cfg != 1.0  # KSampler's guider: a separate uncond pass unless cfg is 1
         plan = self.deployment.measured_plan(batch, height, width)
-        if any(b.stride > 1 for b in plan.bands):
+        while any(b.stride > 1 for b in plan.bands):
             compatibility.check_model(self.model, lockstep=False)
-            bands, report = RankLoops(self.deployment, plan).sample(
-                noise, latent_image, positive=positive, negative=negative, cfg=cfg, scheduler=scheduler,
-                denoise=denoise, noise_mask=noise_mask, seed=seed)
+            try:
+                bands, report = RankLoops(self.deployment, plan).sample(
+                    noise, latent_image, positive=positive, negative=negative, cfg=cfg, scheduler=scheduler,
+                    denoise=denoise, noise_mask=noise_mask, seed=seed)
+            except WorkerLost as lost:  # each rank's loop state lives in its own thread: restart on the survivors
+                plan = self.deployment.drop(lost, plan, width, getattr(lost, "step", None), resumed=False)
+                continue
             return StadiPatches(plan=plan.to_dict(), bands=bands, report=report.to_dict(), latent_extra=latent_extra)
         return self._lockstep(noise, latent_image, positive=positive, negative=negative, cfg=cfg, scheduler=scheduler,
                               denoise=denoise, noise_mask=noise_mask, seed=seed, latent_extra=latent_extra)
@@ -54,7 +60,9 @@ class StadiRun:
         import comfy.utils
         import latent_preview
 
-        patch = LockstepPatch(self.cluster, self.mode, self.warmup, self.strategy, self.compile, self.context)
+        # the cluster as it is now: a strided attempt may have lost a worker before this
+        patch = LockstepPatch(self.deployment.cluster, self.mode, self.warmup, self.strategy, self.compile,
+                              self.context)
         model = patch.apply(self.model)
         callback = latent_preview.prepare_callback(model, self.steps)
         out = comfy.sample.sample(model, noise, self.steps, cfg, self.sampler_name, scheduler, positive, negative,
@@ -65,5 +73,6 @@ class StadiRun:
             bands = [out.cpu()]
         else:
             bands = [out[:, :, b.row_start:b.row_end].cpu() for b in plan.bands]
-        return StadiPatches(plan=plan.to_dict(), bands=bands, report=patch.last_report.to_dict(),
-                            latent_extra=latent_extra)
+        report = patch.last_report
+        report.notes[:0] = self.deployment.losses  # lost before this lockstep run (a strided attempt)
+        return StadiPatches(plan=plan.to_dict(), bands=bands, report=report.to_dict(), latent_extra=latent_extra)

@@ -7,7 +7,9 @@ ModelSampling nodes applied anywhere upstream reach the workers.
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -19,13 +21,15 @@ from stadi_core.models.spec import FAMILIES, ModelSpec
 from stadi_core.parallel import Phase
 from stadi_core.arrange import choose_plan, host_shared_speeds
 from stadi_core.planner import Plan, make_plan
-from stadi_core.report import RunReport
+from stadi_core.report import RunReport, loss_note
 from stadi_core.runtime.messages import BandCall, SessionStart
 from stadi_core.runtime.registry import get_pool
 
 from . import comfy_api, compatibility
 from .types import StadiCluster
 from .weights import shared_network
+
+log = logging.getLogger("stadi")
 
 # rows/s measured per (model key, device, latent H, W): plans of later runs start from these
 CAPABILITIES: dict[tuple, float] = {}
@@ -79,6 +83,7 @@ class Deployment:
         family = compatibility.check_model(model, lockstep=True)  # strided runs check the rest (coordinator)
         self.model = model
         self.cluster = cluster or default_cluster()
+        self.losses: list[str] = []  # workers lost during this run, for the report (drop())
         self.mode, self.warmup, self.strides = mode, warmup, strides
         self.sampler_name, self.steps = sampler_name, steps
         self.strategy = strategy
@@ -126,6 +131,23 @@ class Deployment:
                                        mode=self.mode, strides=self.strides, sampler=self.sampler_name,
                                        ragged=self.any_size, context=self.context)
         return self.last_choice.plan
+
+    def drop(self, lost, old_plan: Plan, width: int, step: int | None, *, resumed: bool) -> Plan:
+        """Take a lost worker's device out of this run's cluster and re-plan on the survivors.
+
+        Re-raises ``lost`` (a WorkerLost) when no device survives; returns the survivors' plan and
+        notes what moved in the report (``loss_note``).
+        """
+        try:
+            spec = self.cluster.spec.without(lost.device)
+        except StadiError:
+            raise lost from None
+        self.cluster = replace(self.cluster, spec=spec)
+        plan = self.plan(old_plan.height, width)
+        note = loss_note(lost.device, lost.reason, step, old_plan, plan, resumed=resumed)
+        self.losses.append(note)
+        log.warning("STADI: %s", note)
+        return plan
 
     def measured_plan(self, batch: int, height: int, width: int) -> Plan:
         """The plan, from this model's measured device speeds when the cluster asks for them."""
@@ -181,6 +203,7 @@ class Deployment:
         loaded = sorted(r for r, m in session.ready.items() if m.info.get("loaded_weights"))
         report.notes.append(f"weights loaded by ranks {loaded}" if loaded else "weights already loaded (warm workers)")
         report.notes.extend(self.cluster.notes)
+        report.notes.extend(self.losses)
         report.notes.extend(compile_notes(session))
         options = [f"--{k.replace('_', '-')}" + (f" {' '.join(v)}" if isinstance(v, list) else "")
                    for k, v in self.spec.extra.get("comfy_args", {}).items() if v]

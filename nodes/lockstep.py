@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from stadi_core.errors import StadiError
+from stadi_core.errors import StadiError, WorkerLost
 from stadi_core.parallel import Phase
 from stadi_core.report import RunReport, measured_capabilities
 from stadi_core.runtime.messages import BandCall
@@ -56,11 +56,19 @@ class LockstepRun:
         self.t_start = time.perf_counter()
 
     def network_call(self, x, timesteps, context, control, transformer_options, extra):
-        plan = self.plan
         timesteps, cond = call_inputs(self.deployment.adapter, x, timesteps, context, control, transformer_options,
                                       extra)
         step = step_index(transformer_options)
         slot = self.slots.next(step)
+        while True:
+            try:
+                return self._scatter(x, timesteps, cond, transformer_options, step, slot)
+            except WorkerLost as lost:  # the server holds the loop's state: this call goes to the survivors
+                self._continue_without(lost, step)
+
+    def _scatter(self, x, timesteps, cond, transformer_options, step: int, slot: int):
+        """One network call on the current plan: each rank's rows (or branch units) out, outputs back."""
+        plan = self.plan
         shapes = (tuple(x.shape),) + tuple((k, v.shape) for k, v in sorted(cond.items()))
         fresh = plan.mode == "exact" or step < plan.warmup or self.filled.get(slot) != shapes
         phase = Phase.FRESH if fresh else Phase.REFRESH
@@ -90,6 +98,17 @@ class LockstepRun:
             return assemble(x, outs, places)
         out = torch.cat([torch.from_numpy(outs[b.rank].out) for b in plan.bands], dim=2)
         return out.to(device=x.device, dtype=x.dtype)
+
+    def _continue_without(self, lost: WorkerLost, step: int) -> None:
+        """Drop the lost worker's device, re-plan on the survivors and open a session there; the failed
+        call is sent again, fresh (the survivors' context starts empty), so exact mode stays exact."""
+        self.session.close()  # the failed session: its pool is stopped, this releases it
+        self.plan = self.deployment.drop(lost, self.plan, self.width, step, resumed=True)
+        log.info("STADI %s", self.plan.describe())
+        self.pool, self.session = self.deployment.open(self.plan)
+        self.sent = ConditioningOnce()
+        self.filled = {}
+        self.records = [[] for _ in self.plan.bands]  # the report times the survivors' part of the run
 
     def _call_all(self, calls: dict) -> dict:
         """The session's lockstep call, watching ComfyUI's Interrupt while it waits: a stuck worker

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stadi_core.api import check_finite
+from stadi_core.errors import WorkerLost
 from stadi_core.parallel import Phase
 from stadi_core.planner import Plan
 from stadi_core.runtime.messages import BandCall
@@ -177,7 +178,11 @@ class RankLoops:
         if interrupted or any(isinstance(e, JobCancelledError) for e in errors):
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise comfy.model_management.InterruptProcessingException()
-        if errors:
+        if errors:  # a lost worker is the cause when there is one (the others were stopped because of it)
+            lost = next((e for e in errors if isinstance(e, WorkerLost)), None)
+            if lost is not None:
+                lost.step = min(s.step for s in states)  # where the loops were: the report says so
+                raise lost
             raise session.failed or errors[0]
         check_finite([s.result for s in states], plan)
         timings = [step_timings(s.records, t_start + wall) for s in states]

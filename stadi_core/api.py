@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -11,17 +12,19 @@ import torch
 
 from .arrange import Choice, choose_plan, host_shared_speeds
 from .cluster import ClusterSpec
-from .errors import PlanError, WorkerError
+from .errors import PlanError, WorkerError, WorkerLost
 from .models.spec import ModelSpec, batched_conditioning, build_model, make_conditioning
 from .parallel.links import LINK_ENV, EmulatedLink
 from .parallel.options import ContextOptions
 from .planner import Plan
-from .report import RunReport
+from .report import RunReport, loss_note
 from .runtime.messages import GenerateJob, MeasureJob
 from .runtime.registry import get_pool
 from .sampling.band_loop import NON_FINITE_HINT, LoopSchedule, count_non_finite, run_band
 from .sampling.noise import FullLatentNoise
 from .sampling.samplers import make_sampler
+
+log = logging.getLogger("stadi")
 
 
 
@@ -115,32 +118,49 @@ def generate(
     if width % align:
         raise PlanError(f"latent width {width} is not a multiple of {align}: "
                         f"use an image width that is a multiple of {8 * align} px")
-    plan = plan_for(cluster, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
-                    strides=strides, align=align, strategy=strategy, cfg=cfg, context=context)
-    window = _window_config(hybrid_window, plan, sampler)
     sigmas = spec.adapter.model_sampling(ref_model).sigmas(scheduler, steps)
     conditioning = make_conditioning(spec, ref_model, batch, seed, prompt)
-    by_name = {d.name: d for d in cluster.active()}
-    devices = [b.device for b in plan.bands]
-    threads = {} if threads_per_worker is None else {"threads_per_worker": threads_per_worker}
-    env = _worker_env(by_name, devices)
-    if emulate_link:
-        EmulatedLink.parse(emulate_link)  # a malformed value fails here, not in every worker
-        env = [dict(e, **{LINK_ENV: emulate_link}) for e in env]
-    pool = get_pool(devices, cluster.resolved_backend(), worker_env=env, **threads)
     shape = (batch, spec.adapter.latent_channels(ref_model), height, width)
     del ref_model
     cond_np = {part: {k: v.numpy() for k, v in d.items()} for part, d in conditioning.items()}
+    threads = {} if threads_per_worker is None else {"threads_per_worker": threads_per_worker}
+    if emulate_link:
+        EmulatedLink.parse(emulate_link)  # a malformed value fails here, not in every worker
+    losses: list[str] = []
+    lost = None  # (error, plan it broke, last step seen) of a worker lost in the previous attempt
+    while True:  # a lost worker's devices leave the cluster and the run restarts on the survivors
+        plan = plan_for(cluster, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
+                        strides=strides, align=align, strategy=strategy, cfg=cfg, context=context)
+        if lost is not None:
+            losses.append(loss_note(lost[0].device, lost[0].reason, lost[2], lost[1], plan, resumed=False))
+        window = _window_config(hybrid_window, plan, sampler)
+        by_name = {d.name: d for d in cluster.active()}
+        devices = [b.device for b in plan.bands]
+        env = _worker_env(by_name, devices)
+        if emulate_link:
+            env = [dict(e, **{LINK_ENV: emulate_link}) for e in env]
+        pool = get_pool(devices, cluster.resolved_backend(), worker_env=env, **threads)
 
-    def make_job(job_id: int) -> GenerateJob:
-        return GenerateJob(job_id=job_id, model=spec.to_dict(), plan=plan.to_dict(), sampler=sampler,
-                           sigmas=sigmas, cfg=cfg, seed=seed, latent_shape=shape, conditioning=cond_np,
-                           graphs=graphs, hybrid_window=window)
+        def make_job(job_id: int, plan=plan, window=window) -> GenerateJob:
+            return GenerateJob(job_id=job_id, model=spec.to_dict(), plan=plan.to_dict(), sampler=sampler,
+                               sigmas=sigmas, cfg=cfg, seed=seed, latent_shape=shape, conditioning=cond_np,
+                               graphs=graphs, hybrid_window=window)
 
-    slowdowns = [by_name[d].slowdown for d in devices]
-    t0 = time.perf_counter()
-    results = pool.run(make_job, stall_timeout_s=stall_timeout_s, on_step=on_step,
-                       should_cancel=should_cancel, per_rank=lambda job, rank: _with_slowdown(job, slowdowns[rank]))
+        slowdowns = [by_name[d].slowdown for d in devices]
+        steps_seen = _StepsSeen(on_step)
+        t0 = time.perf_counter()
+        try:
+            results = pool.run(make_job, stall_timeout_s=stall_timeout_s, on_step=steps_seen,
+                               should_cancel=should_cancel,
+                               per_rank=lambda job, rank, slowdowns=slowdowns: _with_slowdown(job, slowdowns[rank]))
+            break
+        except WorkerLost as exc:
+            try:
+                cluster = cluster.without(exc.device)
+            except PlanError:
+                raise exc from None  # no device survives
+            lost = (exc, plan, steps_seen.last)
+            log.warning("STADI: %s; restarting on %s", exc, ", ".join(cluster.names()))
     wall = time.perf_counter() - t0
     if plan.splits_branches:  # every rank stepped the whole latent; rank 0's is the result
         bands = [torch.from_numpy(results[0].band)]
@@ -158,7 +178,20 @@ def generate(
     if plan.world_size > 1:
         report.notes.append(f"exchange: {results[0].info.get('transport', 'dist')} "
                             f"({cluster.resolved_backend()} process group)")
+    report.notes.extend(losses)
     return GenerateResult(torch.cat(bands, dim=2), report)
+
+
+class _StepsSeen:
+    """Passes step reports on and remembers the last step any rank finished (where a loss happened)."""
+
+    def __init__(self, on_step):
+        self.on_step, self.last = on_step, None
+
+    def __call__(self, rank: int, timing: dict) -> None:
+        self.last = max(self.last or 0, int(timing.get("step", 0)) + 1)
+        if self.on_step is not None:
+            self.on_step(rank, timing)
 
 
 def _window_config(preset: str | None, plan: Plan, sampler: str) -> dict | None:

@@ -187,6 +187,10 @@ class ClusterSpec:
         devs = tuple(replace(d, capability=by_name[d.name]) if d.name in by_name else d for d in self.devices)
         return replace(self, devices=devs)
 
+    def without(self, name: str) -> "ClusterSpec":
+        """A copy with device ``name`` excluded (a worker lost mid-run); PlanError when none is left."""
+        return replace(self, devices=tuple(replace(d, excluded=True) if d.name == name else d for d in self.devices))
+
     def validate_available(self, cuda_count: int | None = None) -> None:
         """Fail early, with the devices that do exist, if a cuda:N is not on this machine."""
         wanted = [d for d in self.active() if d.kind == "cuda"]

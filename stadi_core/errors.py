@@ -25,5 +25,23 @@ class WorkerTimeout(WorkerError):
     """A worker did not answer within its deadline."""
 
 
+class WorkerLost(WorkerError):
+    """One worker is gone: its process died or its connection broke. Names the rank and device, so a
+    run can drop that device and finish on the others (the server holds every rank's state)."""
+
+    def __init__(self, message: str, rank: int, device: str, reason: str = "lost"):
+        super().__init__(message)
+        self.rank, self.device, self.reason = rank, device, reason
+
+
+class WorkerStuck(WorkerTimeout):
+    """A worker silent, or heard from but not progressing, past its deadline. Not recovered from: a hung
+    collective may hold every rank, and the prompt ends with an error naming the rank."""
+
+    def __init__(self, message: str, rank: int, device: str, reason: str = "stuck"):
+        super().__init__(message)
+        self.rank, self.device, self.reason = rank, device, reason
+
+
 class NonFiniteOutput(StadiError, FloatingPointError):
     """A band's network output held NaN or inf: the run stops at that step, nothing is returned."""

@@ -110,3 +110,17 @@ def measured_capabilities(report: RunReport) -> dict[str, float]:
         if busy:
             caps[rank.device] = rank.rows / (sum(busy) / len(busy))
     return caps
+
+
+def loss_note(device: str, reason: str, step: int | None, old: Plan, new: Plan, *, resumed: bool) -> str:
+    """What a lost worker changed, for the report and the web panel: 'cpu:1 lost at step 7 (was killed by
+    SIGKILL); its rows 64-127 moved to cpu:0; the run went on from that call on the survivors'."""
+    at = f" at step {step}" if step is not None else ""
+    lost = next((b for b in old.bands if b.device == device), None)
+    if lost is None or old.splits_branches or new.splits_branches:
+        moved = f"its work moved to {', '.join(b.device for b in new.bands)}"
+    else:
+        takers = [b.device for b in new.bands if b.row_start < lost.row_end and b.row_end > lost.row_start]
+        moved = f"its rows {lost.row_start}-{lost.row_end - 1} moved to {', '.join(takers)}"
+    how = "the run went on from that call on the survivors" if resumed else "the run restarted on the survivors"
+    return f"{device} lost{at} ({reason}); {moved}; {how}"

@@ -20,6 +20,7 @@ import time
 from .messages import CancelRequest
 
 STALL_FILE_ENV = "STADI_TEST_STALL_FILE"
+KILL_FILE_ENV = "STADI_TEST_KILL_FILE"
 
 
 def tie_to_parent(parent_pid: int, poll_s: float = 0.5) -> None:
@@ -106,3 +107,21 @@ def stall_if_armed(rank: int) -> None:
         f.write(f"{rank} {time.time():.3f}\n")
     while True:
         time.sleep(0.5)
+
+
+def kill_if_armed(device: str, step: int) -> None:
+    """Test-only: when the file named by ``STADI_TEST_KILL_FILE`` reads ``<device> <step>`` (``cpu:1 3``)
+    and this worker runs on that device at that step or later, claim the file (one shot: the survivors'
+    fresh pool must not die too) and SIGKILL this process, as a crashed GPU or an OOM killer would."""
+    path = os.environ.get(KILL_FILE_ENV)
+    if not path or not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            target, at = f.read().split()
+        if target != device or step < int(at):
+            return
+        os.rename(path, f"{path}.{os.getpid()}.fired")  # only one process wins the claim
+    except (OSError, ValueError):
+        return
+    os.kill(os.getpid(), signal.SIGKILL)

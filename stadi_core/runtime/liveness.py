@@ -19,7 +19,7 @@ import time
 from multiprocessing.connection import wait as wait_connections
 from typing import Sequence
 
-from ..errors import PlanError, WorkerError, WorkerTimeout
+from ..errors import PlanError, WorkerError, WorkerLost, WorkerStuck
 from .messages import Heartbeat
 
 CALL_DEADLINE_ENV = "STADI_CALL_DEADLINE_S"
@@ -127,7 +127,8 @@ class Watch:
             self.pool._raise_dead(rank, self.doing)
         except WorkerError as err:
             return err
-        return WorkerError(f"lost the connection to worker rank {rank} while {self.doing}: {exc}")
+        return WorkerLost(f"lost the connection to worker rank {rank} while {self.doing}: {exc}", rank,
+                          self.pool.devices[rank], "connection lost")
 
     def check(self, pending: Sequence[int], deadline_s: float | None = None) -> None:
         """Raise if a worker died, went silent, or (with ``deadline_s``) made no progress that long."""
@@ -139,10 +140,10 @@ class Watch:
         now = time.monotonic()
         for rank in pending:
             if now - self.heard[rank] > self.silence_s:
-                raise WorkerTimeout(
+                raise WorkerStuck(
                     f"worker rank {rank} ({self.pool.devices[rank]}) sent nothing for {self.silence_s:.0f} s "
-                    f"while {self.doing}; the pool was stopped. Raise the timeout if the device is just slow."
-                )
+                    f"while {self.doing}; the pool was stopped. Raise the timeout if the device is just slow.",
+                    rank, self.pool.devices[rank], f"silent for {self.silence_s:.0f} s")
         if deadline_s is not None:
             self._check_stuck(pending, deadline_s, now)
 
@@ -160,11 +161,11 @@ class Watch:
         rank = culprits[0]
         others = sorted(r for r in idle if r != rank)
         also = f" Ranks {others} made no progress either (waiting for it?)." if others else ""
-        raise WorkerTimeout(
+        raise WorkerStuck(
             f"worker rank {rank} ({self.pool.devices[rank]}) made no progress for {idle[rank]:.0f} s while "
             f"{self.activity[rank]}; the pool was stopped.{also} A device that is only slow needs a longer "
-            f"deadline: set {CALL_DEADLINE_ENV} (now {deadline_s:.0f} s)."
-        )
+            f"deadline: set {CALL_DEADLINE_ENV} (now {deadline_s:.0f} s).", rank, self.pool.devices[rank],
+            f"no progress for {idle[rank]:.0f} s")
 
 
 def log_dropped(rank: int, msg) -> None:

@@ -21,7 +21,7 @@ from multiprocessing.connection import Listener
 from multiprocessing.reduction import ForkingPickler
 from typing import Callable, Sequence
 
-from ..errors import PlanError, WorkerError, WorkerTimeout
+from ..errors import PlanError, WorkerError, WorkerLost, WorkerTimeout
 from .launch import accept_workers, describe_exit, launch_workers
 from .liveness import CANCEL_GRACE_S, DEADLINE_FACTOR, POLL_S, Watch, log_dropped
 from .messages import (
@@ -298,8 +298,7 @@ class WorkerPool:
         while pending:
             for rank, msg in watch.receive(pending, POLL_S):
                 if isinstance(msg, WorkerFailure):
-                    raise WorkerError(f"worker rank {rank} ({self.devices[rank]}) failed while {doing}: "
-                                      + _failure_text(msg))
+                    raise self.failure(rank, msg, f"failed while {doing}")
                 if isinstance(msg, Cancelled):
                     cancelled[rank] = msg
                 elif is_final(msg):
@@ -324,16 +323,32 @@ class WorkerPool:
             raise JobCancelledError(f"interrupted at step {step}")
         return results
 
+    def failure(self, rank: int, msg: WorkerFailure, what: str, settle_s: float = 1.0) -> WorkerError:
+        """The error for a failure ``rank`` reported, unless another worker died: a survivor's collective
+        breaks ("connection reset by peer") a moment after its peer is killed, and the death is the cause
+        (a WorkerLost, which a run can recover from by dropping that device)."""
+        deadline = time.monotonic() + settle_s
+        while True:
+            dead = [r for r, p in enumerate(self.procs) if r != rank and p.poll() is not None]
+            if dead:
+                try:
+                    self._raise_dead(dead[0], "its peers were in a collective with it")
+                except WorkerLost as lost:
+                    return lost
+            if time.monotonic() > deadline or not msg.traceback:  # a deliberate error is not a broken peer
+                return WorkerError(f"worker rank {rank} ({self.devices[rank]}) {what}: " + _failure_text(msg))
+            time.sleep(0.05)
+
     def _raise_dead(self, rank: int, doing: str):
         p = self.procs[rank]
         try:
             p.wait(1.0)
         except subprocess.TimeoutExpired:
             pass
-        raise WorkerError(
+        raise WorkerLost(
             f"worker rank {rank} ({self.devices[rank]}, pid {p.pid}) {describe_exit(p.poll())} while {doing}; "
-            "all workers were stopped and the next run starts a fresh pool"
-        )
+            "all workers were stopped and the next run starts a fresh pool", rank, self.devices[rank],
+            describe_exit(p.poll()))
 
     # -- per-call sessions (ComfyUI path) ------------------------------------------------------
     def open_session(self, make_start: Callable[[int], object], *, per_rank=None,

@@ -19,7 +19,7 @@ from typing import Callable
 from ..errors import WorkerError, WorkerTimeout
 from .liveness import CANCEL_GRACE_S, POLL_S, Watch, call_deadline_s, log_dropped
 from .messages import BandOutput, Cancelled, SessionClosed, SessionEnd, WorkerFailure
-from .pool import JobCancelledError, WorkerPool, _failure_text
+from .pool import JobCancelledError, WorkerPool
 
 _log = logging.getLogger("stadi")
 
@@ -111,7 +111,7 @@ class Session:
             if msg.note and msg.note not in self.notes.setdefault(rank, []):
                 self.notes[rank].append(msg.note)
         elif isinstance(msg, WorkerFailure) and msg.job_id in (None, self.job_id):
-            raise WorkerError(f"worker rank {rank} ({self.pool.devices[rank]}) failed: " + _failure_text(msg))
+            raise self.pool.failure(rank, msg, "failed")
         elif isinstance(msg, Cancelled) and msg.job_id == self.job_id:
             raise JobCancelledError(f"interrupted at step {msg.step}")
         else:

@@ -19,7 +19,7 @@ from multiprocessing.connection import Client
 
 from ..errors import StadiError
 from .lifeline import Channel as _Channel
-from .lifeline import stall_if_armed
+from .lifeline import kill_if_armed, stall_if_armed
 from .messages import (
     BandCall,
     BandOutput,
@@ -344,6 +344,7 @@ class _Worker:
         def on_step(timing):
             self.channel.tick(f"denoising (step {timing.step + 1})")
             self.channel.send(StepReport(job.job_id, self.init.rank, timing.to_dict()))
+            kill_if_armed(self.init.device, timing.step + 1)  # test-only, inert unless STADI_TEST_KILL_FILE is set
 
         window = None
         if job.hybrid_window is not None:
@@ -431,6 +432,7 @@ class _Worker:
                 raise TypeError(f"unexpected {type(msg).__name__} in a session")
             self.channel.tick(f"evaluating a band (step {msg.step})")
             stall_if_armed(self.init.rank)  # test-only, inert unless STADI_TEST_STALL_FILE is set
+            kill_if_armed(self.init.device, msg.step)  # test-only, inert unless STADI_TEST_KILL_FILE is set
             phase = Phase(msg.phase)
             if msg.cancel:
                 self.channel.cancel_requested = True
