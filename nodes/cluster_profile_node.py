@@ -78,6 +78,21 @@ def parse_assignments(text: str, what: str, example: str, meaning: str, minimum:
     return out
 
 
+def slowdown_steps(text: str) -> tuple[str, dict[str, int]]:
+    """ "cpu:1=2@4" (2x slower from sampler step 4 on) -> ("cpu:1=2", {"cpu:1": 4}); plain pairs pass."""
+    plain, starts = [], {}
+    for item in (t.strip() for t in _SPLIT.split(str(text or ""))):
+        if "@" in item:
+            pair, _, step = (p.strip() for p in item.rpartition("@"))
+            if not step.isdigit():
+                raise PlanError(f"emulate_slowdown: {item!r}: after '@' give the sampler step the slowdown starts "
+                                "at, e.g. 'cpu:1=2@4'")
+            starts[canonical_device(pair.partition("=")[0].strip())] = int(step)
+            item = pair
+        plain.append(item)
+    return ", ".join(plain), starts
+
+
 def _nccl_available() -> bool:
     try:
         import torch.distributed as dist
@@ -101,6 +116,7 @@ def build_cluster(devices: str = "auto", backend: str = "auto", measure: bool = 
         raise PlanError(f"backend: unknown backend {backend!r}; choose auto, nccl or gloo")
     speed_map = parse_assignments(speeds, "speeds", "cuda:0=1, cuda:1=0.5", "relative speeds (1 = full speed)",
                                   0.0, strict_min=True)
+    emulate_slowdown, slow_from = slowdown_steps(emulate_slowdown)
     slow_map = parse_assignments(emulate_slowdown, "emulate_slowdown", "cuda:1=2",
                                  "emulated slowdown factors (2 = half speed, 1 = none)", 1.0, strict_min=False)
     excluded = parse_device_list(exclude, "exclude")
@@ -129,8 +145,8 @@ def build_cluster(devices: str = "auto", backend: str = "auto", measure: bool = 
     names = [n for n in wanted if n not in missing]
 
     def assemble(names: list[str]) -> list[DeviceSpec]:
-        return [DeviceSpec(n, relative_speed=speed_map.get(n), slowdown=slow_map.get(n, 1.0), excluded=n in excluded)
-                for n in names]
+        return [DeviceSpec(n, relative_speed=speed_map.get(n), slowdown=slow_map.get(n, 1.0),
+                           slowdown_from=slow_from.get(n, 0), excluded=n in excluded) for n in names]
 
     specs = assemble(names)
     if not any(not d.excluded for d in specs):
@@ -207,7 +223,7 @@ class GPUClusterProfile:
                 "exclude": ("STRING", {"default": "", "multiline": False, "tooltip":
                             "Devices to leave out, e.g. 'cuda:2'."}),
                 "emulate_slowdown": ("STRING", {"default": "", "multiline": False, "tooltip":
-                                     "Testing: slow a worker down on purpose, e.g. 'cuda:1=2' (half speed)."}),
+                                     "Testing: slow a worker down on purpose, e.g. 'cuda:1=2' (half speed), or 'cuda:1=2@4' (from sampler step 4: bands move during the run)."}),
             },
         }
 

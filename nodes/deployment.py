@@ -132,6 +132,11 @@ class Deployment:
                                        ragged=self.any_size, context=self.context)
         return self.last_choice.plan
 
+    @staticmethod
+    def forget_measurements() -> None:
+        """Plans start from the cluster's speeds again, not from earlier runs' measurements (benchmarks)."""
+        CAPABILITIES.clear()
+
     def drop(self, lost, old_plan: Plan, width: int, step: int | None, *, resumed: bool) -> Plan:
         """Take a lost worker's device out of this run's cluster and re-plan on the survivors.
 
@@ -182,11 +187,13 @@ class Deployment:
     def open(self, plan: Plan, compile: str | None = None):
         """(pool, session) with the model loaded on every rank of the plan."""
         slowdowns = self.slowdowns(plan)
+        by_name = {d.name: d for d in self.cluster.spec.active()}
         compile = self.compile if compile is None else compile
         pool = self._pool(plan)
 
         def per_rank(start, rank):
             start.slowdown = slowdowns[rank]
+            start.slowdown_from = by_name[plan.bands[rank].device].slowdown_from
             return start
 
         session = pool.open_session(lambda job_id: SessionStart(job_id, self.spec.to_dict(), plan.to_dict(),

@@ -24,6 +24,7 @@ import torch
 
 from stadi_core.errors import StadiError, WorkerLost
 from stadi_core.parallel import Phase
+from stadi_core.replan import ReplanPolicy, propose, step_time
 from stadi_core.report import RunReport, measured_capabilities
 from stadi_core.runtime.messages import BandCall
 from stadi_core.runtime.pool import JobCancelledError
@@ -54,12 +55,22 @@ class LockstepRun:
         self.filled: dict[int, tuple] = {}  # slot -> input shapes its stored context was made from
         self.records = [[] for _ in self.plan.bands]
         self.t_start = time.perf_counter()
+        self.policy = ReplanPolicy.from_env()  # None: STADI_REPLAN=off
+        self.recent: list[list[float]] = [[] for _ in self.plan.bands]  # busy s per call since the rows changed
+        self.fresh_plan = True  # the next call is the first on this plan (allocation): not a measurement
+        self.step_seen: int | None = None
+        self.changed_at: int | None = None  # step of the last re-plan
+        self.replans: list[str] = []
+        self.tried: dict[tuple, float] = {}  # rows -> the call time measured with them (replan.propose)
 
     def network_call(self, x, timesteps, context, control, transformer_options, extra):
         timesteps, cond = call_inputs(self.deployment.adapter, x, timesteps, context, control, transformer_options,
                                       extra)
         step = step_index(transformer_options)
         slot = self.slots.next(step)
+        if step != self.step_seen:  # a new sampler step: the place where bands may move
+            self.step_seen = step
+            self._maybe_replan(step)
         while True:
             try:
                 return self._scatter(x, timesteps, cond, transformer_options, step, slot)
@@ -94,10 +105,44 @@ class LockstepRun:
             o = outs[b.rank]
             self.records[b.rank].append(dict(step=step, computed=True, phase=phase.value, busy_s=o.busy_s,
                                              comm_s=o.comm_s, sent=o.sent, t0=t0))
+            if not self.fresh_plan:
+                self.recent[b.rank].append(o.busy_s)
+        self.fresh_plan = False
         if plan.splits_branches:
             return assemble(x, outs, places)
         out = torch.cat([torch.from_numpy(outs[b.rank].out) for b in plan.bands], dim=2)
         return out.to(device=x.device, dtype=x.dtype)
+
+    def _maybe_replan(self, step: int) -> None:
+        """After warmup, move the bands when the measured band times predict a clearly faster step
+        (stadi_core/replan.py: medians, a gain threshold, at most every few steps). The new rows take
+        effect from this call, in a new session on the same warm workers; every slot's next call is
+        fresh, which rebuilds the context (exact mode stays exact)."""
+        policy = self.policy
+        if policy is None or step < self.plan.warmup or (
+                self.changed_at is not None and step - self.changed_at < policy.every_steps):
+            return
+        proposal = propose(self.plan, self.recent, policy, self.tried)
+        if proposal is None:
+            return
+        self.tried[tuple(self.plan.rows)] = step_time(self.recent, policy.window)
+        note = proposal.describe(self.plan, step)
+        log.info("STADI %s", note)
+        self.session.close()  # ends normally: the pool stays warm
+        self.plan = proposal.plan
+        self.pool, self.session = self.deployment.open(self.plan)
+        self._new_plan_state(keep_records=True)
+        self.changed_at = step
+        self.replans.append(note)
+
+    def _new_plan_state(self, keep_records: bool) -> None:
+        """What a plan change resets: conditionings sent, stored context, the measurements it is judged by."""
+        self.sent = ConditioningOnce()
+        self.filled = {}
+        self.recent = [[] for _ in self.plan.bands]
+        self.fresh_plan = True
+        if not keep_records:  # other ranks: the report times the survivors' part of the run
+            self.records = [[] for _ in self.plan.bands]
 
     def _continue_without(self, lost: WorkerLost, step: int) -> None:
         """Drop the lost worker's device, re-plan on the survivors and open a session there; the failed
@@ -106,9 +151,7 @@ class LockstepRun:
         self.plan = self.deployment.drop(lost, self.plan, self.width, step, resumed=True)
         log.info("STADI %s", self.plan.describe())
         self.pool, self.session = self.deployment.open(self.plan)
-        self.sent = ConditioningOnce()
-        self.filled = {}
-        self.records = [[] for _ in self.plan.bands]  # the report times the survivors' part of the run
+        self._new_plan_state(keep_records=False)
 
     def _call_all(self, calls: dict) -> dict:
         """The session's lockstep call, watching ComfyUI's Interrupt while it waits: a stuck worker
@@ -134,7 +177,7 @@ class LockstepRun:
         note = (f"lockstep: one sampler loop in the server; {len(calls)} network calls split into bands, up to "
                 f"{per_step} per step, {refresh} with displaced context")
         log.info("STADI %s", note)
-        return self.deployment.report(self.plan, self.pool, self.session, timings, wall, notes=[note])
+        return self.deployment.report(self.plan, self.pool, self.session, timings, wall, notes=[note] + self.replans)
 
 
 class LockstepPatch:

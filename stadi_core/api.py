@@ -112,6 +112,9 @@ def generate(
     """
     spec = model or ModelSpec()
     cluster = _as_cluster(cluster)
+    if any(d.slowdown_from for d in cluster.active()):
+        raise PlanError("a slowdown from a later step is emulated only where the server runs the sampler loop "
+                        "(ComfyUI's lockstep runs, bench-replan); here give the slowdown without '@STEP'")
     make_sampler(sampler)  # unknown samplers fail before any process starts
     ref_model, model_align = _model_info(spec)
     align = align or model_align

@@ -290,6 +290,8 @@ def main(argv=None) -> int:
                    "over PCIe and 10 GbE per context mode (bench-context-predict --help)")
     sub.add_parser("bench-memory", help="host memory of STADI runs in the real ComfyUI with a full-size SD1.5: server, "
                    "files, workers, bytes sent (bench-memory --help; needs STADI_COMFYUI_PATH)")
+    sub.add_parser("bench-replan", help="a worker 2x slower from step 4: static plan vs in-run re-plan in ComfyUI's "
+                   "lockstep path (bench-replan --help; needs STADI_COMFYUI_PATH)")
     sub.add_parser("bench-ops", help="aten ops per band forward vs the stock network (bench-ops --help)")
     sub.add_parser("simulate-arrangements", help="predicted tables: which arrangement auto picks on GPU clusters "
                    "that are not here (simulate-arrangements --help)")
@@ -307,7 +309,8 @@ def main(argv=None) -> int:
         return train_tiny.main(argv[1:])
     benches = {"bench-balance": "balance", "bench-units": "units", "bench-hybrid": "hybrid", "bench-ops": "ops",
                "bench-fastpath": "fastpath", "bench-decode": "decode", "bench-quality": "quality", "simulate-arrangements": "arrangements",
-               "bench-context": "context", "bench-context-predict": "context_predict", "bench-memory": "memory"}
+               "bench-context": "context", "bench-context-predict": "context_predict", "bench-memory": "memory",
+               "bench-replan": "replan"}
     if argv[:1] and argv[0] in benches:
         import importlib
 

@@ -52,6 +52,7 @@ class DeviceSpec:
     capability: float | None = None  # measured rows/second of one network evaluation
     relative_speed: float | None = None  # manual override; when set it is the planning speed
     slowdown: float = 1.0  # emulated slowdown >= 1: the worker pads its compute (tests/benchmarks)
+    slowdown_from: int = 0  # ... from this sampler step on (a device that gets busy mid-run; lockstep runs)
     excluded: bool = False
     mps_percent: int | None = None  # CUDA MPS active thread percentage for this worker (emulated smaller GPU)
 
@@ -62,6 +63,9 @@ class DeviceSpec:
         s = self.slowdown
         if not isinstance(s, (int, float)) or not math.isfinite(s) or s < 1:
             raise PlanError(f"{self.name}: slowdown must be a number >= 1 (1 = full speed), got {s!r}")
+        if not isinstance(self.slowdown_from, int) or self.slowdown_from < 0:
+            raise PlanError(f"{self.name}: the step a slowdown starts at must be a whole number >= 0, "
+                            f"got {self.slowdown_from!r}")
 
     def planning_speed(self) -> float:
         """Manual speed, else measured capability (which already includes any emulated
@@ -70,7 +74,7 @@ class DeviceSpec:
             return float(self.relative_speed)
         if self.capability is not None:
             return float(self.capability)
-        return 1.0 / float(self.slowdown)
+        return 1.0 / float(self.slowdown) if self.slowdown_from == 0 else 1.0  # slowed later: unknown at plan time
 
     @property
     def kind(self) -> str:
@@ -87,6 +91,7 @@ class DeviceSpec:
             "capability": self.capability,
             "relative_speed": self.relative_speed,
             "slowdown": self.slowdown,
+            "slowdown_from": self.slowdown_from,
             "excluded": self.excluded,
             "mps_percent": self.mps_percent,
         }

@@ -146,6 +146,7 @@ class SessionStart:
     plan: dict  # Plan.to_dict()
     slowdown: float = 1.0
     compile: str = "off"  # band calls without exchange inside: off | auto | graphs | torch.compile (parallel/compiled.py)
+    slowdown_from: int = 0  # the emulated slowdown applies from this sampler step on
 
 
 @dataclass

@@ -440,13 +440,14 @@ class _Worker:
                 self._agree(msg.step, msg.signature)  # a cancel stops every rank here, together
             else:
                 self.channel.poll_cancel()  # noted; the next sync step acts on it (ranks leave together)
+            slowdown = job.slowdown if msg.step >= getattr(job, "slowdown_from", 0) else 1.0  # a device busy from then
             if groups is not None and not msg.measure_only:
-                out = groups.call(msg, phase, model, spec, job.slowdown, dtype)
+                out = groups.call(msg, phase, model, spec, slowdown, dtype)
                 self.channel.tick("idle in a session")
                 self.channel.send(out)
                 continue
             cond = self._cond(msg.cond, dtype, msg.cond_key)
-            net = self._network(model, ctx, spec, cond, job.slowdown, compiled=compiled)
+            net = self._network(model, ctx, spec, cond, slowdown, compiled=compiled)
             ctx.local_only = msg.measure_only
             try:
                 with torch.inference_mode():
