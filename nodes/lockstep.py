@@ -51,13 +51,10 @@ class LockstepRun:
         log.info("STADI %s", self.plan.describe())
         self.pool, self.session = deployment.open(self.plan)
         self.slots = CallSlots()
-        self.sent = ConditioningOnce()  # each rank gets each conditioning once per run
-        self.filled: dict[int, tuple] = {}  # slot -> input shapes its stored context was made from
         self.records = [[] for _ in self.plan.bands]
+        self._new_plan_state(keep_records=True)
         self.t_start = time.perf_counter()
         self.policy = ReplanPolicy.from_env()  # None: STADI_REPLAN=off
-        self.recent: list[list[float]] = [[] for _ in self.plan.bands]  # busy s per call since the rows changed
-        self.fresh_plan = True  # the next call is the first on this plan (allocation): not a measurement
         self.step_seen: int | None = None
         self.changed_at: int | None = None  # step of the last re-plan
         self.replans: list[str] = []
@@ -136,10 +133,12 @@ class LockstepRun:
         self.replans.append(note)
 
     def _new_plan_state(self, keep_records: bool) -> None:
-        """What a plan change resets: conditionings sent, stored context, the measurements it is judged by."""
+        """What a (new) plan starts without: conditionings sent (each rank gets each once per session),
+        stored context (slot -> the input shapes it was made from), the busy times it is judged by (per rank,
+        since the rows changed; the first call allocates and is not a measurement)."""
         self.sent = ConditioningOnce()
-        self.filled = {}
-        self.recent = [[] for _ in self.plan.bands]
+        self.filled: dict[int, tuple] = {}
+        self.recent: list[list[float]] = [[] for _ in self.plan.bands]
         self.fresh_plan = True
         if not keep_records:  # other ranks: the report times the survivors' part of the run
             self.records = [[] for _ in self.plan.bands]

@@ -247,6 +247,14 @@ def test_explicit_cpu_workers_with_overrides():
     assert c.spec.devices[2].slowdown == 3.0
 
 
+def test_a_slowdown_can_start_at_a_later_step():
+    c = build_cluster("cpu*2", emulate_slowdown="cpu:1=2@4", discovered=gpus(0))
+    slow = c.spec.devices[1]
+    assert (slow.slowdown, slow.slowdown_from) == (2.0, 4)
+    assert slow.planning_speed() == 1.0  # at full speed when the run is planned
+    assert ClusterSpec.from_dict(json.loads(json.dumps(c.spec.to_dict()))) == c.spec
+
+
 def test_overrides_for_devices_outside_the_cluster_are_noted():
     c = build_cluster("cuda:0", speeds="cuda:1=0.5", discovered=gpus(2))
     assert any("speeds: cuda:1 not in the cluster" in n for n in c.notes)
@@ -260,6 +268,7 @@ def test_overrides_for_devices_outside_the_cluster_are_noted():
     (dict(speeds="cuda:0=1, cuda:0=2"), "given twice"),
     (dict(emulate_slowdown="cuda:1=0.5"), ">= 1"),
     (dict(emulate_slowdown="cuda:1=slow"), "e.g. 'cuda:1=2'"),
+    (dict(emulate_slowdown="cuda:1=2@soon"), "e.g. 'cpu:1=2@4'"),
     (dict(exclude="gpu2"), "'cuda:2'"),
     (dict(devices="gpu:0"), "'auto'"),
     (dict(devices="cuda:0, cuda:0"), "listed twice"),

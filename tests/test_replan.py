@@ -26,7 +26,7 @@ def test_noise_of_ten_percent_per_call_never_moves_balanced_bands(weights, align
     rows = list(plan.rows)
     rng = random.Random(0)
     per_row = [1.0 / r for r in rows]  # every rank takes the same time: the rows are balanced
-    for _ in range(2000):
+    for _ in range(5000):
         assert propose(plan, _times(rows, per_row, 6, 0.10, rng)) is None
 
 
@@ -42,7 +42,7 @@ def test_a_rank_that_becomes_2x_slower_gives_up_rows(align):
 
 
 def test_too_few_calls_or_one_rank_propose_nothing():
-    assert propose(_plan([1, 1]), [[1.0] * 3, [2.0] * 3]) is None  # the window is 4 calls
+    assert propose(_plan([1, 1]), [[1.0] * 2, [2.0] * 2]) is None  # the window is 3 calls
     assert propose(_plan([1]), [[1.0] * 4]) is None
 
 
