@@ -16,6 +16,7 @@ holding it exits, however the server ends (SIGTERM, SIGKILL, Ctrl-C).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import logging
@@ -60,7 +61,9 @@ def _base_handle(model_patcher, base_weights: dict) -> dict:
         return hit[1]
     adopt = not getattr(model_patcher, "weight_inplace_update", False)
     shared, handle = share_tensors(base_weights, adopt=adopt, label="network")
-    _log.info("STADI: %d base weights shared with the workers (%.1f MB, %s)", len(base_weights), shared.size / 1e6,
+    dtypes = collections.Counter(str(t.dtype).removeprefix("torch.") for t in base_weights.values())
+    _log.info("STADI: %d base weights shared with the workers (%.1f MB; %s), %s", len(base_weights),
+              shared.size / 1e6, ", ".join(f"{k} {n}" for k, n in dtypes.most_common()),
               "the server's own tensors now live there" if adopt else "a copy: this model is patched in place")
     _BASES[id(model)] = (shared, handle.to_dict())
     weakref.finalize(model, _forget, _BASES, id(model))

@@ -9,6 +9,8 @@ nodes, which patch it, for the DiTs). Skipped with a reason when no ComfyUI chec
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -162,7 +164,6 @@ def test_batch_of_two_with_denoise_below_one_equals_ksampler(server):
 def test_fp8_weights_stay_fp8_in_the_workers_and_equal_ksampler(server):
     """UNETLoader's fp8_e4m3fn: ComfyUI keeps fp8 weights and computes in its manual-cast dtype; the
     workers must do the same (a bf16/fp32 copy would double every GPU's memory for Flux)."""
-    from safetensors import safe_open
 
     def fp8(wf):
         wf["1"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
@@ -173,11 +174,11 @@ def test_fp8_weights_stay_fp8_in_the_workers_and_equal_ksampler(server):
     out = _latent(server, server.run(fp8(_workflow("sd3", stadi=TWO, filename_prefix="fp8_stadi", **common)),
                                      timeout=600))
     assert (out - ref).abs().max().item() <= REL_TOL * ref.abs().max().item()
-    baked = max(Path(f"/dev/shm/stadi-weights-{server.pid}").glob("network-*.safetensors"),
-                key=lambda p: p.stat().st_mtime)
-    with safe_open(str(baked), "pt") as f:
-        dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if k.endswith("qkv.weight")}
-    assert dtypes == {"F8_E4M3"}, dtypes
+    # what the workers map is what the server holds: the pack logs the dtypes of the weights it shares
+    shared = re.findall(r"base weights shared with the workers \([\d.]+ MB; ([^)]*)\)",
+                        server.log_path.read_text(errors="replace"))
+    counts = [dict((kv.split()[0], int(kv.split()[1])) for kv in line.split(", ")) for line in shared]
+    assert any(c.get("float8_e4m3fn", 0) > sum(c.values()) / 2 for c in counts), shared
 
 
 def test_model_sampling_node_reaches_the_bands(server):
@@ -258,14 +259,22 @@ def test_every_shipped_dit_api_workflow_completes(server, name):
         assert torch.equal(stitched, load_latent_file(files[0]))
 
 
-def test_baked_weights_leave_with_the_server(dit_files):
-    """Shared memory is RAM: a server stopped with Ctrl-C removes the weights it wrote for its workers."""
+def test_no_weight_file_is_written_or_left(dit_files):
+    """The weights reach the workers through the server's own memory (nodes/weights.py): nothing of the pack
+    appears in /dev/shm or the temp dir while the server runs, and nothing is left after Ctrl-C."""
+    import tempfile
+
+    def entries():
+        return {d / name for d in (Path("/dev/shm"), Path(tempfile.gettempdir())) if d.is_dir()
+                for name in os.listdir(d) if "stadi" in name and not name.startswith(("stadi-comfy-", "stadi-test"))}
+
+    before = entries()
     with ComfyServer(require_comfyui(), custom_nodes=ComfyServer.stadi_pack(), diffusion_models=[dit_files["sd3"]],
                      text_encoders=[dit_files["clip-l"]]) as srv:
         srv.run(_workflow("sd3", stadi=TWO, steps=1, filename_prefix="leave", width=64, height=64), timeout=600)
-        folder = Path(f"/dev/shm/stadi-weights-{srv.pid}")
-        assert list(folder.glob("network-*.safetensors")), "the test cannot see where the weights went"
-    assert not folder.exists()
+        assert "base weights shared with the workers" in srv.log_path.read_text(errors="replace")
+        during = entries() - before
+    assert not during and not entries() - before, (during, entries() - before)
 
 
 # -- the adapters against ComfyUI's own forward, in a subprocess with the checkout importable ------------
@@ -278,6 +287,7 @@ import comfy.options, comfy.cli_args
 comfy.cli_args.args.cpu = True
 from stadi_core.models.spec import ModelSpec, build_model
 from stadi_core.models import comfy_flux, comfy_mmdit
+from stadi_core.runtime.shared_memory import share_tensors
 import comfy.model_detection, comfy.utils
 
 out = {}
@@ -288,7 +298,8 @@ for family, path in json.loads(sys.argv[2]).items():
     net_cls = {"comfy-mmdit": "comfy.ldm.modules.diffusionmodules.mmdit:OpenAISignatureMMDITWrapper",
                "comfy-flux": "comfy.ldm.flux.model:Flux"}[family]
     config = {k: v for k, v in mc.unet_config.items() if k != "dtype"}
-    spec = ModelSpec(family=family, config=config, path=path, extra={"model_class": net_cls})
+    shared, handle = share_tensors(sd, adopt=False, label="check")  # what the server shares with its workers
+    spec = ModelSpec(family=family, config=config, extra={"model_class": net_cls, "shared_weights": handle.to_dict()})
     net = build_model(spec)
     adapter = spec.adapter
     torch.manual_seed(0)
