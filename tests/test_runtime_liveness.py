@@ -218,7 +218,11 @@ def test_the_pool_lock_is_taken_with_a_deadline_that_says_who_holds_it():
 
 
 class _FakePool:
+    """The pool's side of ``Session._take``: its devices and its failure attribution (no process died)."""
+
     devices = ("cpu:0",)
+    procs = ()
+    failure = WorkerPool.failure
 
 
 def test_a_reply_nobody_waits_for_is_dropped_with_a_log_line(caplog):
