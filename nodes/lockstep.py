@@ -126,11 +126,15 @@ class LockstepRun:
         note = proposal.describe(self.plan, step)
         log.info("STADI %s", note)
         self.session.close()  # ends normally: the pool stays warm
-        self.plan = proposal.plan
-        self.pool, self.session = self.deployment.open(self.plan)
-        self._new_plan_state(keep_records=True)
+        self._switch_to(proposal.plan, keep_records=True)
         self.changed_at = step
         self.replans.append(note)
+
+    def _switch_to(self, plan, keep_records: bool) -> None:
+        """Run the next calls on ``plan``: a session on its workers, and the state a new plan starts without."""
+        self.plan = plan
+        self.pool, self.session = self.deployment.open(plan)
+        self._new_plan_state(keep_records)
 
     def _new_plan_state(self, keep_records: bool) -> None:
         """What a (new) plan starts without: conditionings sent (each rank gets each once per session),
@@ -147,10 +151,9 @@ class LockstepRun:
         """Drop the lost worker's device, re-plan on the survivors and open a session there; the failed
         call is sent again, fresh (the survivors' context starts empty), so exact mode stays exact."""
         self.session.close()  # the failed session: its pool is stopped, this releases it
-        self.plan = self.deployment.drop(lost, self.plan, self.width, step, resumed=True)
-        log.info("STADI %s", self.plan.describe())
-        self.pool, self.session = self.deployment.open(self.plan)
-        self._new_plan_state(keep_records=False)
+        survivors = self.deployment.drop(lost, self.plan, self.width, step, resumed=True)
+        log.info("STADI %s", survivors.describe())
+        self._switch_to(survivors, keep_records=False)
 
     def _call_all(self, calls: dict) -> dict:
         """The session's lockstep call, watching ComfyUI's Interrupt while it waits: a stuck worker

@@ -26,6 +26,7 @@ import weakref
 
 import torch
 
+from stadi_core.models.comfy_weights import patched_weight
 from stadi_core.runtime.shared_memory import SharedFile, share_blob, share_tensors
 
 _LOCK = threading.Lock()
@@ -86,17 +87,6 @@ def _picklable(value) -> bytes | None:
     return buf.getvalue()
 
 
-def _patched_on_server(name: str, weight, patches, settings) -> torch.Tensor:
-    """A patched weight computed here the way the workers would (the fallback for unpicklable patches)."""
-    import comfy.float
-    import comfy.lora
-
-    patch_dtype, intermediate_dtype, seed = settings
-    patched = comfy.lora.calculate_weight(patches, weight.to(patch_dtype, copy=True), name,
-                                          intermediate_dtype=intermediate_dtype)
-    return comfy.float.stochastic_rounding(patched, weight.dtype, seed=seed).to(device="cpu")
-
-
 def _patch_entries(model_patcher, key_patches: dict) -> dict:
     """{short name: ("patches", pickled list, patch dtype, intermediate dtype, seed) or ("weight", tensor)}."""
     import comfy.model_patcher
@@ -118,8 +108,8 @@ def _patch_entries(model_patcher, key_patches: dict) -> dict:
         blob = _picklable(patches[1:])
         short = name[len(_PREFIX):]
         if blob is None:
-            entries[short] = ("weight", _patched_on_server(name, weight, patches[1:],
-                                                           (patch_dtype, intermediate_dtype, seed)))
+            entries[short] = ("weight", patched_weight(weight, patches[1:], name, patch_dtype, intermediate_dtype,
+                                                       seed).to(device="cpu"))
         else:
             entries[short] = ("patches", blob, str(patch_dtype).removeprefix("torch."),
                               str(intermediate_dtype).removeprefix("torch."), seed)

@@ -32,21 +32,27 @@ def apply_patches(base: dict[str, torch.Tensor], handle: dict | None) -> dict[st
     if not handle:
         return state
     entries = pickle.loads(open_blob(SharedHandle.from_dict(handle)))
-    if not entries:
-        return state
-    import comfy.float
-    import comfy.lora
-
     for name, entry in entries.items():
         if entry[0] == "weight":  # computed on the server (patches it could not send)
             state[name] = entry[1]
             continue
         _, blob, patch_dtype, intermediate_dtype, seed = entry
-        weight = base[name]
-        patched = comfy.lora.calculate_weight(pickle.loads(blob), weight.to(getattr(torch, patch_dtype), copy=True),
-                                              _PREFIX + name, intermediate_dtype=getattr(torch, intermediate_dtype))
-        state[name] = comfy.float.stochastic_rounding(patched, weight.dtype, seed=seed)
+        state[name] = patched_weight(base[name], pickle.loads(blob), _PREFIX + name, getattr(torch, patch_dtype),
+                                     getattr(torch, intermediate_dtype), seed)
     return state
+
+
+def patched_weight(weight: torch.Tensor, patches: list, key: str, patch_dtype: torch.dtype,
+                   intermediate_dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """``weight`` with ``patches`` applied as ComfyUI applies them: ``calculate_weight`` on a copy in
+    ``patch_dtype``, then stochastic rounding back to the stored dtype with ComfyUI's seed for ``key``.
+    The workers use it, and the server for patches it cannot send."""
+    import comfy.float
+    import comfy.lora
+
+    patched = comfy.lora.calculate_weight(patches, weight.to(patch_dtype, copy=True), key,
+                                          intermediate_dtype=intermediate_dtype)
+    return comfy.float.stochastic_rounding(patched, weight.dtype, seed=seed)
 
 
 def comfy_state(extra: dict) -> dict[str, torch.Tensor]:
