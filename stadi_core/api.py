@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -12,12 +11,14 @@ import torch
 
 from .arrange import Choice, choose_plan, host_shared_speeds
 from .cluster import ClusterSpec
-from .errors import PlanError, WorkerError, WorkerLost
+from .errors import PlanError, WorkerError
 from .models.spec import ModelSpec, batched_conditioning, build_model, make_conditioning
 from .parallel.links import LINK_ENV, EmulatedLink
 from .parallel.options import ContextOptions
 from .planner import Plan
-from .report import RunReport, loss_note
+from .replan import ReplanPolicy
+from .report import RunReport
+from .resumable_run import ResumableRun
 from .runtime.messages import GenerateJob, MeasureJob
 from .runtime.registry import get_pool
 from .sampling.band_loop import NON_FINITE_HINT, LoopSchedule, count_non_finite, run_band
@@ -112,9 +113,6 @@ def generate(
     """
     spec = model or ModelSpec()
     cluster = _as_cluster(cluster)
-    if any(d.slowdown_from for d in cluster.active()):
-        raise PlanError("a slowdown from a later step is emulated only where the server runs the sampler loop "
-                        "(ComfyUI's lockstep runs, bench-replan); here give the slowdown without '@STEP'")
     make_sampler(sampler)  # unknown samplers fail before any process starts
     ref_model, model_align = _model_info(spec)
     align = align or model_align
@@ -129,49 +127,43 @@ def generate(
     threads = {} if threads_per_worker is None else {"threads_per_worker": threads_per_worker}
     if emulate_link:
         EmulatedLink.parse(emulate_link)  # a malformed value fails here, not in every worker
-    losses: list[str] = []
-    lost = None  # (error, plan it broke, last step seen) of a worker lost in the previous attempt
-    while True:  # a lost worker's devices leave the cluster and the run restarts on the survivors
-        plan = plan_for(cluster, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
+    by_name = {d.name: d for d in cluster.devices}
+
+    def plan_on(survivors: ClusterSpec) -> Plan:
+        return plan_for(survivors, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
                         strides=strides, align=align, strategy=strategy, cfg=cfg, context=context)
-        if lost is not None:
-            losses.append(loss_note(lost[0].device, lost[0].reason, lost[2], lost[1], plan, resumed=False))
-        window = _window_config(hybrid_window, plan, sampler)
-        by_name = {d.name: d for d in cluster.active()}
+
+    def pool_on(survivors: ClusterSpec, plan: Plan):
         devices = [b.device for b in plan.bands]
         env = _worker_env(by_name, devices)
         if emulate_link:
             env = [dict(e, **{LINK_ENV: emulate_link}) for e in env]
-        pool = get_pool(devices, cluster.resolved_backend(), worker_env=env, **threads)
+        return get_pool(devices, survivors.resolved_backend(), worker_env=env, **threads)
 
-        def make_job(job_id: int, plan=plan, window=window) -> GenerateJob:
-            return GenerateJob(job_id=job_id, model=spec.to_dict(), plan=plan.to_dict(), sampler=sampler,
-                               sigmas=sigmas, cfg=cfg, seed=seed, latent_shape=shape, conditioning=cond_np,
-                               graphs=graphs, hybrid_window=window)
+    first_plan = plan_on(cluster)
+    window = _window_config(hybrid_window, first_plan, sampler)
 
-        slowdowns = [by_name[d].slowdown for d in devices]
-        steps_seen = _StepsSeen(on_step)
-        t0 = time.perf_counter()
-        try:
-            results = pool.run(make_job, stall_timeout_s=stall_timeout_s, on_step=steps_seen,
-                               should_cancel=should_cancel,
-                               per_rank=lambda job, rank, slowdowns=slowdowns: _with_slowdown(job, slowdowns[rank]))
-            break
-        except WorkerLost as exc:
-            try:
-                cluster = cluster.without(exc.device)
-            except PlanError:
-                raise exc from None  # no device survives
-            lost = (exc, plan, steps_seen.last)
-            log.warning("STADI: %s; restarting on %s", exc, ", ".join(cluster.names()))
-    wall = time.perf_counter() - t0
+    def job_for(job_id: int, rank: int, plan: Plan, survivors: ClusterSpec) -> GenerateJob:
+        device = by_name[plan.bands[rank].device]
+        return GenerateJob(job_id=job_id, model=spec.to_dict(), plan=plan.to_dict(), sampler=sampler,
+                           sigmas=sigmas, cfg=cfg, seed=seed, latent_shape=shape, conditioning=cond_np,
+                           graphs=graphs, hybrid_window=window, slowdown=device.slowdown,
+                           slowdown_from=device.slowdown_from)
+
+    outcome = ResumableRun(cluster, plan_for=lambda c: first_plan if c is cluster else plan_on(c), pool_for=pool_on,
+                           job_for=job_for, stall_timeout_s=stall_timeout_s, on_step=on_step,
+                           should_cancel=should_cancel, resumable=window is None,
+                           policy=ReplanPolicy.from_env()).run()
+    plan, results, pool = outcome.plan, outcome.results, outcome.pool
+    slowdowns = [by_name[b.device].slowdown for b in plan.bands]
+    wall = outcome.wall_s
     if plan.splits_branches:  # every rank stepped the whole latent; rank 0's is the result
         bands = [torch.from_numpy(results[0].band)]
     else:
         bands = [torch.from_numpy(results[r].band) for r in range(plan.world_size)]
     check_finite(bands, plan)
     checksums = {r: results[r].info.get("weights_checksum") for r in results}
-    report = RunReport.from_results(plan, [results[r].timings for r in range(plan.world_size)], wall,
+    report = RunReport.from_results(plan, outcome.timings, wall,
                                     slowdowns=slowdowns, pool_pids=pool.pids(), checksums=checksums)
     report.notes.extend(f"rank {r}: {results[r].info['note']}" for r in results if results[r].info.get("note"))
     summary = results[0].info.get("hybrid_window")
@@ -181,20 +173,8 @@ def generate(
     if plan.world_size > 1:
         report.notes.append(f"exchange: {results[0].info.get('transport', 'dist')} "
                             f"({cluster.resolved_backend()} process group)")
-    report.notes.extend(losses)
+    report.notes.extend(outcome.notes)
     return GenerateResult(torch.cat(bands, dim=2), report)
-
-
-class _StepsSeen:
-    """Passes step reports on and remembers the last step any rank finished (where a loss happened)."""
-
-    def __init__(self, on_step):
-        self.on_step, self.last = on_step, None
-
-    def __call__(self, rank: int, timing: dict) -> None:
-        self.last = max(self.last or 0, int(timing.get("step", 0)) + 1)
-        if self.on_step is not None:
-            self.on_step(rank, timing)
 
 
 def _window_config(preset: str | None, plan: Plan, sampler: str) -> dict | None:

@@ -112,9 +112,11 @@ def measured_capabilities(report: RunReport) -> dict[str, float]:
     return caps
 
 
-def loss_note(device: str, reason: str, step: int | None, old: Plan, new: Plan, *, resumed: bool) -> str:
+def loss_note(device: str, reason: str, step: int | None, old: Plan, new: Plan, *, resumed: bool,
+              from_step: int | None = None) -> str:
     """What a lost worker changed, for the report and the web panel: 'cpu:1 lost at step 7 (was killed by
-    SIGKILL); its rows 64-127 moved to cpu:0; the run went on from that call on the survivors'."""
+    SIGKILL); its rows 64-127 moved to cpu:0; the run went on from that call on the survivors'.
+    ``from_step``: the step a resumed run went on from, when not the call that failed."""
     at = f" at step {step}" if step is not None else ""
     lost = next((b for b in old.bands if b.device == device), None)
     if lost is None or old.splits_branches or new.splits_branches:
@@ -123,4 +125,6 @@ def loss_note(device: str, reason: str, step: int | None, old: Plan, new: Plan, 
         takers = [b.device for b in new.bands if b.row_start < lost.row_end and b.row_end > lost.row_start]
         moved = f"its rows {lost.row_start}-{lost.row_end - 1} moved to {', '.join(takers)}"
     how = "the run went on from that call on the survivors" if resumed else "the run restarted on the survivors"
+    if resumed and from_step is not None:
+        how = f"the survivors went on from step {from_step}, the last every rank had reached"
     return f"{device} lost{at} ({reason}); {moved}; {how}"

@@ -1,6 +1,6 @@
 """A worker SIGKILLed mid-run (the test-only STADI_TEST_KILL_FILE hook: the worker on that device kills
-itself at that step): the standalone run finishes on the survivors, and in exact mode its latent equals
-the uninterrupted run's at float precision."""
+itself at that step): the standalone run continues on the survivors from its last checkpoint, and in
+exact mode its latent equals the uninterrupted run's at float precision."""
 
 from __future__ import annotations
 
@@ -30,8 +30,13 @@ def test_exact_run_finishes_on_the_survivors_with_the_uninterrupted_latent(n, vi
     assert not trigger.exists() and list(tmp_path.glob("kill.*.fired")), "the worker did not fire the hook"
     survivors = [f"cpu:{i}" for i in range(n) if f"cpu:{i}" != victim]
     assert [b["device"] for b in res.report.plan["bands"]] == survivors
-    assert any(note.startswith(f"{victim} lost at step 3 (was killed by SIGKILL)") for note in res.report.notes), \
+    note = next((n for n in res.report.notes if n.startswith(f"{victim} lost at step 3 (was killed by SIGKILL)")),
+                None)
+    # the survivors continue from the last step every rank checkpointed (2: the victim died after step 3's
+    # report, before its checkpoint of step 3), not from noise
+    assert note is not None and note.endswith("the survivors went on from step 2, the last every rank had reached"), \
         res.report.notes
+    assert sum(1 for t in res.report.steps[0] if t["step"] < 2) == 2  # steps 0-1 ran once, in the first segment
     diff = (res.latent - ref.latent).abs().max().item()
     scale = ref.latent.abs().max().item()
     print(f"{n} workers, {victim} killed at step 3: max |diff| vs uninterrupted {diff:.3g} (|ref| max {scale:.3g})")

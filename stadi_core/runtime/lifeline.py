@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 
-from .messages import CancelRequest
+from .messages import CancelRequest, PauseRequest
 
 STALL_FILE_ENV = "STADI_TEST_STALL_FILE"
 KILL_FILE_ENV = "STADI_TEST_KILL_FILE"
@@ -57,6 +57,7 @@ class Channel:
         self.lock = threading.Lock()
         self.job_id = None
         self.cancel_requested = False
+        self.pause_requested = False
         self.progress = 0
         self.doing = "idle"
 
@@ -75,13 +76,21 @@ class Channel:
         self.tick()
         if isinstance(msg, CancelRequest):
             self.cancel_requested = True
+        elif isinstance(msg, PauseRequest):
+            self.pause_requested = True
         return msg
 
+    def new_job(self, job_id) -> None:
+        """Requests that arrived before this job belong to the one before it."""
+        self.job_id = job_id
+        self.cancel_requested = self.pause_requested = False
+
     def poll_cancel(self) -> bool:
-        """Drain pending control messages without blocking; True once a cancel arrived."""
+        """Drain pending control messages without blocking; True once a cancel arrived (a pause
+        request is noted in ``pause_requested``)."""
         while self.conn.poll(0):
             msg = self.recv()
-            if not isinstance(msg, CancelRequest):
+            if not isinstance(msg, (CancelRequest, PauseRequest)):
                 raise RuntimeError(f"unexpected {type(msg).__name__} in the middle of a job")
         return self.cancel_requested
 

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:  # a worker imports this module before torch (it picks its GPU first)
+    from ..sampling.loop_state import LoopState
 
 
 @dataclass
@@ -58,6 +63,9 @@ class GenerateJob:
     slowdown: float = 1.0
     graphs: bool = False  # replay communication-free band calls from CUDA graphs (CUDA devices)
     hybrid_window: dict | None = None  # hybrid_window.WindowConfig fields: Hybridiff's adaptive window
+    resume: LoopState | None = None  # continue from there (this rank's rows) instead of starting from noise
+    checkpoints: bool = False  # send a Checkpoint before every sync step (a lost worker's rows can be resumed)
+    slowdown_from: int = 0  # the emulated slowdown applies from this sampler step on
 
 
 @dataclass
@@ -128,6 +136,30 @@ class WorkerFailure:
     rank: int
     message: str
     traceback: str
+
+
+@dataclass
+class Checkpoint:
+    """A rank's loop state before a sync step: the coordinator keeps the latest every rank sent."""
+
+    job_id: int
+    rank: int
+    state: LoopState
+
+
+@dataclass
+class PauseRequest:
+    """Stop the current job at the next step where every rank can agree on it, keeping its state
+    (the Checkpoint of that step): the coordinator continues it on new rows."""
+
+    job_id: int | None = None
+
+
+@dataclass
+class Paused:
+    job_id: int
+    rank: int
+    step: int
 
 
 @dataclass

@@ -28,7 +28,10 @@ from .messages import (
     BandResult,
     Cancelled,
     CancelRequest,
+    Checkpoint,
     MeasureResult,
+    Paused,
+    PauseRequest,
     Ready,
     SessionReady,
     Shutdown,
@@ -176,8 +179,13 @@ class WorkerPool:
     def run(self, make_job: Callable[[int], object], *, stall_timeout_s: float = 60.0,
             on_step: Callable[[int, dict], None] | None = None,
             should_cancel: Callable[[], bool] | None = None,
-            per_rank: Callable[[object, int], object] | None = None) -> dict:
+            per_rank: Callable[[object, int], object] | None = None,
+            on_checkpoint: Callable[[int, object], None] | None = None) -> dict:
         """Send ``make_job(job_id)`` (adjusted by ``per_rank``) to every rank; return {rank: result}.
+
+        A result is a BandResult (or MeasureResult), or, for every rank alike, ``Paused`` when
+        ``pause()`` was called during the job (the ranks stopped together at a sync step; the
+        Checkpoints given to ``on_checkpoint`` hold where they were).
 
         ``stall_timeout_s`` bounds the silence of any worker (heartbeats every second), so a frozen
         worker is detected, and, once a rank has reported its first step, the time its main thread
@@ -191,8 +199,9 @@ class WorkerPool:
                 job = make_job(job_id)
                 self.send(rank, per_rank(job, rank) if per_rank is not None else job)
             return self._collect(
-                lambda msg: isinstance(msg, (BandResult, MeasureResult)) and msg.job_id == job_id,
+                lambda msg: isinstance(msg, (BandResult, MeasureResult, Paused)) and msg.job_id == job_id,
                 stall_timeout_s, "running a job", on_step=on_step, should_cancel=should_cancel, progress=True,
+                on_checkpoint=on_checkpoint,
             )
         except JobCancelledError:
             raise
@@ -278,6 +287,11 @@ class WorkerPool:
         """A band call id no other call of this pool had: a late reply can never pass for a new one."""
         return next(self._call_ids)
 
+    def pause(self) -> None:
+        """Ask every rank of the running job to stop together at its next sync step, state kept."""
+        for rank in range(len(self.conns)):
+            self.send(rank, PauseRequest(), lock_timeout_s=1.0)
+
     def cancel(self) -> None:
         """Ask every rank to stop at its next agreed step. Never blocks long: an interrupt must get through."""
         for rank in range(len(self.conns)):
@@ -287,7 +301,7 @@ class WorkerPool:
                 pass
 
     def _collect(self, is_final, stall_timeout_s: float, doing: str, on_step=None, should_cancel=None,
-                 ranks: Sequence[int] | None = None, progress: bool = False) -> dict:
+                 ranks: Sequence[int] | None = None, progress: bool = False, on_checkpoint=None) -> dict:
         """{rank: final message} of a whole job; ``progress``: also stop a rank whose main thread is stuck."""
         ranks = list(range(self.world_size)) if ranks is None else list(ranks)
         results: dict[int, object] = {}
@@ -306,6 +320,9 @@ class WorkerPool:
                 elif isinstance(msg, StepReport):
                     if on_step is not None:
                         on_step(rank, msg.timing)
+                elif isinstance(msg, Checkpoint):
+                    if on_checkpoint is not None:
+                        on_checkpoint(rank, msg.state)
                 else:
                     log_dropped(rank, msg)
             pending = [r for r in ranks if r not in results and r not in cancelled]

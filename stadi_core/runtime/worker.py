@@ -32,6 +32,9 @@ from .messages import (
     Hello,
     MeasureJob,
     MeasureResult,
+    Checkpoint,
+    Paused,
+    PauseRequest,
     Ready,
     SessionClosed,
     SessionEnd,
@@ -56,6 +59,25 @@ def input_dtype(model):
 class JobCancelled(Exception):
     def __init__(self, step: int):
         super().__init__(f"cancelled at step {step}")
+        self.step = step
+
+
+class SlowdownPad:
+    """An emulated slowdown that starts at sampler step ``start`` (a device that gets busy mid-run);
+    ``float(pad)`` is the factor for the step the loop is at (``step``, set as it goes)."""
+
+    def __init__(self, factor: float, start: int = 0, step: int = 0):
+        self.factor, self.start, self.step = factor, start, step
+
+    def __float__(self) -> float:
+        return self.factor if self.step >= self.start else 1.0
+
+
+class JobPaused(Exception):
+    """Every rank stopped before ``step`` on request; the Checkpoint of that step holds the loop."""
+
+    def __init__(self, step: int):
+        super().__init__(f"paused at step {step}")
         self.step = step
 
 
@@ -168,14 +190,13 @@ class _Worker:
                 return  # coordinator closed the connection
             if isinstance(job, Shutdown):
                 break
-            if isinstance(job, CancelRequest):
-                self.channel.cancel_requested = False  # arrived after its job ended
+            if isinstance(job, (CancelRequest, PauseRequest)):
+                self.channel.new_job(None)  # arrived after its job ended
                 continue
             if isinstance(job, SessionEnd):  # the session already ended here (cancelled or failed)
                 self.channel.send(SessionClosed(job.job_id, self.init.rank))
                 continue
-            self.channel.job_id = job.job_id
-            self.channel.cancel_requested = False
+            self.channel.new_job(job.job_id)
             try:
                 if isinstance(job, GenerateJob):
                     self.channel.send(self._generate(job))
@@ -191,6 +212,8 @@ class _Worker:
                     raise TypeError(f"unknown job {type(job).__name__}")
             except JobCancelled as exc:
                 self.channel.send(Cancelled(job.job_id, self.init.rank, exc.step))
+            except JobPaused as exc:
+                self.channel.send(Paused(job.job_id, self.init.rank, exc.step))
             except StadiError as exc:  # a deliberate error says what to change: no traceback
                 self.channel.send(WorkerFailure(job.job_id, self.init.rank, str(exc), ""))
             except BaseException as exc:
@@ -233,8 +256,9 @@ class _Worker:
         ctx.reset(rows, ragged_align, context)
         return model, ctx, spec, checksum
 
-    def _network(self, model, ctx, spec, cond, slowdown: float, graphs: bool = False, compiled: str = "off"):
-        """The band's network call: exchange-aware forward plus the emulated slowdown pad.
+    def _network(self, model, ctx, spec, cond, slowdown, graphs: bool = False, compiled: str = "off"):
+        """The band's network call: exchange-aware forward plus the emulated slowdown pad (``slowdown``:
+        a factor, or a SlowdownPad whose factor depends on the step).
 
         With ``graphs`` on a CUDA device (or ``compiled`` = 'graphs'), calls without communication
         inside are replayed from per-shape CUDA graphs (see parallel/graphs.py); with ``compiled`` =
@@ -279,10 +303,11 @@ class _Worker:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             busy = max(0.0, time.perf_counter() - start - ctx.stats.comm_wait_s)  # minus every exchange wait
-            if slowdown > 1.0:
+            factor = float(slowdown)
+            if factor > 1.0:
                 # pad to budget: an emulated slower device finishes its compute later, so the pad
                 # comes before the displaced exchange that the other ranks wait on
-                time.sleep(busy * (slowdown - 1.0))
+                time.sleep(busy * (factor - 1.0))
             stats = ctx.end_call()
             return out.float().cpu(), stats.comm_wait_s, dict(stats.sent)
 
@@ -292,11 +317,12 @@ class _Worker:
     def _agree(self, step: int, signature: int = 0) -> None:
         """Every rank stops at the same sync step or none does; diverged loops are caught here.
 
-        One tiny all-reduce: [cancel, signature, -signature] under MAX. A cancel anywhere
-        stops everyone; unequal signatures mean the ranks are not at the same call.
+        One tiny all-reduce: [stop, signature, -signature] under MAX, stop being 2 for a cancel and 1
+        for a pause. A cancel anywhere stops everyone (and outranks a pause); unequal signatures mean
+        the ranks are not at the same call.
         """
         torch = self.torch
-        flag = 1.0 if self.channel.poll_cancel() else 0.0
+        flag = 2.0 if self.channel.poll_cancel() else (1.0 if self.channel.pause_requested else 0.0)
         if self.group is not None:
             import torch.distributed as dist
 
@@ -309,8 +335,10 @@ class _Worker:
             if float(t[1]) != -float(t[2]):
                 raise RuntimeError(f"ranks diverged at step {step}: they are not evaluating the same call "
                                    "(a sampler whose calls depend on the data cannot run in bands)")
-        if flag > 0:
+        if flag > 1:
             raise JobCancelled(step)
+        if flag > 0:
+            raise JobPaused(step)
 
     # -- jobs ----------------------------------------------------------------------------
     def _generate(self, job: GenerateJob) -> BandResult:
@@ -329,22 +357,27 @@ class _Worker:
         conditioning = {part: {k: torch.from_numpy(v) for k, v in d.items()} for part, d in job.conditioning.items()}
         schedule = LoopSchedule(steps=plan.steps, warmup=plan.warmup, stride=band.stride,
                                 sync_period=plan.sync_period, exact=plan.mode == "exact")
+        pad = SlowdownPad(job.slowdown, job.slowdown_from, job.resume.step if job.resume is not None else 0)
         if plan.groups:  # a branch arrangement: every rank steps the whole latent from the whole output
             from ..sampling.unit_network import UnitsNetwork
             from .branch_groups import BranchGroups
 
             groups = BranchGroups(self, plan, ctx)
-            network = UnitsNetwork(groups.rank_units(model, spec, conditioning, job.slowdown, dtype), groups.combine)
+            network = UnitsNetwork(groups.rank_units(model, spec, conditioning, pad, dtype), groups.combine)
             rows = slice(None)
         else:
             cond = batched_conditioning(conditioning, job.cfg, self.device, dtype)
-            network = self._network(model, ctx, spec, cond, job.slowdown, graphs=job.graphs)
+            network = self._network(model, ctx, spec, cond, pad, graphs=job.graphs)
             rows = slice(band.row_start, band.row_start + band.rows)
 
         def on_step(timing):
+            pad.step = timing.step + 1
             self.channel.tick(f"denoising (step {timing.step + 1})")
             self.channel.send(StepReport(job.job_id, self.init.rank, timing.to_dict()))
             kill_if_armed(self.init.device, timing.step + 1)  # test-only, inert unless STADI_TEST_KILL_FILE is set
+
+        def checkpoint(state):
+            self.channel.send(Checkpoint(job.job_id, self.init.rank, state))
 
         window = None
         if job.hybrid_window is not None:
@@ -359,6 +392,7 @@ class _Worker:
                 noise=FullLatentNoise(job.seed, tuple(job.latent_shape)), rows=rows,
                 schedule=schedule, model_sampling=spec.adapter.model_sampling(model),
                 on_step=on_step, before_sync_step=self._agree, window=window,
+                start=job.resume, checkpoint=checkpoint if job.checkpoints else None,
             )
         info = {"weights_checksum": checksum, "pid": os.getpid(), "transport": self.transport_name}
         if window is not None:

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import NonFiniteOutput
 from ..parallel.context import Phase
+from .loop_state import LoopState
 from .noise import FullLatentNoise
 from .samplers import make_sampler
 
@@ -81,24 +82,38 @@ def run_band(
     on_step: Callable[[StepTiming], None] | None = None,
     before_sync_step: Callable[[int], None] | None = None,
     window=None,
+    start: LoopState | None = None,
+    checkpoint: Callable[[LoopState], None] | None = None,
 ) -> tuple[torch.Tensor, list[StepTiming]]:
     """Denoise rows ``rows`` of the latent from noise; returns (band latent, per-step timings).
 
     ``window`` (a hybrid_window.HybridWindow): each step's [uncond; cond] output is logged to it,
     and inside the window it opens every second step reuses the last output (one larger step,
     as a stride 2 does). The raw output must be the whole latent's, so every rank decides alike.
+    ``start``: continue a loop paused or checkpointed elsewhere (its rows must be ``rows``); its
+    first step evaluates the network. ``checkpoint``: told the loop's state before every sync step.
     """
     solver = make_sampler(sampler)
     batch = noise.shape[0]
-    x = noise.initial(rows) * sigmas[0]
+    row_start = rows.start or 0
+    first = 0
+    if start is None:
+        x = noise.initial(rows) * sigmas[0]
+    else:
+        first = start.step
+        x, history = start.tensors()
+        solver.load(history)
     use_cfg = cfg != 1.0
     last_raw = None
     timings: list[StepTiming] = []
-    for i in range(len(sigmas) - 1):
+    for i in range(first, len(sigmas) - 1):
         t0 = time.perf_counter()
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        if before_sync_step is not None and schedule.phase(i) is not Phase.STALE:
-            before_sync_step(i)  # every rank reaches sync steps, so they can agree on a cancel here
+        if schedule.phase(i) is not Phase.STALE:
+            if checkpoint is not None:
+                checkpoint(LoopState.capture(i, row_start, x, solver.state()))
+            if before_sync_step is not None:
+                before_sync_step(i)  # every rank reaches sync steps, so they can agree on a cancel here
         computed = (schedule.computes(i) and not _window_skips(window, i)) or last_raw is None
         phase = schedule.phase(i)
         busy = comm = 0.0

@@ -2,6 +2,8 @@
 
 Each sampler turns (x, denoised, sigma, sigma_next) into the next x; the network is
 evaluated elsewhere, which is what lets a rank reuse its last output on steps it skips.
+A sampler's history (``state``/``load``) travels with a paused or checkpointed loop
+(loop_state.py), so a loop continued on other rows steps exactly as it would have.
 """
 
 from __future__ import annotations
@@ -16,13 +18,23 @@ from ..errors import UnsupportedError
 NoiseFn = Callable[[int], torch.Tensor]
 
 
-class Euler:
+class _Stateless:
+    def state(self) -> dict:
+        """The history the next step needs: row-aligned tensors and floats (none here)."""
+        return {}
+
+    def load(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no history, got {sorted(state)}")
+
+
+class Euler(_Stateless):
     def step(self, i, x, denoised, sigma, sigma_next, noise: NoiseFn):
         d = (x - denoised) / sigma
         return x + d * (sigma_next - sigma)
 
 
-class EulerAncestral:
+class EulerAncestral(_Stateless):
     """eta = 1, s_noise = 1, as ComfyUI's euler_ancestral defaults."""
 
     def step(self, i, x, denoised, sigma, sigma_next, noise: NoiseFn):
@@ -57,6 +69,15 @@ class DPMPP2M:
         self.old_denoised = denoised
         self.prev_sigma = sigma
         return out
+
+    def state(self) -> dict:
+        if self.old_denoised is None:
+            return {}
+        return {"old_denoised": self.old_denoised, "prev_sigma": self.prev_sigma}
+
+    def load(self, state: dict) -> None:
+        self.old_denoised = state.get("old_denoised")
+        self.prev_sigma = state.get("prev_sigma")
 
 
 SAMPLERS: dict[str, type] = {"euler": Euler, "euler_ancestral": EulerAncestral, "dpmpp_2m": DPMPP2M}
