@@ -1,12 +1,17 @@
 """Balance benchmark: equal bands vs elastic bands vs elastic + strides, one emulated slow worker.
 
     python -m stadi_core bench-balance [--model tiny-sd15|tiny-sdxl|tiny-sd3|tiny-flux] [--slowdown 2]
-                                       [--height 64] [--steps 12]
+                                       [--height 64] [--steps 12] [--slowdown-from STEP]
 
 The slow worker is emulated by padding its compute to a budget (real compute, then a
 sleep of (X - 1) x its compute time): deterministic, unlike thread throttling. Each
 configuration runs on the same warm pool and seed; latency, per-rank busy/idle and the
 deviation from the single-process image (PSNR) are printed as a table.
+
+With ``--slowdown-from STEP`` the cluster changes mid-run instead: cpu:1 is at full speed until that
+step and ``--slowdown`` times slower from it. The standalone engine runs the same job twice, the plan
+made at the start kept (STADI_REPLAN=off) and re-planned in the run (on: the ranks pause at a sync
+step and go on with new rows, resumable_run.py), against the ideal for the changed cluster.
 """
 
 from __future__ import annotations
@@ -52,6 +57,39 @@ def run(args) -> list[dict]:
     return rows, caps
 
 
+def changing_cluster(args) -> str:
+    """Static plan vs in-run re-plan when cpu:1 slows down at ``--slowdown-from`` (standalone engine)."""
+    import os
+
+    from .replan import summarize, table_lines
+    from .units import pair_baseline
+
+    spec = model_spec_for(args.model)
+    cluster = ClusterSpec((DeviceSpec("cpu:0"), DeviceSpec("cpu:1", slowdown=args.slowdown,
+                                                           slowdown_from=args.slowdown_from)), backend="gloo")
+    kw = dict(height=args.height, width=args.width, batch=1, steps=args.steps, sampler="euler", cfg=args.cfg,
+              seed=args.seed, mode="displaced", warmup=args.warmup, strides="off")
+    generate(spec, cluster, **dict(kw, steps=2))  # start the pool and build the model once
+    pair = pair_baseline()
+    runs = []
+    before = os.environ.get("STADI_REPLAN")
+    try:
+        for replan in ("off", "on"):
+            os.environ["STADI_REPLAN"] = replan
+            res = generate(spec, cluster, **kw)
+            runs.append(summarize(f"STADI_REPLAN={replan}", res.report.wall_s, res.report))
+    finally:
+        if before is None:
+            del os.environ["STADI_REPLAN"]
+        else:
+            os.environ["STADI_REPLAN"] = before
+    title = (f"bench-balance --slowdown-from {args.slowdown_from}: standalone engine, {args.model} random weights, "
+             f"latent {args.height}x{args.width}, {args.steps} euler steps, cfg {args.cfg}, displaced (warmup "
+             f"{args.warmup}), 2 CPU workers (gloo), bands; cpu:1 EMULATED {args.slowdown:g}x slower from step "
+             f"{args.slowdown_from} (compute padded to budget)")
+    return "\n".join(table_lines(title, pair, runs, args.height, args.slowdown_from))
+
+
 def table(rows, caps, args) -> str:
     eq = rows[0]["wall"]
     out = [f"STADI balance benchmark: 2 CPU workers (gloo), cpu:1 EMULATED {args.slowdown:g}x slower "
@@ -81,7 +119,10 @@ def table(rows, caps, args) -> str:
 def main(argv=None) -> int:
     p = common.parser("bench-balance", __doc__, model="tiny-sd15", height=64, width=64, steps=12, warmup=2)
     p.add_argument("--slowdown", type=float, default=2.0)
-    return common.emit(p, argv, lambda args: table(*run(args), args))
+    p.add_argument("--slowdown-from", type=int, default=None,
+                   help="cpu:1 becomes --slowdown times slower at this step: static plan vs in-run re-plan")
+    return common.emit(p, argv, lambda args: changing_cluster(args) if args.slowdown_from is not None
+                       else table(*run(args), args))
 
 if __name__ == "__main__":
     raise SystemExit(main())

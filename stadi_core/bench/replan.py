@@ -42,15 +42,18 @@ def _run(lockstep, types, model, conds, latent, noise, args, replan: str) -> dic
     with torch.inference_mode():
         comfy.sample.sample(patch.apply(model), noise, args.steps, args.cfg, args.sampler, "normal", conds[0],
                             conds[1], latent, seed=args.seed, disable_pbar=True)
-    wall = time.perf_counter() - t0
-    report = patch.last_report
+    return summarize(f"STADI_REPLAN={replan}", time.perf_counter() - t0, patch.last_report)
+
+
+def summarize(label: str, wall: float, report) -> dict:
+    """One run's row: its network calls (each rank's record per call), compute makespan and re-plans."""
     calls = list(zip(*report.steps))  # per network call: each rank's record
-    return {"label": f"STADI_REPLAN={replan}", "wall": wall, "report": report, "calls": calls,
+    return {"label": label, "wall": wall, "report": report, "calls": calls,
             "makespan": sum(max(r["busy_s"] for r in call) for call in calls),
             "replans": [n for n in report.notes if n.startswith("re-planned at step")]}
 
 
-def _ideal(static: dict, height: int, slowed_from: int) -> float:
+def ideal_compute(static: dict, height: int, slowed_from: int) -> float:
     """Compute time of perfectly balanced calls at the rates the static run measured."""
     rows = [r.rows for r in static["report"].ranks]
     def rate(rank: int, before: bool) -> float:
@@ -78,11 +81,16 @@ def run(args) -> str:
     noise = comfy.sample.prepare_noise(latent, args.seed)
     pair = pair_baseline()
     runs = [_run(lockstep, types, model, conds, latent, noise, args, replan) for replan in ("off", "on")]
-    ideal = _ideal(runs[0], height, args.slowdown_from)
-    lines = [f"bench-replan: tiny SD1.5 in ComfyUI's lockstep path, {args.width}x{args.height} px, {args.steps} "
-             f"{args.sampler} steps, cfg {args.cfg}, {args.mode} (warmup {args.warmup}), 2 CPU workers, bands; cpu:1 "
-             f"{args.slowdown:g}x slower from step {args.slowdown_from}",
-             f"pair baseline (two busy single-thread processes vs one alone): {pair:.2f}",
+    return "\n".join(table_lines(
+        f"bench-replan: tiny SD1.5 in ComfyUI's lockstep path, {args.width}x{args.height} px, {args.steps} "
+        f"{args.sampler} steps, cfg {args.cfg}, {args.mode} (warmup {args.warmup}), 2 CPU workers, bands; cpu:1 "
+        f"{args.slowdown:g}x slower from step {args.slowdown_from}", pair, runs, height, args.slowdown_from))
+
+
+def table_lines(title: str, pair: float, runs: list[dict], height: int, slowed_from: int) -> list[str]:
+    """The static run (first) and the re-planned one side by side, against the ideal for the changed cluster."""
+    ideal = ideal_compute(runs[0], height, slowed_from)
+    lines = [title, f"pair baseline (two busy single-thread processes vs one alone): {pair:.2f}",
              f"ideal compute for the changed cluster (rates measured in the static run): {ideal:.2f} s", "",
              "| run | wall s | compute makespan s | vs ideal | rows at the end | busy s (cpu:0 / cpu:1) | "
              "idle % (cpu:0 / cpu:1) | re-plans |", "|---|---|---|---|---|---|---|---|"]
@@ -94,7 +102,7 @@ def run(args) -> str:
     lines += ["", f"re-planned vs static: wall {runs[1]['wall'] / runs[0]['wall']:.2f}x, compute makespan "
               f"{runs[1]['makespan'] / runs[0]['makespan']:.2f}x. Goal (issue #13): the re-planned run within 15 % "
               "of the ideal (its makespan <= 1.15x ideal)."]
-    return "\n".join(lines)
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
