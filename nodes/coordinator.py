@@ -43,14 +43,17 @@ class StadiRun:
         plan = self.deployment.measured_plan(batch, height, width)
         while any(b.stride > 1 for b in plan.bands):
             compatibility.check_model(self.model, lockstep=False)
+            loops = RankLoops(self.deployment, plan)
             try:
-                bands, report = RankLoops(self.deployment, plan).sample(
+                bands, report = loops.sample(
                     noise, latent_image, positive=positive, negative=negative, cfg=cfg, scheduler=scheduler,
                     denoise=denoise, noise_mask=noise_mask, seed=seed)
-            except WorkerLost as lost:  # each rank's loop state lives in its own thread: restart on the survivors
-                plan = self.deployment.drop(lost, plan, width, getattr(lost, "step", None), resumed=False)
+            except WorkerLost as lost:  # lost before the loops could go on (e.g. while loading): restart
+                plan = self.deployment.drop(lost, loops.final_plan, width, getattr(lost, "step", None),
+                                            resumed=False)
                 continue
-            return StadiPatches(plan=plan.to_dict(), bands=bands, report=report.to_dict(), latent_extra=latent_extra)
+            return StadiPatches(plan=loops.final_plan.to_dict(), bands=bands, report=report.to_dict(),
+                                latent_extra=latent_extra)
         return self._lockstep(noise, latent_image, positive=positive, negative=negative, cfg=cfg, scheduler=scheduler,
                               denoise=denoise, noise_mask=noise_mask, seed=seed, latent_extra=latent_extra)
 

@@ -43,10 +43,10 @@ _RUN: contextvars.ContextVar = contextvars.ContextVar("stadi_lockstep_run", defa
 class LockstepRun:
     """One sampling run: the plan, the session, and the scatter/gather of each network call."""
 
-    def __init__(self, deployment: Deployment, noise_shape):
+    def __init__(self, deployment: Deployment, noise_shape, plan=None):
         batch, _, height, width = noise_shape
         self.deployment = deployment
-        self.plan = deployment.measured_plan(batch, height, width)
+        self.plan = plan or deployment.measured_plan(batch, height, width)
         self.height, self.width = height, width
         log.info("STADI %s", self.plan.describe())
         self.pool, self.session = deployment.open(self.plan)

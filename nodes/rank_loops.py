@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stadi_core.api import check_finite
-from stadi_core.errors import WorkerLost
+from stadi_core.errors import WorkerError, WorkerLost
 from stadi_core.parallel import Phase
 from stadi_core.planner import Plan
 from stadi_core.runtime.messages import BandCall
@@ -29,6 +29,8 @@ from stadi_core.sampling.band_loop import LoopSchedule
 from . import comfy_api
 from .band_network import BandNetwork, private_shell
 from .deployment import CallSlots, Deployment, call_inputs, step_index, step_timings
+from .joined_calls import CallInputs, JoinedCalls, loss_of
+from .lockstep import LockstepRun
 
 
 def _interrupted() -> bool:
@@ -57,8 +59,13 @@ class RankLoops:
 
     def __init__(self, deployment: Deployment, plan: Plan):
         self.deployment = deployment
-        self.plan = plan
+        self.plan = plan  # the plan the loops started on
+        self.final_plan = plan  # ... and the one they finished on (the survivors', after a loss)
         self.sent = ConditioningOnce()  # rank threads touch only their own rank's entry
+        self.inputs = CallInputs([slice(b.row_start, b.row_end) for b in plan.bands])
+        self.states: list[_RankState] = []
+        self.joined: JoinedCalls | None = None  # set when a worker is lost: the loops go on joined
+        self._join_lock = threading.Lock()
 
     def _network_call(self, session, state: _RankState):
         adapter = self.deployment.adapter
@@ -67,6 +74,19 @@ class RankLoops:
             ts, cond = call_inputs(adapter, x, timesteps, context, control, transformer_options, extra)
             step = step_index(transformer_options)
             slot = state.slots.next(step)
+            self.inputs.keep(state.rank, (step, slot), x, min(s.step for s in self.states) - 1)
+            if self.joined is not None:
+                return self.joined.call(state.rank, (step, slot), x, timesteps, context, control,
+                                        transformer_options, extra)
+            try:
+                return band_call(x, ts, cond, step, slot)
+            except JobCancelledError:
+                raise
+            except WorkerError as exc:  # a lost worker: the loops go on, their calls joined on the survivors
+                return self._join(session, exc, x).call(state.rank, (step, slot), x, timesteps, context, control,
+                                                        transformer_options, extra)
+
+        def band_call(x, ts, cond, step, slot):
             t0 = time.perf_counter()
             last = state.last_out.get(slot)
             if state.schedule.computes(step) or last is None or last[0] != tuple(x.shape):
@@ -92,6 +112,23 @@ class RankLoops:
 
         return network_call
 
+    def _join(self, session, exc: WorkerError, x) -> JoinedCalls:
+        """The first loop whose call failed because a worker was lost opens a lockstep run on the survivors
+        (strides end here: every loop evaluates every call); a failure that is not a loss is raised."""
+        with self._join_lock:
+            if self.joined is None:
+                lost = loss_of(session, exc)
+                if lost is None:
+                    raise exc
+                d = self.deployment
+                d.strides = "off"
+                step = min(s.step for s in self.states)
+                survivors = d.drop(lost, self.plan, x.shape[-1], step, resumed=True)
+                self.joined = JoinedCalls(self.inputs, LockstepRun(d, tuple(x.shape), plan=survivors), _interrupted,
+                                          since=step)
+                self.final_plan = survivors
+        return self.joined
+
     def sample(self, noise, latent_image, *, positive, negative, cfg, scheduler, denoise, noise_mask, seed):
         """(per-rank band latents, report); raises InterruptProcessingException on Interrupt."""
         import comfy.model_management
@@ -102,10 +139,10 @@ class RankLoops:
 
         d, plan = self.deployment, self.plan
         pool, session = d.open(plan)
-        states = [_RankState(b.rank, slice(b.row_start, b.row_end),
-                             LoopSchedule(steps=plan.steps, warmup=plan.warmup, stride=b.stride,
-                                          sync_period=plan.sync_period, exact=plan.mode == "exact"))
-                  for b in plan.bands]
+        states = self.states = [_RankState(b.rank, slice(b.row_start, b.row_end),
+                                           LoopSchedule(steps=plan.steps, warmup=plan.warmup, stride=b.stride,
+                                                        sync_period=plan.sync_period, exact=plan.mode == "exact"))
+                                for b in plan.bands]
         x0_preview = torch.zeros_like(latent_image[:1])
         preview_lock = threading.Lock()
         total_steps = [plan.steps]
@@ -139,6 +176,8 @@ class RankLoops:
                 if not isinstance(exc, JobCancelledError) and session.failed is None:
                     session.failed = exc
                     pool.close(force=True)  # ranks waiting on this one in a collective must not hang
+                if self.joined is not None:  # the other loops must not wait for this one's next call
+                    self.joined.fail(exc)
 
         pbar = comfy.utils.ProgressBar(plan.steps)
         previewer = latent_preview.get_previewer(d.model.load_device, d.model.model.latent_format)
@@ -171,6 +210,8 @@ class RankLoops:
                         stopped = exc
         finally:
             session.close()
+            if self.joined is not None:
+                self.joined.close()
         if stopped is not None and not comfy_api.is_interrupt(stopped):
             raise stopped
         wall = time.perf_counter() - t_start
@@ -185,5 +226,11 @@ class RankLoops:
                 raise lost
             raise session.failed or errors[0]
         check_finite([s.result for s in states], plan)
+        if self.joined is not None:  # each loop's rows, cut by the survivors' plan; their calls' report
+            whole = torch.cat([s.result for s in states], dim=2)
+            report = self.joined.run.report()
+            report.notes.append(f"per-rank loops until step {self.joined.since}, then every call joined on the "
+                                "survivors (strides ended with the loss)")
+            return [whole[:, :, b.row_start:b.row_end] for b in self.final_plan.bands], report
         timings = [step_timings(s.records, t_start + wall) for s in states]
         return [s.result for s in states], d.report(plan, pool, session, timings, wall)

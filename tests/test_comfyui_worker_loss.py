@@ -3,7 +3,10 @@ worker on that device kills itself at that step) does not fail the prompt.
 
 - Lockstep (exact STADI Sampler; STADI Parallel Model under KSampler): the server's sampler loop holds the
   state, the failed network call goes to the survivors, and the latent equals stock KSampler's.
-- Per-rank loops (displaced with strides): the run restarts on the survivors, the report names the loss.
+- Per-rank loops (displaced with strides): the loops go on, every call from the failed one on joined into
+  one lockstep call on the survivors (nodes/joined_calls.py); the report names the loss. With every step
+  a warmup step (synchronous context) the strided loops are exact, and so is their continuation: the
+  latent equals KSampler's.
 The next prompt works either way.
 """
 
@@ -122,18 +125,41 @@ def test_parallel_model_under_ksampler_finishes_on_the_survivors(server, trigger
     assert torch.isfinite(_latent(server, server.run(wf, timeout=600))).all()
 
 
-def test_displaced_with_strides_restarts_on_the_survivors_and_names_the_lost_rank(server, trigger):
+def _strided(prefix: str, **extra) -> dict:
+    wf = _stadi(prefix, mode="displaced", strides="auto", **extra)
+    wf["10"]["inputs"]["speeds"] = "cpu:0=1, cpu:1=1, cpu:2=0.4"  # cpu:2 gets stride 3
+    return wf
+
+
+def test_strided_loops_go_on_joined_after_a_loss_and_stay_exact(server, trigger, stock):
+    for f in trigger.parent.glob("kill.*.fired"):
+        f.unlink()
+    _armed(trigger, "cpu:1", 2)
+    entry = server.run(_strided("lost_joined", warmup_steps=COMMON["steps"]), timeout=600)
+    assert _fired(trigger)
+    plan = entry["outputs"]["6"]["stadi_plan"][0]
+    rel = _relative(_latent(server, entry), stock)
+    print(f"strided loops (all warmup), cpu:1 killed at step 2: relative diff vs KSampler {rel:.2g}; "
+          f"notes {plan['notes']}")
+    assert rel <= REL_TOL
+    assert [b["device"] for b in plan["bands"]] == ["cpu:0", "cpu:2"]
+    assert any(n.startswith("cpu:1 lost at step 2 (was killed by SIGKILL)") and "went on from that call" in n
+               for n in plan["notes"]), plan["notes"]
+    assert any(n.startswith("per-rank loops until step 2, then every call joined") for n in plan["notes"]), \
+        plan["notes"]
+
+
+def test_displaced_with_strides_goes_on_on_the_survivors_and_names_the_lost_rank(server, trigger):
     for f in trigger.parent.glob("kill.*.fired"):
         f.unlink()
     _armed(trigger, "cpu:0", 2)
-    wf = _stadi("lost_strided", mode="displaced", strides="auto")
-    wf["10"]["inputs"]["speeds"] = "cpu:0=1, cpu:1=1, cpu:2=0.4"
-    entry = server.run(wf, timeout=600)
+    entry = server.run(_strided("lost_strided"), timeout=600)
     assert _fired(trigger)
     plan = entry["outputs"]["6"]["stadi_plan"][0]
     print(f"displaced + strides, cpu:0 killed at step 2: bands {plan['bands']}; notes {plan['notes']}")
     assert "cpu:0" not in [b["device"] for b in plan["bands"]]
-    assert any(n.startswith("cpu:0 lost") and "restarted on the survivors" in n for n in plan["notes"]), plan["notes"]
+    assert any(n.startswith("cpu:0 lost") and "went on from that call on the survivors" in n
+               for n in plan["notes"]), plan["notes"]
     import torch
 
     assert torch.isfinite(_latent(server, entry)).all()
