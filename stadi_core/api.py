@@ -141,18 +141,18 @@ def generate(
         return get_pool(devices, survivors.resolved_backend(), worker_env=env, **threads)
 
     first_plan = plan_on(cluster)
-    window = _window_config(hybrid_window, first_plan, sampler)
+    _window_config(hybrid_window, first_plan, sampler)  # a run that cannot take the window fails here
 
-    def job_for(job_id: int, rank: int, plan: Plan, survivors: ClusterSpec) -> GenerateJob:
+    def job_for(job_id: int, rank: int, plan: Plan) -> GenerateJob:
         device = by_name[plan.bands[rank].device]
         return GenerateJob(job_id=job_id, model=spec.to_dict(), plan=plan.to_dict(), sampler=sampler,
                            sigmas=sigmas, cfg=cfg, seed=seed, latent_shape=shape, conditioning=cond_np,
-                           graphs=graphs, hybrid_window=window, slowdown=device.slowdown,
-                           slowdown_from=device.slowdown_from)
+                           graphs=graphs, hybrid_window=_window_config(hybrid_window, plan, sampler),
+                           slowdown=device.slowdown, slowdown_from=device.slowdown_from)
 
-    outcome = ResumableRun(cluster, plan_for=lambda c: first_plan if c is cluster else plan_on(c), pool_for=pool_on,
+    outcome = ResumableRun(cluster, first_plan, plan_for=plan_on, pool_for=pool_on,
                            job_for=job_for, stall_timeout_s=stall_timeout_s, on_step=on_step,
-                           should_cancel=should_cancel, resumable=window is None,
+                           should_cancel=should_cancel, resumable=hybrid_window is None,
                            policy=ReplanPolicy.from_env()).run()
     plan, results, pool = outcome.plan, outcome.results, outcome.pool
     slowdowns = [by_name[b.device].slowdown for b in plan.bands]

@@ -18,11 +18,19 @@ def _cluster(args):
 
     text = args.devices or (f"cuda*{torch.cuda.device_count()}" if torch.cuda.device_count() else "cpu*2")
     cluster = ClusterSpec.parse(text, backend=args.backend)
-    slow = dict(_pairs(args.slowdown))
+    starts = {}  # DEVICE=X@STEP: X times slower from sampler step STEP on
+    for item in args.slowdown or []:
+        pair, _, step = item.partition("@")
+        if step:
+            if not step.strip().isdigit():
+                raise StadiError(f"--slowdown {item!r}: after '@' give the step it starts at, e.g. cpu:1=2@4")
+            starts[pair.partition("=")[0].strip()] = int(step)
+    slow = dict(_pairs(item.partition("@")[0] for item in args.slowdown or []))
     speed = dict(_pairs(args.speed))
     devices = []
     for d in cluster.devices:
-        devices.append(DeviceSpec(d.name, relative_speed=speed.get(d.name), slowdown=slow.get(d.name, 1.0)))
+        devices.append(DeviceSpec(d.name, relative_speed=speed.get(d.name), slowdown=slow.get(d.name, 1.0),
+                                  slowdown_from=starts.get(d.name, 0)))
     return ClusterSpec(tuple(devices), backend=cluster.backend)
 
 
@@ -40,7 +48,8 @@ def _add_run_args(p):
     p.add_argument("--model", default="tiny-shapes", help="tiny-shapes (trained here, the default), tiny-sd15, tiny-sdxl, "
                    "tiny-sd3, tiny-sd35, tiny-flux (random weights), ... or a local diffusers folder (UNet, SD3 or Flux)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--slowdown", action="append", metavar="DEVICE=X", help="emulate a device X times slower")
+    p.add_argument("--slowdown", action="append", metavar="DEVICE=X[@STEP]",
+                   help="emulate a device X times slower (from sampler step STEP on)")
     p.add_argument("--speed", action="append", metavar="DEVICE=S", help="manual relative speed of a device")
 
 

@@ -99,19 +99,19 @@ class _Segment:
 class ResumableRun:
     """Runs one generation in segments (see the module docstring) and says what happened on the way."""
 
-    def __init__(self, cluster: ClusterSpec, *, plan_for: Callable[[ClusterSpec], Plan],
+    def __init__(self, cluster: ClusterSpec, plan: Plan, *, plan_for: Callable[[ClusterSpec], Plan],
                  pool_for: Callable[[ClusterSpec, Plan], object],
-                 job_for: Callable[[int, int, Plan, ClusterSpec], GenerateJob],
+                 job_for: Callable[[int, int, Plan], GenerateJob],
                  stall_timeout_s: float, on_step=None, should_cancel=None, resumable: bool = True,
                  policy: ReplanPolicy | None = None):
-        self.cluster = cluster
+        self.cluster, self.first_plan = cluster, plan  # plan_for: the survivors' plan after a loss
         self.plan_for, self.pool_for, self.job_for = plan_for, pool_for, job_for
         self.stall_timeout_s, self.on_step, self.should_cancel = stall_timeout_s, on_step, should_cancel
         self.resumable = resumable  # checkpoints carry the whole loop (not with a hybrid window)
         self.policy = policy if resumable else None
 
     def run(self) -> RunOutcome:
-        plan = self.plan_for(self.cluster)
+        plan = self.first_plan
         state: LoopState | None = None  # the whole latent's loop state the next segment continues from
         kept: dict[str, list[dict]] = {}  # device -> step timings of the segments it ran in
         notes: list[str] = []
@@ -164,7 +164,7 @@ class ResumableRun:
             return RunOutcome(plan, results, timings, pool, time.perf_counter() - t0, notes)
 
     def _job(self, job_id: int, rank: int, plan: Plan, state: LoopState | None) -> GenerateJob:
-        job = self.job_for(job_id, rank, plan, self.cluster)
+        job = self.job_for(job_id, rank, plan)
         job.checkpoints = self.resumable
         if state is not None:
             band = plan.bands[rank]

@@ -112,3 +112,17 @@ def test_displaced_run_with_strides_replans_and_finishes(monkeypatch):
     res = generate(ModelSpec(), _slowing_cluster(4.0, 3), **kw)
     assert any(n.startswith("re-planned at step") for n in res.report.notes), res.report.notes
     assert torch.isfinite(res.latent).all() and res.latent.shape == (1, 4, 48, 32)
+
+
+def test_the_cli_takes_a_slowdown_from_a_step():
+    import argparse
+
+    from stadi_core.cli import _cluster
+    from stadi_core.errors import StadiError
+
+    args = argparse.Namespace(devices="cpu*2", backend="gloo", slowdown=["cpu:1=2@4"], speed=None)
+    fast, slow = _cluster(args).devices
+    assert (fast.slowdown, slow.slowdown, slow.slowdown_from) == (1.0, 2.0, 4)
+    args.slowdown = ["cpu:1=2@soon"]
+    with pytest.raises(StadiError, match="after '@' give the step"):
+        _cluster(args)
