@@ -170,13 +170,13 @@ class LockstepRun:
     def close(self) -> None:
         self.session.close()
 
-    def report(self) -> RunReport:
+    def report(self, loop: str = "one sampler loop in the server") -> RunReport:
         wall = time.perf_counter() - self.t_start
         timings = [step_timings(r, self.t_start + wall) for r in self.records]
         calls = self.records[0]
         per_step = max((sum(1 for r in calls if r["step"] == s) for s in {r["step"] for r in calls}), default=0)
         refresh = sum(1 for r in calls if r["phase"] != Phase.FRESH.value)
-        note = (f"lockstep: one sampler loop in the server; {len(calls)} network calls split into bands, up to "
+        note = (f"lockstep: {loop}; {len(calls)} network calls split into bands, up to "
                 f"{per_step} per step, {refresh} with displaced context")
         log.info("STADI %s", note)
         return self.deployment.report(self.plan, self.pool, self.session, timings, wall, notes=[note] + self.replans)

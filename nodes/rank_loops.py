@@ -228,7 +228,7 @@ class RankLoops:
         check_finite([s.result for s in states], plan)
         if self.joined is not None:  # each loop's rows, cut by the survivors' plan; their calls' report
             whole = torch.cat([s.result for s in states], dim=2)
-            report = self.joined.run.report()
+            report = self.joined.run.report(loop="the per-rank loops' calls joined after the loss")
             report.notes.append(f"per-rank loops until step {self.joined.since}, then every call joined on the "
                                 "survivors (strides ended with the loss)")
             return [whole[:, :, b.row_start:b.row_end] for b in self.final_plan.bands], report

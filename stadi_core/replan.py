@@ -78,7 +78,8 @@ def propose(plan: Plan, recent_busy: Sequence[Sequence[float]], policy: ReplanPo
     medians = [statistics.median(b[-policy.window:]) for b in recent_busy]
     if any(m <= 0 for m in medians):
         return None
-    new = replace(replan(plan, medians), context=plan.context)  # the planner's own split for these rates
+    # the planner's own split for these rates; the run notes the change itself (Proposal.describe)
+    new = replace(replan(plan, medians), context=plan.context, notes=plan.notes)
     if new.devices != plan.devices or new.rows == plan.rows:  # a rank cannot be dropped mid-run
         return None
     rates = [r / m for r, m in zip(plan.rows, medians)]
