@@ -97,13 +97,13 @@ def test_a_worker_that_slows_down_mid_run_gives_up_rows_and_exact_stays_exact(mo
     assert diff <= 5e-6 * ref.latent.abs().max().item(), diff
 
 
-def test_no_replan_when_it_is_off_or_nothing_changes(monkeypatch):
+def test_no_replan_when_it_is_off(monkeypatch):
+    """(That measurement noise alone moves nothing is test_replan.py's, on controlled times: on a shared
+    2-core machine a worker preempted for a few calls is a real slowdown, and may move rows.)"""
     monkeypatch.setenv(REPLAN_ENV, "off")
     res = generate(ModelSpec(), _slowing_cluster(4.0, 3), **KW)
     assert not any(n.startswith("re-planned") for n in res.report.notes), res.report.notes
-    monkeypatch.setenv(REPLAN_ENV, "on")
-    res = generate(ModelSpec(), cpu_cluster(1.0, 1.0), **KW)
-    assert not any(n.startswith("re-planned") for n in res.report.notes), res.report.notes
+    assert [b["rows"] for b in res.report.plan["bands"]] == [24, 24]
 
 
 def test_displaced_run_with_strides_replans_and_finishes(monkeypatch):
