@@ -94,6 +94,10 @@ def generate(
     prompt: str | None = None,
     context: "str | ContextOptions | None" = None,
     emulate_link: str | None = None,
+    listen: str | None = None,
+    token: str | None = None,
+    remote_workers: int = 0,
+    join_timeout_s: float = 120.0,
 ) -> GenerateResult:
     """Denoise a ``batch x channels x height x width`` latent with one band per active device.
 
@@ -109,9 +113,23 @@ def generate(
     with no link model, as for one host, that is full).
     ``emulate_link``: 'GBPS,LATENCY_US' — every context transfer also takes as long as on such a
     link (parallel/links.py; benchmarks and tests of slow interconnects on one host).
+    ``listen``: 'ADDR:PORT' where workers on other machines join (``python -m stadi_core worker --join
+    ADDR:PORT --token T``; runtime/lobby.py), with ``token`` (required unless ADDR is loopback). The
+    cluster may name joined devices (``10.0.0.2/cuda:0``); ``remote_workers=N`` waits up to
+    ``join_timeout_s`` for N of them and adds them after the cluster's own devices. The links measured at
+    join are in the report's notes.
     """
     spec = model or ModelSpec()
     cluster = _as_cluster(cluster)
+    lobby = None
+    if listen:
+        from .runtime.lobby import open_lobby
+
+        lobby = open_lobby(listen, token)
+        cluster = with_joined(cluster, lobby.wait_for(remote_workers, join_timeout_s) if remote_workers else [])
+    elif remote_workers or any(d.host for d in cluster.active()):
+        raise PlanError("workers on other machines join through a listen address: pass listen='ADDR:PORT' and the "
+                        "token (CLI: --listen, --token)")
     if any(d.slowdown_from for d in cluster.active()):
         raise PlanError("a slowdown from a later step is emulated only where the server runs the sampler loop "
                         "(ComfyUI's lockstep runs, bench-replan); here give the slowdown without '@STEP'")
@@ -142,7 +160,8 @@ def generate(
         env = _worker_env(by_name, devices)
         if emulate_link:
             env = [dict(e, **{LINK_ENV: emulate_link}) for e in env]
-        pool = get_pool(devices, cluster.resolved_backend(), worker_env=env, **threads)
+        joined = {"lobby": lobby} if any(by_name[d].host for d in devices) else {}  # local pools keep their keys
+        pool = get_pool(devices, cluster.resolved_backend(), worker_env=env, **threads, **joined)
 
         def make_job(job_id: int, plan=plan, window=window) -> GenerateJob:
             return GenerateJob(job_id=job_id, model=spec.to_dict(), plan=plan.to_dict(), sampler=sampler,
@@ -182,7 +201,20 @@ def generate(
         report.notes.append(f"exchange: {results[0].info.get('transport', 'dist')} "
                             f"({cluster.resolved_backend()} process group)")
     report.notes.extend(losses)
+    if lobby is not None:
+        report.notes.extend(lobby.link_notes(devices))
     return GenerateResult(torch.cat(bands, dim=2), report)
+
+
+def with_joined(cluster: ClusterSpec, names: Sequence[str]) -> ClusterSpec:
+    """``cluster`` plus the joined devices ``names`` it does not list yet (after its own, in join order)."""
+    from dataclasses import replace
+
+    from .cluster import DeviceSpec
+
+    have = {d.name for d in cluster.devices}
+    extra = tuple(DeviceSpec(n) for n in names if n not in have)
+    return replace(cluster, devices=cluster.devices + extra) if extra else cluster
 
 
 class _StepsSeen:
