@@ -50,22 +50,30 @@ def _model_info(spec: ModelSpec):
 
 
 def plan_for(cluster: ClusterSpec, *, height: int, steps: int, sampler: str, mode: str, warmup: int, strides,
-             align: int, strategy: str = "bands", cfg: float = 5.0, context=None) -> Plan:
+             align: int, strategy: str = "bands", cfg: float = 5.0, context=None, links=None) -> Plan:
     """The plan for the cluster's active devices at their planning speeds (arrange.choose_plan)."""
     return choose_for(cluster, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
-                      strides=strides, align=align, strategy=strategy, cfg=cfg, context=context).plan
+                      strides=strides, align=align, strategy=strategy, cfg=cfg, context=context, links=links).plan
 
 
 def choose_for(cluster: ClusterSpec, *, height: int, steps: int, sampler: str, mode: str, warmup: int, strides,
-               align: int, strategy: str, cfg: float, ragged: bool = False, context=None) -> Choice:
-    """Every arrangement ``strategy`` allows, priced for this cluster; CPU workers share the host's cores."""
+               align: int, strategy: str, cfg: float, ragged: bool = False, context=None, links=None) -> Choice:
+    """Every arrangement ``strategy`` allows, priced for this cluster; CPU workers share the host's cores.
+
+    ``links``: (lobby, ExchangeCost) when workers joined from other machines: the links measured at join
+    (per pair of devices; runtime/lobby.py) and the bytes a call sends are priced against the devices'
+    speeds, which must then be measured rows/s (capabilities), else only compute is priced."""
     cluster.validate_available()
     active = cluster.active()
     names = [d.name for d in active]
     together, alone = host_shared_speeds(names, [d.planning_speed() for d in active], cpu_count=os.cpu_count() or 1)
+    priced = {}
+    if links is not None and all(d.capability is not None and d.relative_speed is None for d in active):
+        lobby, exchange = links
+        priced = {"link": lobby.link_model(names), "exchange": exchange}
     return choose_plan(height, together, devices=names, alone_speeds=alone, strategy=strategy, branches=cfg != 1.0,
                        align=align, steps=steps, warmup=warmup, mode=mode, strides=strides, sampler=sampler,
-                       ragged=ragged, context=context)
+                       ragged=ragged, context=context, **priced)
 
 
 def generate(
@@ -121,7 +129,7 @@ def generate(
     """
     spec = model or ModelSpec()
     cluster = _as_cluster(cluster)
-    lobby = None
+    lobby = links = None
     if listen:
         from .runtime.lobby import open_lobby
 
@@ -147,11 +155,15 @@ def generate(
     threads = {} if threads_per_worker is None else {"threads_per_worker": threads_per_worker}
     if emulate_link:
         EmulatedLink.parse(emulate_link)  # a malformed value fails here, not in every worker
+    link_notes: list[str] = []
+    if lobby is not None and any(d.host for d in cluster.active()) and len(cluster.active()) > 1:
+        cluster, links, link_notes = _price_links(spec, cluster, lobby, height=height, width=width, batch=batch,
+                                                  cfg=cfg, align=align, **threads)
     losses: list[str] = []
     lost = None  # (error, plan it broke, last step seen) of a worker lost in the previous attempt
     while True:  # a lost worker's devices leave the cluster and the run restarts on the survivors
         plan = plan_for(cluster, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
-                        strides=strides, align=align, strategy=strategy, cfg=cfg, context=context)
+                        strides=strides, align=align, strategy=strategy, cfg=cfg, context=context, links=links)
         if lost is not None:
             losses.append(loss_note(lost[0].device, lost[0].reason, lost[2], lost[1], plan, resumed=False))
         window = _window_config(hybrid_window, plan, sampler)
@@ -202,8 +214,30 @@ def generate(
                             f"({cluster.resolved_backend()} process group)")
     report.notes.extend(losses)
     if lobby is not None:
-        report.notes.extend(lobby.link_notes(devices))
+        report.notes.extend(lobby.link_notes(devices) + link_notes)
     return GenerateResult(torch.cat(bands, dim=2), report)
+
+
+def _price_links(spec: ModelSpec, cluster: ClusterSpec, lobby, *, height: int, width: int, batch: int, cfg: float,
+                 align: int, **pool_kw) -> tuple[ClusterSpec, tuple, list[str]]:
+    """What the planner needs to price the links to other machines: every device's speed in rows/s
+    (measured now on the model, unless known), the bytes a call sends (exchange_probe.py), the lobby's links."""
+    from .exchange_probe import measure_exchange
+
+    notes = []
+    active = cluster.active()
+    if any(d.relative_speed is not None for d in active):
+        return cluster, None, ["links not priced: manual relative speeds cannot be set against link seconds; "
+                               "leave the speeds to be measured"]
+    if any(d.capability is None for d in active):
+        rows = max(align, (height // len(active)) // align * align)
+        cluster = profile(spec, cluster, rows=rows, width=width, batch=batch, lobby=lobby, **pool_kw)
+        notes.append("measured speeds (rows/s, one call on a " + f"{rows}-row band) to price the links: "
+                     + ", ".join(f"{d.name} {d.capability:.4g}" for d in cluster.active()))
+    exchange = measure_exchange(spec, height=height, width=width, batch=batch, cfg=cfg, align=align)
+    notes.append(f"context per synchronous call, per rank: {exchange.bytes_fixed / 1e6:.3g} MB + "
+                 f"{exchange.bytes_per_row / 1e6:.3g} MB/row in {exchange.messages} all-gathers (counted on the model)")
+    return cluster, (lobby, exchange), notes
 
 
 def with_joined(cluster: ClusterSpec, names: Sequence[str]) -> ClusterSpec:
@@ -324,14 +358,17 @@ def reference_generate(
 
 
 def profile(model: ModelSpec | None, cluster: ClusterSpec | str | None, *, rows: int, width: int, batch: int = 1,
-            repeats: int = 3, graphs: bool = False) -> ClusterSpec:
+            repeats: int = 3, graphs: bool = False, lobby=None, **pool_kw) -> ClusterSpec:
     """Measure each device's capability (rows/s of one network call on a ``rows``-row band)."""
     spec = model or ModelSpec()
     cluster = _as_cluster(cluster)
     cluster.validate_available()
     active = cluster.active()
     devices = [d.name for d in active]
-    pool = get_pool(devices, cluster.resolved_backend(), worker_env=_worker_env({d.name: d for d in active}, devices))
+    if lobby is not None and any(d.host for d in active):
+        pool_kw["lobby"] = lobby  # devices that joined from other machines
+    pool = get_pool(devices, cluster.resolved_backend(), worker_env=_worker_env({d.name: d for d in active}, devices),
+                    **pool_kw)
     slowdowns = [d.slowdown for d in active]
     results = pool.run(lambda job_id: MeasureJob(job_id, spec.to_dict(), rows, width, batch, repeats,
                                                  graphs=graphs),

@@ -122,9 +122,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def parse_address(text: str, what: str) -> tuple[str, int]:
+def parse_address(text: str, what: str, any_port: bool = False) -> tuple[str, int]:
+    """HOST:PORT; port 0 (any free port) only where ``any_port`` (a listen address)."""
     host, sep, port = str(text).strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not (0 if any_port else 1) <= int(port) < 65536:
         raise WorkerError(f"{what} {text!r}: give HOST:PORT, e.g. 192.168.1.10:29600")
     return host.strip("[]"), int(port)
 

@@ -126,7 +126,7 @@ class Lobby:
     """Listens on ``address`` for remote workers; see the module docstring."""
 
     def __init__(self, address: str, token: str | None):
-        host, port = parse_address(address, "listen address")
+        host, port = parse_address(address, "listen address", any_port=True)
         if not token and not is_loopback(host):
             raise PlanError(f"listening on {host} (not 127.0.0.1) needs a token that remote workers must prove they "
                             "know: pass --token (or set STADI_TOKEN), e.g. a value from "
@@ -338,6 +338,30 @@ class Lobby:
     def link_to(self, device: str) -> LinkInfo | None:
         return self.links.get(host_of(device)) if is_remote(device) else None
 
+    def link_model(self, devices: Sequence[str], inside=None):
+        """cost_model.LinkModel with P x P matrices over ``devices``: ``inside`` (default LinkModel()'s
+        figures) between devices of one machine, the link measured at join between this machine and
+        another; between two other machines (not measured) the slower of their links here."""
+        from ..cost_model import LinkModel
+
+        inside = inside or LinkModel()
+        n = len(devices)
+        hosts = [host_of(d) for d in devices]
+        missing = sorted({h for h in hosts if h and h not in self.links})
+        if missing:
+            raise WorkerError(f"no link measured to {', '.join(missing)}: its workers did not join this coordinator")
+        bw = [[inside.bandwidth_gbps] * n for _ in range(n)]
+        lat = [[inside.latency_s] * n for _ in range(n)]
+        for i in range(n):
+            for j in range(n):
+                if i == j or hosts[i] == hosts[j]:
+                    continue
+                ends = [self.links[h] for h in (hosts[i], hosts[j]) if h]
+                bw[i][j] = min(x.bandwidth_gbps for x in ends)
+                lat[i][j] = sum(x.latency_s for x in ends)
+        return LinkModel(bandwidth_gbps=inside.bandwidth_gbps, latency_s=inside.latency_s, bandwidth_matrix=bw,
+                         latency_matrix=lat)
+
     def link_notes(self, devices: Sequence[str]) -> list[str]:
         hosts = dict.fromkeys(host_of(d) for d in devices if is_remote(d))
         return [f"link coordinator {self.host} <-> {h}: {self.links[h].describe()} (measured at join)"
@@ -365,7 +389,7 @@ _LOBBIES_LOCK = threading.Lock()
 
 def open_lobby(address: str, token: str | None) -> Lobby:
     """The lobby listening on ``address`` (one per address and process; reopened if the token changed)."""
-    host, port = parse_address(address, "listen address")
+    host, port = parse_address(address, "listen address", any_port=True)
     with _LOBBIES_LOCK:
         lobby = _LOBBIES.get((host, port))
         if lobby is not None and lobby.key == key_of(token or "") and not lobby.closed:
