@@ -311,6 +311,8 @@ def main(argv=None) -> int:
     sub.add_parser("bench-replan", help="a worker 2x slower from step 4: static plan vs in-run re-plan in ComfyUI's "
                    "lockstep path (bench-replan --help; needs STADI_COMFYUI_PATH)")
     sub.add_parser("bench-ops", help="aten ops per band forward vs the stock network (bench-ops --help)")
+    sub.add_parser("bench-two-hosts", help="root: a second host in a network namespace; the planner's choice on a "
+                   "1 Gbit/s shaped vs an unshaped link, measured (bench-two-hosts --help)")
     sub.add_parser("simulate-arrangements", help="predicted tables: which arrangement auto picks on GPU clusters "
                    "that are not here (simulate-arrangements --help)")
     sub.add_parser("train-tiny", help="train the tiny-shapes model on this CPU (train-tiny --help)")
@@ -333,7 +335,7 @@ def main(argv=None) -> int:
     benches = {"bench-balance": "balance", "bench-units": "units", "bench-hybrid": "hybrid", "bench-ops": "ops",
                "bench-fastpath": "fastpath", "bench-decode": "decode", "bench-quality": "quality", "simulate-arrangements": "arrangements",
                "bench-context": "context", "bench-context-predict": "context_predict", "bench-memory": "memory",
-               "bench-replan": "replan"}
+               "bench-replan": "replan", "bench-two-hosts": "two_hosts"}
     if argv[:1] and argv[0] in benches:
         import importlib
 

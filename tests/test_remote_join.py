@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from netns_hosts import RATE_GBPS, DELAY_MS, Unavailable, make_two_hosts
+from stadi_core.bench.netns import DELAY_MS, RATE_GBPS, Unavailable, make_two_hosts
 from stadi_core.api import generate, reference_generate
 from stadi_core.cluster import ClusterSpec
 from stadi_core.models.spec import ModelSpec
