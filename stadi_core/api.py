@@ -218,6 +218,10 @@ def generate(
     return GenerateResult(torch.cat(bands, dim=2), report)
 
 
+_MEASURED: dict[tuple, float] = {}  # (model key, device, rows, width, batch) -> rows/s, measured for link pricing
+_EXCHANGES: dict[tuple, object] = {}  # (model key, height, width, batch, cfg, align) -> ExchangeCost
+
+
 def _price_links(spec: ModelSpec, cluster: ClusterSpec, lobby, *, height: int, width: int, batch: int, cfg: float,
                  align: int, **pool_kw) -> tuple[ClusterSpec, tuple, list[str]]:
     """What the planner needs to price the links to other machines: every device's speed in rows/s
@@ -229,12 +233,19 @@ def _price_links(spec: ModelSpec, cluster: ClusterSpec, lobby, *, height: int, w
     if any(d.relative_speed is not None for d in active):
         return cluster, None, ["links not priced: manual relative speeds cannot be set against link seconds; "
                                "leave the speeds to be measured"]
-    if any(d.capability is None for d in active):
-        rows = max(align, (height // len(active)) // align * align)
+    rows = max(align, (height // len(active)) // align * align)
+    key = lambda d: (spec.key(), d.name, rows, width, batch)  # noqa: E731
+    known = {d.name: _MEASURED[key(d)] for d in active if d.capability is None and key(d) in _MEASURED}
+    cluster = cluster.with_capabilities(known) if known else cluster
+    if any(d.capability is None for d in cluster.active()):
         cluster = profile(spec, cluster, rows=rows, width=width, batch=batch, lobby=lobby, **pool_kw)
-        notes.append("measured speeds (rows/s, one call on a " + f"{rows}-row band) to price the links: "
-                     + ", ".join(f"{d.name} {d.capability:.4g}" for d in cluster.active()))
-    exchange = measure_exchange(spec, height=height, width=width, batch=batch, cfg=cfg, align=align)
+        _MEASURED.update({key(d): d.capability for d in cluster.active()})
+    notes.append(f"device speeds (rows/s of one call on a {rows}-row band, measured on the model) price the links: "
+                 + ", ".join(f"{d.name} {d.capability:.4g}" for d in cluster.active()))
+    ex_key = (spec.key(), height, width, batch, cfg, align)
+    if ex_key not in _EXCHANGES:
+        _EXCHANGES[ex_key] = measure_exchange(spec, height=height, width=width, batch=batch, cfg=cfg, align=align)
+    exchange = _EXCHANGES[ex_key]
     notes.append(f"context per synchronous call, per rank: {exchange.bytes_fixed / 1e6:.3g} MB + "
                  f"{exchange.bytes_per_row / 1e6:.3g} MB/row in {exchange.messages} all-gathers (counted on the model)")
     return cluster, (lobby, exchange), notes

@@ -31,9 +31,12 @@ import time
 from multiprocessing.connection import Connection
 
 from . import link_probe
+from .lifeline import Channel
+from .relay import FileStore
 from .handshake import (TOKEN_ENV, HandshakeError, TokenRefused, interface_env, is_loopback, key_of, parse_address,
                         worker_handshake)
-from .messages import Beat, Join, JoinRefused, LifelineHello, Release, Welcome, WorkerFailure, WorkerInit
+from .messages import (Beat, FileChunk, Join, JoinRefused, LifelineHello, Release, Welcome, WorkerFailure,
+                       WorkerInit)
 
 EXIT_REJOIN, EXIT_UNREACHABLE, EXIT_COORDINATOR_LOST, EXIT_REFUSED, EXIT_DISMISSED = 0, 3, 4, 5, 10
 FIRST_CONNECT_TIMEOUT_S = 120.0  # the coordinator may start after this command
@@ -88,6 +91,8 @@ def main(argv=None) -> int:
     parser.add_argument("--token", default=None, help=f"the coordinator's token (or set {TOKEN_ENV})")
     parser.add_argument("--devices", default=None, help="cpu,cpu or cuda:0,cuda:1 (default: every GPU, else cpu)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per CPU worker (default: cores shared)")
+    parser.add_argument("--comfyui", default=None, help="this machine's ComfyUI checkout, when the coordinator is a "
+                        "ComfyUI server whose path differs")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--connect-timeout", type=float, default=FIRST_CONNECT_TIMEOUT_S, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -96,17 +101,17 @@ def main(argv=None) -> int:
     cpus = sum(d.startswith("cpu") for d in devices)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, cpus))
     if args.child:
-        return run_worker(args.join, token, devices[0], threads, args.connect_timeout)
+        return run_worker(args.join, token, devices[0], threads, args.connect_timeout, comfyui=args.comfyui)
     local_rank = os.environ.get("LOCAL_RANK")
     if local_rank is not None:  # one process of torchrun --nproc-per-node
         rank = int(local_rank)
         device = devices[rank] if args.devices else (f"cuda:{rank}" if devices[0].startswith("cuda") else f"cpu:{rank}")
-        return run_worker(args.join, token, device, threads, args.connect_timeout, reexec=True)
-    return run_launcher(args.join, token, devices, threads)
+        return run_worker(args.join, token, device, threads, args.connect_timeout, reexec=True, comfyui=args.comfyui)
+    return run_launcher(args.join, token, devices, threads, args.comfyui)
 
 
 # -- the command: one child per device, restarted after each pool -----------------------------------
-def run_launcher(address: str, token: str, devices: list[str], threads: int) -> int:
+def run_launcher(address: str, token: str, devices: list[str], threads: int, comfyui: str | None = None) -> int:
     env = dict(os.environ)
     env[TOKEN_ENV] = token
     env["STADI_PARENT_PID"] = str(os.getpid())
@@ -118,6 +123,7 @@ def run_launcher(address: str, token: str, devices: list[str], threads: int) -> 
             child_env["CUDA_VISIBLE_DEVICES"] = device.split(":")[1].split(".")[0]
         cmd = [sys.executable, "-m", "stadi_core.runtime.join", "--child", "--join", address, "--devices", device,
                "--threads", str(threads), "--connect-timeout", str(connect_timeout)]
+        cmd += ["--comfyui", comfyui] if comfyui else []
         return subprocess.Popen(cmd, env=child_env, stdin=subprocess.DEVNULL)
 
     stop = threading.Event()
@@ -271,7 +277,7 @@ def rejoin(reexec: bool) -> None:
 
 
 def run_worker(address: str, token: str, device: str, threads: int, connect_timeout_s: float,
-               reexec: bool = False) -> int:
+               reexec: bool = False, comfyui: str | None = None) -> int:
     from .lobby import lifeline_timeout_s
 
     if os.environ.get("STADI_PARENT_PID"):
@@ -307,20 +313,43 @@ def run_worker(address: str, token: str, device: str, threads: int, connect_time
     except (EOFError, OSError):
         init = None
     if isinstance(init, WorkerInit):
-        _serve(init, conn)
+        _serve(init, conn, comfyui)
     lifeline.coordinator_alive()  # a coordinator that went away ends us here (exit 4), before a pointless rejoin
     lifeline.leave("its pool ended; joining again")
     rejoin(reexec)
     return EXIT_REJOIN
 
 
-def _serve(init: WorkerInit, conn: Connection) -> None:
+class RelayChannel(Channel):
+    """worker.py's Channel that also stores the shared files the coordinator copies here (relay.py)."""
+
+    def __init__(self, conn):
+        super().__init__(conn)
+        self.store = FileStore()
+
+    def recv(self):
+        while True:
+            msg = super().recv()
+            if not isinstance(msg, FileChunk):
+                return msg
+            stored = self.store.take(msg)
+            if stored is not None:
+                self.send(stored)
+
+
+def _serve(init: WorkerInit, conn: Connection, comfyui: str | None = None) -> None:
     import traceback
 
-    from .lifeline import Channel
     from .worker import _Worker
 
-    channel = Channel(conn)
+    paths = [comfyui] if comfyui else init.extra_sys_path  # e.g. the ComfyUI checkout, as on the coordinator
+    for path in paths:
+        if not os.path.isdir(path):
+            _say(init.device, f"{path} (the coordinator's ComfyUI, needed by its model) is not here: give this "
+                              "machine's ComfyUI checkout with --comfyui PATH")
+        elif path not in sys.path:
+            sys.path.insert(0, path)
+    channel = RelayChannel(conn)
     try:
         worker = _Worker(init, channel)
     except BaseException as exc:  # report start-up failures instead of dying silently (as worker.main)

@@ -74,6 +74,7 @@ class RemoteWorker:
 
     name: str  # HOST/DEVICE
     host: str
+    via: str  # this machine's address it connected to (the store's address for it; listening on 0.0.0.0 too)
     join: Join
     conn: Connection  # control: the pool's messages
     join_id: str
@@ -83,6 +84,7 @@ class RemoteWorker:
     dead: str | None = None  # why it is gone, once it is
     claimed: bool = False
     released: bool = False
+    files: dict = field(default_factory=dict)  # shared-file tag -> (pid, fd) copied to it (relay.py)
     lock: threading.Lock = field(default_factory=threading.Lock)  # lifeline writes
 
     def describe(self) -> str:
@@ -177,6 +179,7 @@ class Lobby:
             sock.close()
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        via = sock.getsockname()[0]
         conn = Connection(sock.detach())
         try:
             if not conn.poll(JOIN_STEP_TIMEOUT_S):
@@ -185,24 +188,28 @@ class Lobby:
             if isinstance(msg, LifelineHello):
                 self._attach_lifeline(msg.join_id, conn, peer)
             elif isinstance(msg, Join):
-                self._join(msg, conn, addr[0], peer)
+                self._join(msg, conn, addr[0], via)
             else:
                 raise WorkerError(f"sent {type(msg).__name__} instead of a Join")
         except (WorkerError, OSError, EOFError) as exc:
             _log.warning("STADI: the worker at %s could not join: %s", peer, exc)
             conn.close()
 
-    def _join(self, msg: Join, conn: Connection, host: str, peer: str) -> None:
+    def _join(self, msg: Join, conn: Connection, host: str, via: str) -> None:
         from ..cluster import canonical_device
 
         name = f"{host}{REMOTE_SEPARATOR}{canonical_device(msg.device)}"
+        with self._cond:
+            old = self.workers.get(name)
+        if old is not None and old.released:  # its pool let it go and it is back before its old lifeline closed
+            self._gone(old, "exited")
         with self._cond:
             old = self.workers.get(name)
             if old is not None and old.dead is None:
                 conn.send(JoinRefused(f"{name} already joined (pid {old.join.pid} on {old.join.hostname}): start "
                                       "one worker per device (--devices lists each once)"))
                 raise WorkerError(f"{name} is already in the lobby (pid {old.join.pid})")
-        worker = RemoteWorker(name, host, msg, conn, secrets.token_hex(8))
+        worker = RemoteWorker(name, host, via, msg, conn, secrets.token_hex(8))
         with self._cond:
             self._pending[worker.join_id] = worker
         try:

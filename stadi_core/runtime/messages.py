@@ -322,3 +322,23 @@ class Release:
 
     rejoin: bool
     reason: str = ""
+
+
+@dataclass
+class FileChunk:
+    """Part of a shared memory file (runtime/shared_memory.py) copied to a worker on another machine,
+    which cannot map the server's: ``size`` bytes in all, tagged ``tag`` (runtime/relay.py)."""
+
+    tag: str
+    offset: int
+    size: int
+    data: bytes
+
+
+@dataclass
+class FileStored:
+    """The worker holds the whole file ``tag`` as its own memory file ``fd`` of process ``pid``."""
+
+    tag: str
+    pid: int
+    fd: int

@@ -136,7 +136,8 @@ class WorkerPool:
             claimed = self.lobby.claim([d for d in self.devices if is_remote(d)], self.start_timeout_s)
             self._remote = {r: claimed[d] for r, d in enumerate(self.devices) if is_remote(d)}
             procs.update({r: RemoteProcess(self.lobby, w) for r, w in self._remote.items()})
-            env = [dict(e, **interface_env(self.lobby.host)) for e in env]  # gloo: the interface the others reach
+            via = next(iter(self._remote.values())).via  # our address the remote workers reach
+            env = [dict(e, **interface_env(via)) for e in env]  # gloo: the interface the others reach
         try:
             procs.update(zip(local, launch_workers(self.devices, env, listener, authkey, ranks=local)))
         finally:
@@ -159,7 +160,7 @@ class WorkerPool:
             remote = self._remote.get(rank)  # its own device name and threads; the store at our listen address
             threads = remote.join.threads if remote else self.threads if device.startswith("cpu") else 1
             self.send(rank, WorkerInit(rank=rank, world_size=self.world_size, device=remote.join.device if remote else
-                                       device, backend=self.backend, store_host=self.lobby.host if remote else self.host,
+                                       device, backend=self.backend, store_host=remote.via if remote else self.host,
                                        store_port=store_port, store_prefix=prefix, threads=threads,
                                        timeout_s=self.collective_timeout_s, extra_sys_path=self.extra_sys_path,
                                        transport=transport))
@@ -292,6 +293,11 @@ class WorkerPool:
         from a rank thread. The pickling happens outside the lock."""
         if self.broken:
             raise WorkerError("this worker pool was stopped; the next run starts a fresh one")
+        if rank in self._remote:  # another machine cannot map our shared memory files: copy them first
+            from .relay import localize
+
+            msg = localize(msg, self._remote[rank].files, lambda m: self._write(rank, m, lock_timeout_s),
+                           self.conns[rank])
         return self._write(rank, msg, lock_timeout_s)
 
     def _write(self, rank: int, msg, lock_timeout_s: float) -> int:
