@@ -215,6 +215,11 @@ class Deployment:
         loaded = sorted(r for r, m in session.ready.items() if m.info.get("loaded_weights"))
         report.notes.append(f"weights loaded by ranks {loaded}" if loaded else "weights already loaded (warm workers)")
         report.notes.extend(self.cluster.notes)
+        if any("/" in d for d in plan.devices):  # devices that joined from other machines: their links
+            from .remote_workers import server_lobby
+
+            lobby = server_lobby()
+            report.notes.extend(lobby.link_notes(plan.devices) if lobby is not None else [])
         report.notes.extend(self.losses)
         report.notes.extend(compile_notes(session))
         options = [f"--{k.replace('_', '-')}" + (f" {' '.join(v)}" if isinstance(v, list) else "")

@@ -99,6 +99,7 @@ def test_remote_worker_in_comfyui_exact_equals_ksampler(server, remote):
           f"{[(b['device'], b['rows']) for b in plan['bands']]}")
     assert [b["device"] for b in plan["bands"]] == ["cpu:0", name]
     assert rel <= REL_TOL
+    assert any(n.startswith("link coordinator") and name.split("/")[0] in n for n in plan["notes"]), plan["notes"]
     panel = entry["outputs"]["10"]["stadi_devices"][0]["devices"]  # the cluster node's panel: with its link
     joined = [d for d in panel if d["name"] == name]
     assert joined and joined[0]["source"] == "joined" and joined[0]["link"] and joined[0]["in_cluster"], panel
