@@ -70,4 +70,5 @@ def test_counted_context_bytes_equal_what_a_real_run_sent():
     per_call = res.report.ranks[0].sent_bytes / 3
     assert res.report.ranks[0].rows == 16
     assert cost.bytes_fixed + cost.bytes_per_row * 16 == pytest.approx(per_call, rel=1e-6)
-    assert cost.messages > 0 and cost.output_bytes_per_row == 4 * 32 * 2 * 2 * 4  # channels x width x 4 rows (2 samples x 2 branches) x fp32
+    # output: channels x width x 4 samples (2 x 2 CFG branches) x fp32
+    assert cost.messages > 0 and cost.output_bytes_per_row == 4 * 32 * 2 * 2 * 4

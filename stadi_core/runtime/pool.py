@@ -144,7 +144,8 @@ class WorkerPool:
             self.procs.extend(procs[r] for r in range(self.world_size) if r in procs)
         return local
 
-    def _init_workers(self, listener: Listener, store_port: int, prefix: str, local: Sequence[int] | None = None) -> None:
+    def _init_workers(self, listener: Listener, store_port: int, prefix: str,
+                      local: Sequence[int] | None = None) -> None:
         """Take one connection per local rank (remote ones came with the lobby), then tell each worker its
         rank, device and group."""
         local = list(range(self.world_size)) if local is None else list(local)
