@@ -22,6 +22,10 @@ except Exception as exc:  # the nodes work without it; only the release on /free
 
     logging.getLogger("stadi").warning("STADI: POST /free will not release the worker pools: %s", exc)
 
+from .nodes.remote_workers import open_at_load as _listen_for_remote_workers  # noqa: E402
+
+_listen_for_remote_workers()  # STADI_LISTEN set: workers on other machines can join (nodes/remote_workers.py)
+
 WEB_DIRECTORY = "./web"
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

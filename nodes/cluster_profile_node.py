@@ -23,6 +23,7 @@ from stadi_core.errors import PlanError
 from stadi_core.runtime.registry import format_pool_report, pool_report
 
 from .device_discovery import cuda_names, devices_fingerprint, discover_devices
+from .remote_workers import joined_info, server_lobby
 from .types import CLUSTER_TYPE, StadiCluster
 
 log = logging.getLogger("stadi")
@@ -131,17 +132,26 @@ def build_cluster(devices: str = "auto", backend: str = "auto", measure: bool = 
     # -- what this machine has ----------------------------------------------------------------
     found = discover_devices() if discovered is None else [dict(d) for d in discovered]
     have_cuda = cuda_names(found)
+    lobby = server_lobby()  # workers on other machines (STADI_LISTEN; nodes/remote_workers.py)
+    joined = lobby.names() if lobby is not None else []
     if auto:
         if have_cuda:
             wanted = list(have_cuda)
         else:
             wanted = [f"cpu:{i}" for i in range(AUTO_CPU_WORKERS)]
             note(f"no CUDA device found: using {AUTO_CPU_WORKERS} CPU workers")
+        wanted += joined
     missing = [n for n in wanted if n.startswith("cuda:") and n not in have_cuda]
     if missing:
         here = ", ".join(have_cuda) if have_cuda else "no CUDA device"
         verb = "is" if len(missing) == 1 else "are"
         note(f"{', '.join(missing)} {verb} not on this machine (it has {here}): skipped")
+    absent = [n for n in wanted if "/" in n and n not in joined]
+    if absent:
+        where = (f"join with `python -m stadi_core worker --join {lobby.address}` on that machine" if lobby is not None
+                 else "start ComfyUI with STADI_LISTEN=ADDR:PORT and STADI_TOKEN so workers on other machines can join")
+        note(f"{', '.join(absent)} {'has' if len(absent) == 1 else 'have'} not joined: skipped ({where})")
+        missing += absent
     names = [n for n in wanted if n not in missing]
 
     def assemble(names: list[str]) -> list[DeviceSpec]:
@@ -184,8 +194,13 @@ def build_cluster(devices: str = "auto", backend: str = "auto", measure: bool = 
     # -- discovery data for the web panel: each physical device and the workers on it ----------
     info = []
     for d in found:
-        workers = [s.to_dict() for s in specs if (s.name == d["name"] if d.get("kind") == "cuda" else s.kind == d.get("kind"))]
+        workers = [s.to_dict() for s in specs if (s.name == d["name"] if d.get("kind") == "cuda" else
+                                                    s.kind == d.get("kind") and not s.host)]
         info.append(dict(d, workers=workers, in_cluster=any(not w["excluded"] for w in workers)))
+    if lobby is not None:
+        info += [dict(d, workers=[s.to_dict() for s in specs if s.name == d["name"]],
+                      in_cluster=any(s.name == d["name"] and not s.excluded for s in specs))
+                 for d in joined_info(lobby, joined)]
     cluster = StadiCluster(spec=spec, measure=bool(measure), devices_info=info, notes=notes)
     log.info("STADI cluster: %s (backend %s)%s", spec, spec.resolved_backend(), "" if measure else ", not measured")
     return cluster
@@ -231,7 +246,8 @@ class GPUClusterProfile:
     def IS_CHANGED(cls, **kwargs):
         # Widget values are part of ComfyUI's cache key already; this adds the machine, so a
         # GPU that appears or disappears re-runs the node (live load does not).
-        return devices_fingerprint(discover_devices())
+        lobby = server_lobby()
+        return devices_fingerprint(discover_devices()) + ("|" + ",".join(lobby.names()) if lobby is not None else "")
 
     def build(self, devices, backend, measure, speeds, exclude, emulate_slowdown):
         cluster = build_cluster(devices=devices, backend=backend, measure=measure, speeds=speeds,

@@ -177,8 +177,13 @@ class Deployment:
 
         # comfy is a namespace package: locate the checkout through one of its modules
         comfy_root = os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_base.__file__)))
-        return get_pool([b.device for b in plan.bands], self.cluster.spec.resolved_backend(),
-                        extra_sys_path=[comfy_root])
+        devices = [b.device for b in plan.bands]
+        joined = {}
+        if any("/" in d for d in devices):  # devices that joined from other machines (nodes/remote_workers.py)
+            from .remote_workers import server_lobby
+
+            joined = {"lobby": server_lobby()}
+        return get_pool(devices, self.cluster.spec.resolved_backend(), extra_sys_path=[comfy_root], **joined)
 
     def slowdowns(self, plan: Plan) -> list[float]:
         by_name = {d.name: d for d in self.cluster.spec.active()}
@@ -210,6 +215,11 @@ class Deployment:
         loaded = sorted(r for r, m in session.ready.items() if m.info.get("loaded_weights"))
         report.notes.append(f"weights loaded by ranks {loaded}" if loaded else "weights already loaded (warm workers)")
         report.notes.extend(self.cluster.notes)
+        if any("/" in d for d in plan.devices):  # devices that joined from other machines: their links
+            from .remote_workers import server_lobby
+
+            lobby = server_lobby()
+            report.notes.extend(lobby.link_notes(plan.devices) if lobby is not None else [])
         report.notes.extend(self.losses)
         report.notes.extend(compile_notes(session))
         options = [f"--{k.replace('_', '-')}" + (f" {' '.join(v)}" if isinstance(v, list) else "")

@@ -51,22 +51,30 @@ def _model_info(spec: ModelSpec):
 
 
 def plan_for(cluster: ClusterSpec, *, height: int, steps: int, sampler: str, mode: str, warmup: int, strides,
-             align: int, strategy: str = "bands", cfg: float = 5.0, context=None) -> Plan:
+             align: int, strategy: str = "bands", cfg: float = 5.0, context=None, links=None) -> Plan:
     """The plan for the cluster's active devices at their planning speeds (arrange.choose_plan)."""
     return choose_for(cluster, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
-                      strides=strides, align=align, strategy=strategy, cfg=cfg, context=context).plan
+                      strides=strides, align=align, strategy=strategy, cfg=cfg, context=context, links=links).plan
 
 
 def choose_for(cluster: ClusterSpec, *, height: int, steps: int, sampler: str, mode: str, warmup: int, strides,
-               align: int, strategy: str, cfg: float, ragged: bool = False, context=None) -> Choice:
-    """Every arrangement ``strategy`` allows, priced for this cluster; CPU workers share the host's cores."""
+               align: int, strategy: str, cfg: float, ragged: bool = False, context=None, links=None) -> Choice:
+    """Every arrangement ``strategy`` allows, priced for this cluster; CPU workers share the host's cores.
+
+    ``links``: (lobby, ExchangeCost) when workers joined from other machines: the links measured at join
+    (per pair of devices; runtime/lobby.py) and the bytes a call sends are priced against the devices'
+    speeds, which must then be measured rows/s (capabilities), else only compute is priced."""
     cluster.validate_available()
     active = cluster.active()
     names = [d.name for d in active]
     together, alone = host_shared_speeds(names, [d.planning_speed() for d in active], cpu_count=os.cpu_count() or 1)
+    priced = {}
+    if links is not None and all(d.capability is not None and d.relative_speed is None for d in active):
+        lobby, exchange = links
+        priced = {"link": lobby.link_model(names), "exchange": exchange}
     return choose_plan(height, together, devices=names, alone_speeds=alone, strategy=strategy, branches=cfg != 1.0,
                        align=align, steps=steps, warmup=warmup, mode=mode, strides=strides, sampler=sampler,
-                       ragged=ragged, context=context)
+                       ragged=ragged, context=context, **priced)
 
 
 def generate(
@@ -95,6 +103,10 @@ def generate(
     prompt: str | None = None,
     context: "str | ContextOptions | None" = None,
     emulate_link: str | None = None,
+    listen: str | None = None,
+    token: str | None = None,
+    remote_workers: int = 0,
+    join_timeout_s: float = 120.0,
 ) -> GenerateResult:
     """Denoise a ``batch x channels x height x width`` latent with one band per active device.
 
@@ -110,9 +122,23 @@ def generate(
     with no link model, as for one host, that is full).
     ``emulate_link``: 'GBPS,LATENCY_US' — every context transfer also takes as long as on such a
     link (parallel/links.py; benchmarks and tests of slow interconnects on one host).
+    ``listen``: 'ADDR:PORT' where workers on other machines join (``python -m stadi_core worker --join
+    ADDR:PORT --token T``; runtime/lobby.py), with ``token`` (required unless ADDR is loopback). The
+    cluster may name joined devices (``10.0.0.2/cuda:0``); ``remote_workers=N`` waits up to
+    ``join_timeout_s`` for N of them and adds them after the cluster's own devices. The links measured at
+    join are in the report's notes.
     """
     spec = model or ModelSpec()
     cluster = _as_cluster(cluster)
+    lobby = links = None
+    if listen:
+        from .runtime.lobby import open_lobby
+
+        lobby = open_lobby(listen, token)
+        cluster = with_joined(cluster, lobby.wait_for(remote_workers, join_timeout_s) if remote_workers else [])
+    elif remote_workers or any(d.host for d in cluster.active()):
+        raise PlanError("workers on other machines join through a listen address: pass listen='ADDR:PORT' and the "
+                        "token (CLI: --listen, --token)")
     make_sampler(sampler)  # unknown samplers fail before any process starts
     ref_model, model_align = _model_info(spec)
     align = align or model_align
@@ -127,18 +153,23 @@ def generate(
     threads = {} if threads_per_worker is None else {"threads_per_worker": threads_per_worker}
     if emulate_link:
         EmulatedLink.parse(emulate_link)  # a malformed value fails here, not in every worker
+    link_notes: list[str] = []
+    if lobby is not None and any(d.host for d in cluster.active()) and len(cluster.active()) > 1:
+        cluster, links, link_notes = _price_links(spec, cluster, lobby, height=height, width=width, batch=batch,
+                                                  cfg=cfg, align=align, **threads)
     by_name = {d.name: d for d in cluster.devices}
 
     def plan_on(survivors: ClusterSpec) -> Plan:
         return plan_for(survivors, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
-                        strides=strides, align=align, strategy=strategy, cfg=cfg, context=context)
+                        strides=strides, align=align, strategy=strategy, cfg=cfg, context=context, links=links)
 
     def pool_on(survivors: ClusterSpec, plan: Plan):
         devices = [b.device for b in plan.bands]
         env = _worker_env(by_name, devices)
         if emulate_link:
             env = [dict(e, **{LINK_ENV: emulate_link}) for e in env]
-        return get_pool(devices, survivors.resolved_backend(), worker_env=env, **threads)
+        joined = {"lobby": lobby} if any(by_name[d].host for d in devices) else {}  # local pools keep their keys
+        return get_pool(devices, survivors.resolved_backend(), worker_env=env, **threads, **joined)
 
     first_plan = plan_on(cluster)
     _window_config(hybrid_window, first_plan, sampler)  # a run that cannot take the window fails here
@@ -174,7 +205,53 @@ def generate(
         report.notes.append(f"exchange: {results[0].info.get('transport', 'dist')} "
                             f"({cluster.resolved_backend()} process group)")
     report.notes.extend(outcome.notes)
+    if lobby is not None:
+        report.notes.extend(lobby.link_notes([b.device for b in plan.bands]) + link_notes)
     return GenerateResult(torch.cat(bands, dim=2), report)
+
+
+_MEASURED: dict[tuple, float] = {}  # (model key, device, rows, width, batch) -> rows/s, measured for link pricing
+_EXCHANGES: dict[tuple, object] = {}  # (model key, height, width, batch, cfg, align) -> ExchangeCost
+
+
+def _price_links(spec: ModelSpec, cluster: ClusterSpec, lobby, *, height: int, width: int, batch: int, cfg: float,
+                 align: int, **pool_kw) -> tuple[ClusterSpec, tuple, list[str]]:
+    """What the planner needs to price the links to other machines: every device's speed in rows/s
+    (measured now on the model, unless known), the bytes a call sends (exchange_probe.py), the lobby's links."""
+    from .exchange_probe import measure_exchange
+
+    notes = []
+    active = cluster.active()
+    if any(d.relative_speed is not None for d in active):
+        return cluster, None, ["links not priced: manual relative speeds cannot be set against link seconds; "
+                               "leave the speeds to be measured"]
+    rows = max(align, (height // len(active)) // align * align)
+    key = lambda d: (spec.key(), d.name, rows, width, batch)  # noqa: E731
+    known = {d.name: _MEASURED[key(d)] for d in active if d.capability is None and key(d) in _MEASURED}
+    cluster = cluster.with_capabilities(known) if known else cluster
+    if any(d.capability is None for d in cluster.active()):
+        cluster = profile(spec, cluster, rows=rows, width=width, batch=batch, lobby=lobby, **pool_kw)
+        _MEASURED.update({key(d): d.capability for d in cluster.active()})
+    notes.append(f"device speeds (rows/s of one call on a {rows}-row band, measured on the model) price the links: "
+                 + ", ".join(f"{d.name} {d.capability:.4g}" for d in cluster.active()))
+    ex_key = (spec.key(), height, width, batch, cfg, align)
+    if ex_key not in _EXCHANGES:
+        _EXCHANGES[ex_key] = measure_exchange(spec, height=height, width=width, batch=batch, cfg=cfg, align=align)
+    exchange = _EXCHANGES[ex_key]
+    notes.append(f"context per synchronous call, per rank: {exchange.bytes_fixed / 1e6:.3g} MB + "
+                 f"{exchange.bytes_per_row / 1e6:.3g} MB/row in {exchange.messages} all-gathers (counted on the model)")
+    return cluster, (lobby, exchange), notes
+
+
+def with_joined(cluster: ClusterSpec, names: Sequence[str]) -> ClusterSpec:
+    """``cluster`` plus the joined devices ``names`` it does not list yet (after its own, in join order)."""
+    from dataclasses import replace
+
+    from .cluster import DeviceSpec
+
+    have = {d.name for d in cluster.devices}
+    extra = tuple(DeviceSpec(n) for n in names if n not in have)
+    return replace(cluster, devices=cluster.devices + extra) if extra else cluster
 
 
 def _window_config(preset: str | None, plan: Plan, sampler: str) -> dict | None:
@@ -272,14 +349,17 @@ def reference_generate(
 
 
 def profile(model: ModelSpec | None, cluster: ClusterSpec | str | None, *, rows: int, width: int, batch: int = 1,
-            repeats: int = 3, graphs: bool = False) -> ClusterSpec:
+            repeats: int = 3, graphs: bool = False, lobby=None, **pool_kw) -> ClusterSpec:
     """Measure each device's capability (rows/s of one network call on a ``rows``-row band)."""
     spec = model or ModelSpec()
     cluster = _as_cluster(cluster)
     cluster.validate_available()
     active = cluster.active()
     devices = [d.name for d in active]
-    pool = get_pool(devices, cluster.resolved_backend(), worker_env=_worker_env({d.name: d for d in active}, devices))
+    if lobby is not None and any(d.host for d in active):
+        pool_kw["lobby"] = lobby  # devices that joined from other machines
+    pool = get_pool(devices, cluster.resolved_backend(), worker_env=_worker_env({d.name: d for d in active}, devices),
+                    **pool_kw)
     slowdowns = [d.slowdown for d in active]
     results = pool.run(lambda job_id: MeasureJob(job_id, spec.to_dict(), rows, width, batch, repeats,
                                                  graphs=graphs),

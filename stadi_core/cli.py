@@ -51,6 +51,12 @@ def _add_run_args(p):
     p.add_argument("--slowdown", action="append", metavar="DEVICE=X[@STEP]",
                    help="emulate a device X times slower (from sampler step STEP on)")
     p.add_argument("--speed", action="append", metavar="DEVICE=S", help="manual relative speed of a device")
+    p.add_argument("--listen", default=None, metavar="ADDR:PORT", help="let workers on other machines join here "
+                   "(python -m stadi_core worker --join ADDR:PORT --token T); open the port in the firewall")
+    p.add_argument("--token", default=None, help="the secret remote workers must prove they know (default: "
+                   "STADI_TOKEN); required with --listen on anything but 127.0.0.1")
+    p.add_argument("--remote", type=int, default=0, metavar="N", help="wait for N remote workers and add them "
+                   "(as HOST/DEVICE) after --devices")
 
 
 def _spec(args):
@@ -74,7 +80,7 @@ def cmd_generate(args) -> int:
     res = generate(spec, cluster, height=height, width=width, batch=args.batch, steps=args.steps,
                    sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg, seed=args.seed, mode=args.mode,
                    warmup=args.warmup, strides=strides, graphs=args.graphs, strategy=args.strategy,
-                   hybrid_window=args.hybrid_window, prompt=args.prompt,
+                   hybrid_window=args.hybrid_window, prompt=args.prompt, **_remote_args(args),
                    context=None if args.mode == "exact" and args.context in ("full", "auto") else args.context,
                    on_step=lambda rank, t: rank == 0 and print(f"  step {t['step'] + 1}/{args.steps}", flush=True))
     total = time.perf_counter() - t0
@@ -90,6 +96,18 @@ def cmd_generate(args) -> int:
     for p in write_outputs(Path(args.out), res.latent, res.report, spec.adapter, plan):
         print(f"wrote {p}")
     return 0
+
+
+def _remote_args(args) -> dict:
+    """generate()'s remote-worker arguments from --listen/--token/--remote (token default: STADI_TOKEN)."""
+    import os
+
+    if not args.listen:
+        if args.remote:
+            raise StadiError("--remote needs --listen ADDR:PORT (where the remote workers join)")
+        return {}
+    return {"listen": args.listen, "token": args.token or os.environ.get("STADI_TOKEN") or None,
+            "remote_workers": args.remote}
 
 
 def _size(args, spec) -> tuple[int, int]:
@@ -302,12 +320,19 @@ def main(argv=None) -> int:
     sub.add_parser("bench-replan", help="a worker 2x slower from step 4: static plan vs in-run re-plan in ComfyUI's "
                    "lockstep path (bench-replan --help; needs STADI_COMFYUI_PATH)")
     sub.add_parser("bench-ops", help="aten ops per band forward vs the stock network (bench-ops --help)")
+    sub.add_parser("bench-two-hosts", help="root: a second host in a network namespace; the planner's choice on a "
+                   "1 Gbit/s shaped vs an unshaped link, measured (bench-two-hosts --help)")
     sub.add_parser("simulate-arrangements", help="predicted tables: which arrangement auto picks on GPU clusters "
                    "that are not here (simulate-arrangements --help)")
     sub.add_parser("train-tiny", help="train the tiny-shapes model on this CPU (train-tiny --help)")
-    sub.add_parser("worker", help="run one worker that connects to a coordinator: worker --connect HOST:PORT "
-                   "--rank R (STADI_AUTHKEY in the environment); what the coordinator starts per device")
+    sub.add_parser("worker", help="join a coordinator from this machine: worker --join HOST:PORT --token T "
+                   "[--devices cuda:0,cuda:1] (worker --join X --help); or, as the coordinator starts its own, "
+                   "worker --connect HOST:PORT --rank R")
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["worker"] and any(a == "--join" or a.startswith("--join=") for a in argv[1:]):
+        from .runtime import join
+
+        return join.main(argv[1:])
     if argv[:1] == ["worker"]:
         from .runtime import worker
 
@@ -319,7 +344,7 @@ def main(argv=None) -> int:
     benches = {"bench-balance": "balance", "bench-units": "units", "bench-hybrid": "hybrid", "bench-ops": "ops",
                "bench-fastpath": "fastpath", "bench-decode": "decode", "bench-quality": "quality", "simulate-arrangements": "arrangements",
                "bench-context": "context", "bench-context-predict": "context_predict", "bench-memory": "memory",
-               "bench-replan": "replan"}
+               "bench-replan": "replan", "bench-two-hosts": "two_hosts"}
     if argv[:1] and argv[0] in benches:
         import importlib
 

@@ -19,22 +19,30 @@ __all__ = ["DeviceSpec", "ClusterSpec", "canonical_device", "DEVICE_SYNTAX"]
 
 BACKENDS = ("auto", "nccl", "gloo")
 DEVICE_SYNTAX = ("cpu, cpu:N, cuda or cuda:N (and cpu*N / cuda*N for N workers; cuda:N.K for a K-th extra "
-                 "worker sharing GPU N, e.g. under CUDA MPS), separated by commas")
-_DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+)(?:\.(\d+))?)?$")
+                 "worker sharing GPU N, e.g. under CUDA MPS; HOST/cuda:N for a worker that joined from another "
+                 "machine), separated by commas")
+_DEVICE_RE = re.compile(r"^(?:([^/\s,*]+)/)?(cpu|cuda)(?::(\d+)(?:\.(\d+))?)?$")
 
 
 def canonical_device(token: str) -> str:
-    """Canonical name of one device token: "cuda" -> "cuda:0", " CPU:2 " -> "cpu:2"."""
+    """Canonical name of one device token: "cuda" -> "cuda:0", " CPU:2 " -> "cpu:2", "10.0.0.2/cuda" ->
+    "10.0.0.2/cuda:0" (a worker on another machine, runtime/lobby.py)."""
     m = _DEVICE_RE.match(str(token).strip().lower())
     if not m:
         raise PlanError(f"unknown device {token!r}: use {DEVICE_SYNTAX}")
-    slot = f".{int(m.group(3))}" if m.group(3) and int(m.group(3)) > 0 else ""
-    return f"{m.group(1)}:{int(m.group(2) or 0)}{slot}"
+    slot = f".{int(m.group(4))}" if m.group(4) and int(m.group(4)) > 0 else ""
+    host = f"{m.group(1)}/" if m.group(1) else ""
+    return f"{host}{m.group(2)}:{int(m.group(3) or 0)}{slot}"
+
+
+def device_host(name: str) -> str:
+    """"10.0.0.2/cuda:1" -> "10.0.0.2"; "" for a device of this machine."""
+    return name.rpartition("/")[0]
 
 
 def device_index(name: str) -> int:
-    """"cuda:1.2" -> 1: the device a worker runs on, whatever its slot."""
-    return int(name.split(":")[1].split(".")[0])
+    """"cuda:1.2" -> 1: the device a worker runs on, whatever its slot (and machine)."""
+    return int(name.rpartition("/")[2].split(":")[1].split(".")[0])
 
 
 def _check_positive(what: str, value: float | None, name: str) -> None:
@@ -78,7 +86,12 @@ class DeviceSpec:
 
     @property
     def kind(self) -> str:
-        return self.name.split(":")[0]
+        return self.name.rpartition("/")[2].split(":")[0]
+
+    @property
+    def host(self) -> str:
+        """The machine of a worker that joined from elsewhere ("" for this machine's devices)."""
+        return device_host(self.name)
 
     @property
     def index(self) -> int:
@@ -173,7 +186,7 @@ class ClusterSpec:
         act = self.active()
         if not all(d.kind == "cuda" for d in act):
             return "gloo"
-        if len({d.index for d in act}) != len(act):
+        if len({(d.host, d.index) for d in act}) != len(act):
             return "gloo"
         try:
             import torch.distributed as dist
@@ -198,7 +211,7 @@ class ClusterSpec:
 
     def validate_available(self, cuda_count: int | None = None) -> None:
         """Fail early, with the devices that do exist, if a cuda:N is not on this machine."""
-        wanted = [d for d in self.active() if d.kind == "cuda"]
+        wanted = [d for d in self.active() if d.kind == "cuda" and not d.host]  # other machines' are theirs
         if not wanted:
             return
         if cuda_count is None:

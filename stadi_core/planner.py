@@ -165,11 +165,12 @@ class Plan:
                 f"warmup {self.warmup}, mode {self.mode}, sync every {self.sync_period} step(s)")
         if self.mode != "exact" and not self.context.is_default:
             head += f", context {self.context.label()}"
-        lines = [head, f"{'rank':>4}  {'device':<8} {'rows':>5}  {'[start,end)':<12} {'stride':>6} "
+        w = max([8] + [len(b.device) for b in self.bands])  # devices of other machines: HOST/cuda:0
+        lines = [head, f"{'rank':>4}  {'device':<{w}} {'rows':>5}  {'[start,end)':<12} {'stride':>6} "
                        f"{'speed':>9} {'evals':>5}"]
         for b in self.bands:
             span = "units below" if self.groups else f"[{b.row_start},{b.row_end})"
-            lines.append(f"{b.rank:>4}  {b.device:<8} {b.rows:>5}  {span:<12} {b.stride:>6} "
+            lines.append(f"{b.rank:>4}  {b.device:<{w}} {b.rows:>5}  {span:<12} {b.stride:>6} "
                          f"{b.speed:>9.4g} {len(self.compute_steps(b.rank)):>5}")
         if self.groups:
             lines[0] += f", strategy {self.strategy}"

@@ -86,10 +86,11 @@ class RunReport:
         }
 
     def table(self) -> str:
-        lines = [f"{'rank':>4} {'device':<8} {'rows':>5} {'stride':>6} {'evals':>5} {'busy s':>8} "
+        w = max([8] + [len(r.device) for r in self.ranks])  # devices of other machines: HOST/cuda:0
+        lines = [f"{'rank':>4} {'device':<{w}} {'rows':>5} {'stride':>6} {'evals':>5} {'busy s':>8} "
                  f"{'comm s':>8} {'idle %':>7} {'sent MB':>8}"]
         for r in self.ranks:
-            lines.append(f"{r.rank:>4} {r.device:<8} {r.rows:>5} {r.stride:>6} {r.evals:>5} {r.busy_s:>8.3f} "
+            lines.append(f"{r.rank:>4} {r.device:<{w}} {r.rows:>5} {r.stride:>6} {r.evals:>5} {r.busy_s:>8.3f} "
                          f"{r.comm_s:>8.3f} {r.idle_pct:>7.1f} {r.sent_bytes / 1e6:>8.3f}")
         lines.append(f"denoising {self.denoise_s:.3f} s; whole call {self.wall_s:.3f} s (includes model loading on a cold pool)")
         lines.extend(f"note: {n}" for n in self.notes)

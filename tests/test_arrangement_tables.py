@@ -117,3 +117,17 @@ def test_main_prints_the_tables(capsys):
     assert "PREDICTED" in out and "ILLUSTRATIVE" in out and "mode exact" not in out
     assert out.count("auto -> ") == 6
     assert "10 GbE 1.25 GB/s, 50 us/message" in out
+
+
+def test_two_machines_over_1gbe_keep_bands_inside_a_machine():
+    """docs/simulate_two_machines.txt: (c) 10 GbE and (d) 1 GbE between two machines of 2 GPUs each."""
+    tables = arr.build_tables(clusters=[arr.cluster_c(), arr.cluster_d()], modes=("displaced",))
+    for t in tables:
+        plan = t.chosen.plan
+        assert t.chosen.name != "bands", (t.cluster.key, t.workload.key)  # never 4 bands across the link
+        if plan.groups:
+            assert arr.groups_inside_machines(t.cluster, plan)
+        assert t.chosen.speedup_run > 1.5
+    slow = {t.workload.key: t for t in tables if t.cluster.key == "d"}
+    fast = {t.workload.key: t for t in tables if t.cluster.key == "c"}
+    assert slow["sdxl-1024"].chosen.speedup_run < fast["sdxl-1024"].chosen.speedup_run

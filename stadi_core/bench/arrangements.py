@@ -12,12 +12,15 @@ Clusters (``CLUSTERS``):
   (a) 2 x RTX 4090 class on one machine, PCIe link;
   (b) RTX 4090 class + RTX 3090 class on one machine, PCIe link;
   (c) 4 x RTX 4090 class in two machines (2 per machine): PCIe inside a machine, 10 GbE
-      between machines (a 4 x 4 bandwidth / latency matrix in ``LinkModel``).
+      between machines (a 4 x 4 bandwidth / latency matrix in ``LinkModel``);
+  (d) the same two machines over 1 GbE (``--clusters cd``: the two-machine tables of
+      docs/simulate_two_machines.txt).
 Links: PCIe 4.0 x16 ~25 GB/s effective, 10 us per message (32 GB/s raw per direction; NCCL's
 own topology models a PCIe 4.0 x16 link at 24 GB/s, e.g. the ``PCI[24.0]`` lines in
 NVIDIA/nccl-tests#307; RTX 4090s have no P2P, so NCCL goes through host memory and real
 transfers can be slower, NVIDIA/nccl-tests#270). 10 GbE: 1.25 GB/s line rate (10 Gb/s / 8)
-and ~50 us per message (TCP socket transport; an estimate, not a measurement).
+and ~50 us per message (TCP socket transport; an estimate, not a measurement). 1 GbE: 0.125 GB/s
+line rate, ~100 us per message (an estimate; the netns test link measured 0.1 GB/s through TCP).
 
 Models (one entry of ``gpu_class_curves.json`` each):
   SDXL 1024^2: latent 128 x 128, CFG 5 -> two branches (the curves are seconds of one call
@@ -81,6 +84,7 @@ CURVES_PATH = Path(__file__).with_name("gpu_class_curves.json")
 # (GB/s, seconds per message); see the module docstring for where they come from.
 PCIE = (25.0, 10e-6)
 TEN_GBE = (1.25, 50e-6)
+ONE_GBE = (0.125, 100e-6)
 
 
 # --------------------------------------------------------------------------------------
@@ -148,7 +152,16 @@ def cluster_c(order: Sequence[int] = (0, 1, 2, 3)) -> Cluster:
                    devs, _link(devs, PCIE, TEN_GBE))
 
 
+def cluster_d(order: Sequence[int] = (0, 1, 2, 3)) -> Cluster:
+    """(c)'s two machines over 1 GbE."""
+    base = [ClusterDevice(f"m{m}.gpu{g}", "rtx4090", f"m{m}") for m in (0, 1) for g in (0, 1)]
+    devs = tuple(base[i] for i in order)
+    return Cluster("d", "(d) 4 x RTX 4090 class in 2 machines (2 each): PCIe inside, 1 GbE between",
+                   devs, _link(devs, PCIE, ONE_GBE))
+
+
 CLUSTERS = (cluster_a, cluster_b, cluster_c)
+ALL_CLUSTERS = {"a": cluster_a, "b": cluster_b, "c": cluster_c, "d": cluster_d}
 
 
 @dataclass(frozen=True)
@@ -305,7 +318,8 @@ def header(tables: Sequence[Table]) -> str:
              ("Compute curves are ILLUSTRATIVE (affine fits to public ballpark figures; sources in "
               f"{CURVES_PATH.name})." if illustrative else "Compute curves: measured (illustrative: false)."),
              f"Links: PCIe {PCIE[0]:g} GB/s, {PCIE[1] * 1e6:g} us/message (inside a machine); "
-             f"10 GbE {TEN_GBE[0]:g} GB/s, {TEN_GBE[1] * 1e6:g} us/message (between machines).",
+             f"10 GbE {TEN_GBE[0]:g} GB/s, {TEN_GBE[1] * 1e6:g} us/message (between machines)"
+             + (f"; 1 GbE {ONE_GBE[0]:g} GB/s, {ONE_GBE[1] * 1e6:g} us/message." if "d" in cl else "."),
              "Clusters:"]
     for k in cl:
         c = cls[k]
@@ -368,9 +382,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--curves", default=str(CURVES_PATH), help="GPU-class curves file (gpu_class_curves.json format)")
     ap.add_argument("--mode", choices=("displaced", "exact", "both"), default="both")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--clusters", default="abc", help="which clusters, by letter: abc (default), cd (two machines: "
+                    "10 GbE and 1 GbE), abcd")
     args = ap.parse_args(argv)
     modes = ("displaced", "exact") if args.mode == "both" else (args.mode,)
-    tables = build_tables(args.curves, modes=modes, warmup=args.warmup)
+    unknown = sorted(set(args.clusters) - set(ALL_CLUSTERS))
+    if unknown:
+        ap.error(f"unknown cluster(s) {''.join(unknown)}: use letters of {''.join(ALL_CLUSTERS)}")
+    tables = build_tables(args.curves, modes=modes, warmup=args.warmup,
+                          clusters=[ALL_CLUSTERS[k]() for k in dict.fromkeys(args.clusters)])
     print(format_tables(tables))
     return 0
 

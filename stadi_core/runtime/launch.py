@@ -22,10 +22,12 @@ from .messages import Hello
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def describe_exit(code: int | None) -> str:
-    """A worker's exit code as words for an error message."""
+def describe_exit(code: int | str | None) -> str:
+    """A worker's exit code as words for an error message (a remote worker's is words already)."""
     if code is None:
         return "stopped answering"
+    if isinstance(code, str):
+        return code
     if code < 0:
         try:
             return f"was killed by {signal.Signals(-code).name}"
@@ -35,11 +37,13 @@ def describe_exit(code: int | None) -> str:
 
 
 def launch_workers(devices: Sequence[str], worker_env: Sequence[dict], listener: Listener,
-                   authkey: bytes) -> list[subprocess.Popen]:
-    """One process per device, told where to connect; the auth key travels in the environment."""
+                   authkey: bytes, ranks: Sequence[int] | None = None) -> list[subprocess.Popen]:
+    """One process per device (of ``ranks``, default all), told where to connect; the auth key travels in
+    the environment."""
     host, lport = listener.address
     procs = []
-    for rank, device in enumerate(devices):
+    for rank in range(len(devices)) if ranks is None else ranks:
+        device = devices[rank]
         env = dict(os.environ)
         env["STADI_AUTHKEY"] = authkey.hex()
         env["STADI_PARENT_PID"] = str(os.getpid())
@@ -54,13 +58,15 @@ def launch_workers(devices: Sequence[str], worker_env: Sequence[dict], listener:
 
 
 def accept_workers(listener: Listener, procs: Sequence[subprocess.Popen], devices: Sequence[str],
-                   timeout_s: float) -> list:
-    """Take one connection per rank, in rank order; a worker that dies before connecting is reported."""
+                   timeout_s: float, ranks: Sequence[int] | None = None) -> list:
+    """Take one connection per rank (of ``ranks``, default all; ``procs`` indexed by rank), in rank order; a
+    worker that dies before connecting is reported."""
     world_size = len(devices)
+    ranks = list(range(world_size)) if ranks is None else list(ranks)
     accepted: queue.Queue = queue.Queue()
 
     def accept_all():
-        for _ in range(world_size):
+        for _ in ranks:
             try:
                 accepted.put(listener.accept())
             except OSError as exc:  # listener closed or auth failure
@@ -70,8 +76,9 @@ def accept_workers(listener: Listener, procs: Sequence[subprocess.Popen], device
     threading.Thread(target=accept_all, name="stadi-accept", daemon=True).start()
     conns: dict[int, object] = {}
     deadline = time.monotonic() + timeout_s
-    while len(conns) < world_size:
-        for rank, p in enumerate(procs):
+    while len(conns) < len(ranks):
+        for rank in ranks:
+            p = procs[rank]
             if p.poll() is not None and rank not in conns:
                 raise WorkerError(f"worker rank {rank} ({devices[rank]}) {describe_exit(p.returncode)} "
                                   "before connecting; see its output above")
@@ -86,7 +93,7 @@ def accept_workers(listener: Listener, procs: Sequence[subprocess.Popen], device
         if not conn.poll(30):
             raise WorkerTimeout("a connected worker did not introduce itself within 30 s")
         hello = conn.recv()
-        if not isinstance(hello, Hello) or not 0 <= hello.rank < world_size or hello.rank in conns:
+        if not isinstance(hello, Hello) or hello.rank not in ranks or hello.rank in conns:
             raise WorkerError(f"unexpected greeting {hello!r}")
         conns[hello.rank] = conn
-    return [conns[r] for r in range(world_size)]
+    return [conns[r] for r in ranks]

@@ -272,3 +272,105 @@ class DecodeResult:
     seconds: float  # the decode alone (building the VAE is in info["build_s"])
     peak_memory_bytes: int  # see info["memory"]: what was measured
     info: dict = field(default_factory=dict)
+
+
+# -- workers on other machines (runtime/lobby.py, runtime/join.py) -------------------------------
+@dataclass
+class Join:
+    """A remote worker's first message after the token handshake: what it offers."""
+
+    device: str  # its own name for the device: "cpu:0", "cuda:1"
+    device_name: str  # "cpu" or the GPU's name
+    memory_bytes: int  # the GPU's memory, or the host's RAM for a CPU worker
+    threads: int  # CPU threads it will use (its host's cores shared among its CPU workers)
+    pid: int
+    hostname: str
+
+
+@dataclass
+class Welcome:
+    """The coordinator's answer to Join: the worker's name in the cluster, and the id its lifeline quotes."""
+
+    name: str  # "10.77.0.2/cpu:0": the address the coordinator sees it at, then its device
+    join_id: str
+
+
+@dataclass
+class JoinRefused:
+    reason: str
+
+
+@dataclass
+class LinkProbe:
+    """Link measurement at join: ``payload`` travels to the worker, which answers ``reply_bytes`` back."""
+
+    payload: bytes
+    reply_bytes: int
+
+
+@dataclass
+class LinkEcho:
+    payload: bytes
+
+
+@dataclass
+class LinkInfo:
+    """One measured link between the coordinator's host and a worker's host."""
+
+    host: str  # the worker's address as the coordinator sees it
+    bandwidth_gbps: float  # GB/s (1e9 bytes/s), the slower of the two directions
+    latency_s: float  # one way: half the smallest round trip of a tiny message
+    down_gbps: float = 0.0  # coordinator -> worker
+    up_gbps: float = 0.0  # worker -> coordinator
+    probe_bytes: int = 0
+
+    def describe(self) -> str:
+        return (f"{self.bandwidth_gbps * 8:.3g} Gbit/s ({self.bandwidth_gbps * 1e3:.0f} MB/s; down "
+                f"{self.down_gbps * 8:.3g}, up {self.up_gbps * 8:.3g} Gbit/s), latency {self.latency_s * 1e3:.3g} ms "
+                f"one way (round trip {2 * self.latency_s * 1e3:.3g} ms)")
+
+
+@dataclass
+class LinkDone:
+    info: LinkInfo
+
+
+@dataclass
+class LifelineHello:
+    """First message on a remote worker's second connection: which join it belongs to."""
+
+    join_id: str
+
+
+@dataclass
+class Beat:
+    """Lifeline heartbeat, both ways, every second: silence means the other side is gone."""
+
+
+@dataclass
+class Release:
+    """The coordinator lets a remote worker go: ``rejoin`` True when its pool ended (it joins again,
+    fresh), False when the coordinator itself is going away (the worker exits)."""
+
+    rejoin: bool
+    reason: str = ""
+
+
+@dataclass
+class FileChunk:
+    """Part of a shared memory file (runtime/shared_memory.py) copied to a worker on another machine,
+    which cannot map the server's: ``size`` bytes in all, tagged ``tag`` (runtime/relay.py)."""
+
+    tag: str
+    offset: int
+    size: int
+    data: bytes
+
+
+@dataclass
+class FileStored:
+    """The worker holds the whole file ``tag`` as its own memory file ``fd`` of process ``pid``."""
+
+    tag: str
+    pid: int
+    fd: int

@@ -61,6 +61,7 @@ class WorkerPool:
         threads_per_worker: int | None = None,
         extra_sys_path: Sequence[str] = (),
         worker_env: Sequence[dict] | None = None,
+        lobby=None,
     ):
         self.devices = list(devices)
         self.backend = backend
@@ -82,6 +83,8 @@ class WorkerPool:
         self.bytes_sent: list[int] = [0] * len(self.devices)  # pickled bytes sent to each rank, all messages
         self.broken = False
         self.loaded_model_key: str | None = None  # what the workers hold (for the ComfyUI weight cache)
+        self.lobby = lobby  # runtime/lobby.py: where devices named HOST/DEVICE joined from other machines
+        self._remote: dict = {}  # rank -> lobby.RemoteWorker
 
     @property
     def world_size(self) -> int:
@@ -108,8 +111,8 @@ class WorkerPool:
         authkey = secrets.token_bytes(16)
         listener = Listener((self.host, 0), authkey=authkey)
         try:
-            self.procs.extend(launch_workers(self.devices, self.worker_env, listener, authkey))
-            self._init_workers(listener, port, f"stadi/{uuid.uuid4().hex[:8]}")
+            local = self._start_processes(listener, authkey)
+            self._init_workers(listener, port, f"stadi/{uuid.uuid4().hex[:8]}", local)
             ready = self._collect(lambda msg: isinstance(msg, Ready), self.start_timeout_s, "starting")
         except BaseException:
             self.close(force=True)
@@ -119,18 +122,50 @@ class WorkerPool:
         self.info = [ready[r] for r in range(self.world_size)]
         return self
 
-    def _init_workers(self, listener: Listener, store_port: int, prefix: str) -> None:
-        """Take one connection per rank, then tell each worker its rank, device and group."""
-        self.conns = accept_workers(listener, self.procs, self.devices, self.start_timeout_s)
+    def _start_processes(self, listener: Listener, authkey: bytes) -> list[int]:
+        """Launch this machine's workers and claim the ones that joined from other machines (named
+        ``HOST/DEVICE``) from the lobby; returns the local ranks. ``procs`` gets one entry per rank."""
+        from .lobby import RemoteProcess, is_remote
+
+        local = [r for r, d in enumerate(self.devices) if not is_remote(d)]
+        procs: dict = {}
+        env = self.worker_env
+        if len(local) < self.world_size:
+            if self.lobby is None:
+                raise PlanError(f"{', '.join(d for d in self.devices if is_remote(d))} would join from other machines, "
+                                "but this pool listens for none: give the listen address and token (--listen, --token)")
+            from .handshake import interface_env
+
+            claimed = self.lobby.claim([d for d in self.devices if is_remote(d)], self.start_timeout_s)
+            self._remote = {r: claimed[d] for r, d in enumerate(self.devices) if is_remote(d)}
+            procs.update({r: RemoteProcess(self.lobby, w) for r, w in self._remote.items()})
+            via = next(iter(self._remote.values())).via  # our address the remote workers reach
+            env = [dict(e, **interface_env(via)) for e in env]  # gloo: the interface the others reach
+        try:
+            procs.update(zip(local, launch_workers(self.devices, env, listener, authkey, ranks=local)))
+        finally:
+            self.procs.extend(procs[r] for r in range(self.world_size) if r in procs)
+        return local
+
+    def _init_workers(self, listener: Listener, store_port: int, prefix: str,
+                      local: Sequence[int] | None = None) -> None:
+        """Take one connection per local rank (remote ones came with the lobby), then tell each worker its
+        rank, device and group."""
+        local = list(range(self.world_size)) if local is None else list(local)
+        conns = dict(zip(local, accept_workers(listener, self.procs, self.devices, self.start_timeout_s, ranks=local)))
+        conns.update({r: w.conn for r, w in self._remote.items()})
+        self.conns = [conns[r] for r in range(self.world_size)]
         self._send_locks = [threading.Lock() for _ in self.conns]
         self.bytes_sent = [0] * len(self.conns)
         gpus = {d.split(":")[1].split(".")[0] for d in self.devices if d.startswith("cuda")}
         same_gpu = len(gpus) == 1 and all(d.startswith("cuda") for d in self.devices) and self.world_size > 1
         transport = "cuda-ipc" if same_gpu and self.backend == "gloo" and same_gpu_exchange() == "cuda-ipc" else "dist"
         for rank, device in enumerate(self.devices):
-            self.send(rank, WorkerInit(rank=rank, world_size=self.world_size, device=device, backend=self.backend,
-                                       store_host=self.host, store_port=store_port, store_prefix=prefix,
-                                       threads=self.threads if device.startswith("cpu") else 1,
+            remote = self._remote.get(rank)  # its own device name and threads; the store at our listen address
+            threads = remote.join.threads if remote else self.threads if device.startswith("cpu") else 1
+            self.send(rank, WorkerInit(rank=rank, world_size=self.world_size, device=remote.join.device if remote else
+                                       device, backend=self.backend, store_host=remote.via if remote else self.host,
+                                       store_port=store_port, store_prefix=prefix, threads=threads,
                                        timeout_s=self.collective_timeout_s, extra_sys_path=self.extra_sys_path,
                                        transport=transport))
 
@@ -268,6 +303,11 @@ class WorkerPool:
         from a rank thread. The pickling happens outside the lock."""
         if self.broken:
             raise WorkerError("this worker pool was stopped; the next run starts a fresh one")
+        if rank in self._remote:  # another machine cannot map our shared memory files: copy them first
+            from .relay import localize
+
+            msg = localize(msg, self._remote[rank].files, lambda m: self._write(rank, m, lock_timeout_s),
+                           self.conns[rank])
         return self._write(rank, msg, lock_timeout_s)
 
     def _write(self, rank: int, msg, lock_timeout_s: float) -> int:

@@ -70,7 +70,8 @@ def get_pool(devices: Sequence[str], backend: str, **kw) -> WorkerPool:
             _POOLS.pop(key)
             entry.pool.close(force=True)
         gpus = {d.split(".")[0] for d in devices if d.startswith("cuda")}
-        for other_key in [k for k in _POOLS if gpus & {d.split(".")[0] for d in k[0]}]:
+        joined = {d for d in devices if "/" in d}  # a worker that joined from another machine serves one pool
+        for other_key in [k for k in _POOLS if gpus & {d.split(".")[0] for d in k[0]} or joined & set(k[0])]:
             _POOLS.pop(other_key).pool.close()  # a GPU belongs to one pool at a time (its memory)
         pool = WorkerPool(devices, backend, **kw).start()
         _POOLS[key] = _Entry(pool, time.monotonic())
@@ -222,7 +223,8 @@ def pool_report() -> list[dict]:
             proc = entry.pool.procs[rank] if rank < len(entry.pool.procs) else None
             workers.append({"rank": rank, "device": device, "pid": pid,
                             "alive": proc is not None and proc.poll() is None,
-                            "rss_bytes": process_rss_bytes(pid), "gpu_bytes": gpu.get(pid) if gpu is not None else None})
+                            "rss_bytes": None if "/" in device else process_rss_bytes(pid),  # another machine's pid
+                            "gpu_bytes": gpu.get(pid) if gpu is not None and "/" not in device else None})
         out.append({"devices": devices, "backend": key[1], "model": entry.pool.loaded_model_key, "busy": busy,
                     "idle_s": 0.0 if busy else round(now - entry.last_used, 1),
                     "release_requested": entry.release_requested, "workers": workers})

@@ -1,0 +1,106 @@
+"""A real ComfyUI server with a worker on another machine: the second host made on this one (a network
+namespace over a veth shaped to 1 Gbit/s, stadi_core/bench/netns.py), joined with
+``python -m stadi_core worker --join``; the server listens because STADI_LISTEN and STADI_TOKEN are in its
+environment. Exact mode with one local and one remote CPU worker equals stock KSampler; the weights reach
+the remote worker by copy (it cannot map the server's memory files), a LoRA included.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfy_support import ComfyServer, comfyui_marks, load_latent_file, require_comfyui, sd15_api_workflow  # noqa: E402
+
+from stadi_core.bench.netns import Unavailable, make_two_hosts  # noqa: E402
+
+pytestmark = comfyui_marks() + [pytest.mark.netns]
+
+CKPT = "stadi_tiny_sd15.safetensors"
+LORA = "stadi_tiny_lora.safetensors"
+REL_TOL = 5e-6
+TOKEN = "comfy-remote-token"
+COMMON = dict(seed=3, steps=5, cfg=3.0, width=128, height=192, sampler_name="dpmpp_2m")
+REPO = str(Path(__file__).resolve().parents[1])
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    require_comfyui()
+    try:
+        h = make_two_hosts("c")
+    except Unavailable as exc:
+        pytest.skip(f"no second host: {exc}")
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_comfy_models, hosts):
+    ckpt, lora = tiny_comfy_models
+    with socket.socket() as s:
+        s.bind((hosts.coordinator_ip, 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, STADI_LISTEN=f"{hosts.coordinator_ip}:{port}", STADI_TOKEN=TOKEN)
+    with ComfyServer(require_comfyui(), custom_nodes=ComfyServer.stadi_pack(), checkpoints=[ckpt], loras=[lora],
+                     env=env) as srv:
+        assert not srv.custom_node_import_failures(), srv.log_tail()
+        srv.stadi_address = env["STADI_LISTEN"]
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def remote(server, hosts, tmp_path_factory):
+    log = tmp_path_factory.mktemp("remote") / "remote.log"
+    cmd = hosts.remote_cmd([sys.executable, "-m", "stadi_core", "worker", "--join", server.stadi_address,
+                            "--devices", "cpu:1", "--threads", "1"])
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=REPO, STADI_TOKEN=TOKEN), stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    hosts.procs.append(proc)
+    deadline = time.monotonic() + 120
+    while "joined" not in log.read_text() and time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.2)
+    assert "joined" in log.read_text(), log.read_text()
+    return f"{hosts.remote_ip}/cpu:1", log
+
+
+def _latent(server, entry, node="7"):
+    return load_latent_file(server.output_files(entry, node, "latents")[0])
+
+
+def _relative(out, ref) -> float:
+    return (out - ref).abs().max().item() / ref.abs().max().item()
+
+
+def test_remote_worker_in_comfyui_exact_equals_ksampler(server, remote):
+    name, log = remote
+    stock = _latent(server, server.run(sd15_api_workflow(CKPT, lora_name=LORA, save_image=False,
+                                                         filename_prefix="stock", **COMMON)))
+    inputs = {"mode": "exact", "warmup_steps": 1, "strides": "off", "strategy": "bands", "cluster": ["10", 0]}
+    wf = sd15_api_workflow(CKPT, lora_name=LORA, sampler_class="STADISampler", sampler_extra_inputs=inputs,
+                           save_image=False, filename_prefix="remote", **COMMON)
+    wf["10"] = {"class_type": "STADIClusterProfile", "inputs": {
+        "devices": f"cpu:0, {name}", "backend": "gloo", "measure": False, "speeds": "", "exclude": "",
+        "emulate_slowdown": ""}}
+    entry = server.run(copy.deepcopy(wf), timeout=600)
+    plan = entry["outputs"]["6"]["stadi_plan"][0]
+    rel = _relative(_latent(server, entry), stock)
+    print(f"ComfyUI, cpu:0 + {name}: relative diff vs KSampler {rel:.2g}; bands "
+          f"{[(b['device'], b['rows']) for b in plan['bands']]}")
+    assert [b["device"] for b in plan["bands"]] == ["cpu:0", name]
+    assert rel <= REL_TOL
+    assert any(n.startswith("link coordinator") and name.split("/")[0] in n for n in plan["notes"]), plan["notes"]
+    panel = entry["outputs"]["10"]["stadi_devices"][0]["devices"]  # the cluster node's panel: with its link
+    joined = [d for d in panel if d["name"] == name]
+    assert joined and joined[0]["source"] == "joined" and joined[0]["link"] and joined[0]["in_cluster"], panel
+    print(f"panel: {joined[0]['label']}, {joined[0]['memory_total_mb']} MB, link {joined[0]['link']}")
