@@ -140,11 +140,21 @@ def _comparison(spec, latent, plan, args, height, width) -> str:
 
 
 def cmd_profile(args) -> int:
-    from .api import profile
+    from .api import profile, with_joined
 
-    cluster = profile(_spec(args), _cluster(args), rows=args.rows, width=args.width)
+    cluster, joined = _cluster(args), {}
+    remote = _remote_args(args)
+    if remote:  # devices of other machines: wait for them in the lobby, measure them like local ones
+        from .runtime.lobby import open_lobby
+
+        lobby = open_lobby(remote["listen"], remote["token"])
+        cluster = with_joined(cluster, lobby.wait_for(args.remote, 120) if args.remote else [])
+        joined = {"lobby": lobby}
+    cluster = profile(_spec(args), cluster, rows=args.rows, width=args.width, **joined)
     for d in cluster.active():
         print(f"{d.name:<8} {d.capability:10.1f} rows/s   slowdown x{d.slowdown:g}")
+    for note in joined["lobby"].link_notes(cluster.names()) if joined else []:
+        print(note)
     return 0
 
 

@@ -104,3 +104,38 @@ def test_remote_worker_in_comfyui_exact_equals_ksampler(server, remote):
     joined = [d for d in panel if d["name"] == name]
     assert joined and joined[0]["source"] == "joined" and joined[0]["link"] and joined[0]["in_cluster"], panel
     print(f"panel: {joined[0]['label']}, {joined[0]['memory_total_mb']} MB, link {joined[0]['link']}")
+
+
+def test_a_killed_remote_worker_leaves_the_prompt_to_the_survivor(server, hosts, remote, tmp_path):
+    """The remote worker SIGKILLs itself at step 2 (STADI_TEST_KILL_FILE, inert otherwise): the lockstep run
+    goes on on cpu:0 from that call, and the latent still equals KSampler's."""
+    trigger = tmp_path / "kill"
+    trigger.write_text("cpu:2 2")
+    log = tmp_path / "remote-killed.log"
+    cmd = hosts.remote_cmd([sys.executable, "-m", "stadi_core", "worker", "--join", server.stadi_address,
+                            "--devices", "cpu:2", "--threads", "1"])
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=REPO, STADI_TOKEN=TOKEN,
+                                              STADI_TEST_KILL_FILE=str(trigger)),
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    hosts.procs.append(proc)
+    name = f"{hosts.remote_ip}/cpu:2"
+    stock = _latent(server, server.run(sd15_api_workflow(CKPT, lora_name=LORA, save_image=False,
+                                                         filename_prefix="stock2", **COMMON)))
+    inputs = {"mode": "exact", "warmup_steps": 1, "strides": "off", "strategy": "bands", "cluster": ["10", 0]}
+    wf = sd15_api_workflow(CKPT, lora_name=LORA, sampler_class="STADISampler", sampler_extra_inputs=inputs,
+                           save_image=False, filename_prefix="remote_killed", **COMMON)
+    wf["10"] = {"class_type": "STADIClusterProfile", "inputs": {
+        "devices": f"cpu:0, {name}", "backend": "gloo", "measure": False, "speeds": "", "exclude": "",
+        "emulate_slowdown": ""}}
+    deadline = time.monotonic() + 120
+    while "joined" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    entry = server.run(wf, timeout=600)
+    assert list(tmp_path.glob("kill.*.fired")), f"the remote worker was not killed:\n{log.read_text()}"
+    plan = entry["outputs"]["6"]["stadi_plan"][0]
+    rel = _relative(_latent(server, entry), stock)
+    print(f"ComfyUI, {name} killed at step 2: relative diff vs KSampler {rel:.2g}; notes {plan['notes']}")
+    assert [b["device"] for b in plan["bands"]] == ["cpu:0"]
+    assert any(n.startswith(f"{name} lost at step 2") for n in plan["notes"]), plan["notes"]
+    assert rel <= REL_TOL
