@@ -24,7 +24,7 @@ import torch
 
 from stadi_core.errors import StadiError, WorkerLost
 from stadi_core.parallel import Phase
-from stadi_core.replan import ReplanPolicy, propose, step_time
+from stadi_core.replan import Replanner, ReplanPolicy
 from stadi_core.report import RunReport, measured_capabilities
 from stadi_core.runtime.messages import BandCall
 from stadi_core.runtime.pool import JobCancelledError
@@ -54,11 +54,9 @@ class LockstepRun:
         self.records = [[] for _ in self.plan.bands]
         self._new_plan_state(keep_records=True)
         self.t_start = time.perf_counter()
-        self.policy = ReplanPolicy.from_env()  # None: STADI_REPLAN=off
+        self.replanner = Replanner(ReplanPolicy.from_env())  # STADI_REPLAN=off: never moves
         self.step_seen: int | None = None
-        self.changed_at: int | None = None  # step of the last re-plan
         self.replans: list[str] = []
-        self.tried: dict[tuple, float] = {}  # rows -> the call time measured with them (replan.propose)
 
     def network_call(self, x, timesteps, context, control, transformer_options, extra):
         timesteps, cond = call_inputs(self.deployment.adapter, x, timesteps, context, control, transformer_options,
@@ -115,19 +113,14 @@ class LockstepRun:
         (stadi_core/replan.py: medians, a gain threshold, at most every few steps). The new rows take
         effect from this call, in a new session on the same warm workers; every slot's next call is
         fresh, which rebuilds the context (exact mode stays exact)."""
-        policy = self.policy
-        if policy is None or step < self.plan.warmup or (
-                self.changed_at is not None and step - self.changed_at < policy.every_steps):
-            return
-        proposal = propose(self.plan, self.recent, policy, self.tried)
+        proposal = self.replanner.propose(self.plan, self.recent, step)
         if proposal is None:
             return
-        self.tried[tuple(self.plan.rows)] = step_time(self.recent, policy.window)
         note = proposal.describe(self.plan, step)
         log.info("STADI %s", note)
         self.session.close()  # ends normally: the pool stays warm
         self._switch_to(proposal.plan, keep_records=True)
-        self.changed_at = step
+        self.replanner.moved(step)
         self.replans.append(note)
 
     def _switch_to(self, plan, keep_records: bool) -> None:

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 from .context_bytes import Inventory, Traffic, legacy_exchange, traffic
 from .errors import PlanError
 from .parallel.options import ContextOptions
-from .work_units import BRANCHES, units_of
+from .work_units import BRANCHES
 
 __all__ = ["LinkModel", "ExchangeCost", "StepCost", "gather_seconds", "plan_exchange_seconds", "predict_step",
            "traffic_seconds"]

@@ -97,3 +97,29 @@ def propose(plan: Plan, recent_busy: Sequence[Sequence[float]], policy: ReplanPo
 def step_time(recent_busy: Sequence[Sequence[float]], window: int) -> float:
     """The measured time of a call on the current rows: the slowest rank's median busy time."""
     return max(statistics.median(b[-window:]) for b in recent_busy)
+
+
+class Replanner:
+    """When a run moves its bands: the policy's gates (after warmup, not within ``every_steps`` of the last
+    move), the proposal, and the rows already measured (``tried``, so bands do not flap). One per run:
+    ComfyUI's lockstep run and the standalone engine's segments (resumable_run.py) both ask it."""
+
+    def __init__(self, policy: ReplanPolicy | None):
+        self.policy = policy  # None: STADI_REPLAN=off
+        self.tried: dict[tuple, float] = {}  # rows -> the call time measured with them
+        self.changed_at: int | None = None  # step of the last move
+
+    def propose(self, plan: Plan, recent_busy: Sequence[Sequence[float]], step: int) -> Proposal | None:
+        """A clearly better plan at ``step`` for these band times (see ``propose``), or None."""
+        policy = self.policy
+        if policy is None or step < plan.warmup or (
+                self.changed_at is not None and step - self.changed_at < policy.every_steps):
+            return None
+        proposal = propose(plan, recent_busy, policy, self.tried)
+        if proposal is not None:
+            self.tried[tuple(plan.rows)] = step_time(recent_busy, policy.window)
+        return proposal
+
+    def moved(self, step: int) -> None:
+        """The bands moved at ``step``."""
+        self.changed_at = step

@@ -23,7 +23,7 @@ from typing import Callable
 from .cluster import ClusterSpec
 from .errors import PlanError, WorkerLost
 from .planner import Plan
-from .replan import ReplanPolicy, propose, step_time
+from .replan import Replanner, ReplanPolicy
 from .report import loss_note
 from .runtime.messages import GenerateJob, Paused
 from .sampling.loop_state import LoopState, stitch
@@ -46,9 +46,8 @@ class RunOutcome:
 class _Segment:
     """One job on one plan: its checkpoints, step timings and (when asked) the re-plan it proposes."""
 
-    def __init__(self, plan: Plan, start: int, policy: ReplanPolicy | None, tried: dict, changed_at: int | None,
-                 on_step):
-        self.plan, self.start, self.policy, self.tried, self.changed_at = plan, start, policy, tried, changed_at
+    def __init__(self, plan: Plan, start: int, replanner: Replanner | None, on_step):
+        self.plan, self.start, self.replanner = plan, start, replanner
         self.on_step_outer = on_step
         self.timings: list[list[dict]] = [[] for _ in plan.bands]
         self.recent: list[list[float]] = [[] for _ in plan.bands]  # busy s of computed calls (the first excluded)
@@ -80,16 +79,11 @@ class _Segment:
 
     def _maybe_replan(self, step: int) -> None:
         """Ask the ranks to pause when the band times measured so far predict a clearly faster split."""
-        policy = self.policy
-        if policy is None or self.proposal is not None or step < self.plan.warmup or (
-                self.changed_at is not None and step - self.changed_at < policy.every_steps):
+        if self.replanner is None or self.proposal is not None:
             return
-        proposal = propose(self.plan, self.recent, policy, self.tried)
-        if proposal is None:
-            return
-        self.tried[tuple(self.plan.rows)] = step_time(self.recent, policy.window)
-        self.proposal = proposal
-        self.pool.pause()
+        self.proposal = self.replanner.propose(self.plan, self.recent, step)
+        if self.proposal is not None:
+            self.pool.pause()
 
     def timings_before(self, step: int | None) -> list[list[dict]]:
         """Each rank's timings of the steps this segment keeps (the next one redoes the later ones)."""
@@ -115,14 +109,12 @@ class ResumableRun:
         state: LoopState | None = None  # the whole latent's loop state the next segment continues from
         kept: dict[str, list[dict]] = {}  # device -> step timings of the segments it ran in
         notes: list[str] = []
-        tried: dict = {}
-        changed_at = None
+        replanner = Replanner(self.policy) if self.policy is not None else None
         t0 = time.perf_counter()
         while True:
             start = state.step if state is not None else 0
             seg_plan = plan if state is None else replace(plan, warmup=max(plan.warmup, start + 1))
-            segment = _Segment(seg_plan, start, self.policy if plan.world_size > 1 else None, tried, changed_at,
-                               self.on_step)
+            segment = _Segment(seg_plan, start, replanner if plan.world_size > 1 else None, self.on_step)
             pool = segment.pool = self.pool_for(self.cluster, seg_plan)
             try:
                 results = pool.run(lambda job_id: job_id, stall_timeout_s=self.stall_timeout_s,
@@ -157,7 +149,8 @@ class ResumableRun:
                 note = segment.proposal.describe(plan, step)
                 log.info("STADI %s", note)
                 notes.append(note)
-                plan, changed_at = segment.proposal.plan, step
+                plan = segment.proposal.plan
+                replanner.moved(step)
                 continue
             self._keep(kept, segment, None)
             timings = [kept.get(b.device, []) for b in plan.bands]

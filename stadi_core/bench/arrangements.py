@@ -70,7 +70,7 @@ from typing import Any, Mapping, Sequence
 from ..arrange import Choice, choose_plan, link_for
 from ..context_bytes import FLUX_DIT, SDXL_UNET, legacy_exchange
 from ..cost_model import ExchangeCost, LinkModel, predict_step
-from ..planner import Plan, make_plan
+from ..planner import Plan
 from ..simulate import Curve, load_curves, simulate
 
 __all__ = [
