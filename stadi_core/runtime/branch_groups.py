@@ -62,7 +62,7 @@ class BranchGroups:
         for u in units_of(self.plan.groups, self.rank):
             cond = {k: torch.cat([conditioning[b][k] for b in u.branches]).to(w.device, dtype)
                     for k in conditioning["cond"]}
-            units.append(RankUnit(u, self.routed(u.group, w._network(model, self.router, spec, cond, slowdown))))
+            units.append(RankUnit(u, self.routed(u.group, w.band_network(model, self.router, spec, cond, slowdown))))
         return units
 
     def combine(self, full) -> None:
@@ -84,7 +84,7 @@ class BranchGroups:
         torch, w = self.worker.torch, self.worker
         outs, busy, comm, sent = [], 0.0, 0.0, {}
         for unit in msg.units:
-            net = self.routed(unit.group, w._network(model, self.router, spec, w._cond(unit.cond, dtype, unit.cond_key), slowdown))
+            net = self.routed(unit.group, w.band_network(model, self.router, spec, w.cond_on_device(unit.cond, dtype, unit.cond_key), slowdown))
             with torch.inference_mode():
                 t0 = time.perf_counter()
                 out, c, b = net(torch.from_numpy(unit.x), torch.from_numpy(unit.timesteps), phase, msg.slot)

@@ -18,12 +18,12 @@ from datetime import timedelta
 from multiprocessing.connection import Client
 
 from ..errors import StadiError
+from . import generate_job
 from .lifeline import Channel as _Channel
 from .lifeline import kill_if_armed, stall_if_armed
 from .messages import (
     BandCall,
     BandOutput,
-    BandResult,
     Cancelled,
     CancelRequest,
     DecodeJob,
@@ -31,8 +31,6 @@ from .messages import (
     Heartbeat,
     Hello,
     MeasureJob,
-    MeasureResult,
-    Checkpoint,
     Paused,
     PauseRequest,
     Ready,
@@ -41,7 +39,6 @@ from .messages import (
     SessionReady,
     SessionStart,
     Shutdown,
-    StepReport,
     WorkerFailure,
     WorkerInit,
 )
@@ -60,17 +57,6 @@ class JobCancelled(Exception):
     def __init__(self, step: int):
         super().__init__(f"cancelled at step {step}")
         self.step = step
-
-
-class SlowdownPad:
-    """An emulated slowdown that starts at sampler step ``start`` (a device that gets busy mid-run);
-    ``float(pad)`` is the factor for the step the loop is at (``step``, set as it goes)."""
-
-    def __init__(self, factor: float, start: int = 0, step: int = 0):
-        self.factor, self.start, self.step = factor, start, step
-
-    def __float__(self) -> float:
-        return self.factor if self.step >= self.start else 1.0
 
 
 class JobPaused(Exception):
@@ -199,9 +185,9 @@ class _Worker:
             self.channel.new_job(job.job_id)
             try:
                 if isinstance(job, GenerateJob):
-                    self.channel.send(self._generate(job))
+                    self.channel.send(generate_job.generate(self, job))
                 elif isinstance(job, MeasureJob):
-                    self.channel.send(self._measure(job))
+                    self.channel.send(generate_job.measure(self, job))
                 elif isinstance(job, SessionStart):
                     self._session(job)
                 elif isinstance(job, DecodeJob):  # Patch Stitch: decode a band with the VAE (runtime/decode.py)
@@ -227,7 +213,7 @@ class _Worker:
             dist.destroy_process_group()
 
     # -- model cache ---------------------------------------------------------------------
-    def _model(self, spec_dict: dict, rows, ragged_align: int = 0, context=None):
+    def model_for(self, spec_dict: dict, rows, ragged_align: int = 0, context=None):
         from ..models.spec import ModelSpec, build_model, weights_checksum
         from ..parallel import BandContext, make_patch_parallel
         from ..parallel.router import ContextRouter
@@ -256,7 +242,7 @@ class _Worker:
         ctx.reset(rows, ragged_align, context)
         return model, ctx, spec, checksum
 
-    def _network(self, model, ctx, spec, cond, slowdown, graphs: bool = False, compiled: str = "off"):
+    def band_network(self, model, ctx, spec, cond, slowdown, graphs: bool = False, compiled: str = "off"):
         """The band's network call: exchange-aware forward plus the emulated slowdown pad (``slowdown``:
         a factor, or a SlowdownPad whose factor depends on the step).
 
@@ -277,7 +263,7 @@ class _Worker:
         if mode != "off":
             from ..parallel.compiled import make_band
 
-            key = id(model) if mode == "graphs" else ("torch.compile", id(model))  # _generate reads id(model)
+            key = id(model) if mode == "graphs" else ("torch.compile", id(model))  # generate_job reads id(model)
             graphed = self._graphs.get(key)
             if graphed is None or graphed.ctx is not ctx:
                 graphed = make_band(mode, lambda inp: forward(model, inp["x"], inp["t"],
@@ -314,7 +300,12 @@ class _Worker:
         call.band = graphed
         return call
 
-    def _agree(self, step: int, signature: int = 0) -> None:
+    def graphs_note(self, model) -> str | None:
+        """Why replaying ``model``'s band calls from CUDA graphs was given up during the job, if it was."""
+        graphed = self._graphs.get(id(model))
+        return graphed.disabled if graphed is not None and graphed.disabled else None
+
+    def agree(self, step: int, signature: int = 0) -> None:
         """Every rank stops at the same sync step or none does; diverged loops are caught here.
 
         One tiny all-reduce: [stop, signature, -signature] under MAX, stop being 2 for a cancel and 1
@@ -341,91 +332,6 @@ class _Worker:
             raise JobPaused(step)
 
     # -- jobs ----------------------------------------------------------------------------
-    def _generate(self, job: GenerateJob) -> BandResult:
-        torch = self.torch
-        from ..models.spec import batched_conditioning
-        from ..planner import Plan
-        from ..sampling.band_loop import LoopSchedule, run_band
-        from ..sampling.noise import FullLatentNoise
-
-        plan = Plan.from_dict(job.plan)
-        if plan.world_size != self.init.world_size:
-            raise ValueError(f"plan for {plan.world_size} ranks sent to a pool of {self.init.world_size}")
-        band = plan.bands[self.init.rank]
-        model, ctx, spec, checksum = self._model(job.model, plan.rows, context=plan.context)
-        dtype = input_dtype(model)
-        conditioning = {part: {k: torch.from_numpy(v) for k, v in d.items()} for part, d in job.conditioning.items()}
-        schedule = LoopSchedule(steps=plan.steps, warmup=plan.warmup, stride=band.stride,
-                                sync_period=plan.sync_period, exact=plan.mode == "exact")
-        pad = SlowdownPad(job.slowdown, job.slowdown_from, job.resume.step if job.resume is not None else 0)
-        if plan.groups:  # a branch arrangement: every rank steps the whole latent from the whole output
-            from ..sampling.unit_network import UnitsNetwork
-            from .branch_groups import BranchGroups
-
-            groups = BranchGroups(self, plan, ctx)
-            network = UnitsNetwork(groups.rank_units(model, spec, conditioning, pad, dtype), groups.combine)
-            rows = slice(None)
-        else:
-            cond = batched_conditioning(conditioning, job.cfg, self.device, dtype)
-            network = self._network(model, ctx, spec, cond, pad, graphs=job.graphs)
-            rows = slice(band.row_start, band.row_start + band.rows)
-
-        def on_step(timing):
-            pad.step = timing.step + 1
-            self.channel.tick(f"denoising (step {timing.step + 1})")
-            self.channel.send(StepReport(job.job_id, self.init.rank, timing.to_dict()))
-            kill_if_armed(self.init.device, timing.step + 1)  # test-only, inert unless STADI_TEST_KILL_FILE is set
-
-        def checkpoint(state):
-            self.channel.send(Checkpoint(job.job_id, self.init.rank, state))
-
-        window = None
-        if job.hybrid_window is not None:
-            from ..sampling.hybrid_window import HybridWindow, WindowConfig
-
-            window = HybridWindow(WindowConfig(**job.hybrid_window), plan.steps)
-
-        with torch.inference_mode():
-            x, timings = run_band(
-                network,
-                sigmas=job.sigmas, sampler=job.sampler, cfg=job.cfg,
-                noise=FullLatentNoise(job.seed, tuple(job.latent_shape)), rows=rows,
-                schedule=schedule, model_sampling=spec.adapter.model_sampling(model),
-                on_step=on_step, before_sync_step=self._agree, window=window,
-                start=job.resume, checkpoint=checkpoint if job.checkpoints else None,
-            )
-        info = {"weights_checksum": checksum, "pid": os.getpid(), "transport": self.transport_name}
-        if window is not None:
-            info["hybrid_window"] = window.summary()
-        graphed = self._graphs.get(id(model))
-        if graphed is not None and graphed.disabled:
-            info["note"] = graphed.disabled
-        return BandResult(job.job_id, self.init.rank, x.numpy(), [t.to_dict() for t in timings], info)
-
-    def _measure(self, job: MeasureJob) -> MeasureResult:
-        torch = self.torch
-        from ..models.spec import batched_conditioning, make_conditioning
-        from ..parallel import Phase
-
-        model, ctx, spec, _ = self._model(job.model, [1] * self.init.world_size)
-        dtype = input_dtype(model)
-        conditioning = make_conditioning(spec, model, job.batch, seed=0)
-        cond = batched_conditioning(conditioning, 2.0, self.device, dtype)
-        net = self._network(model, ctx, spec, cond, job.slowdown, graphs=job.graphs)
-        x = torch.randn(2 * job.batch, spec.adapter.latent_channels(model), job.rows, job.width)
-        times = []
-        ctx.local_only = True
-        try:
-            with torch.inference_mode():
-                for _ in range(job.repeats + 1):
-                    t0 = time.perf_counter()
-                    net(x, 500.0, Phase.FRESH)
-                    times.append(time.perf_counter() - t0)
-        finally:
-            ctx.local_only = False
-        times = sorted(times[1:])  # the first call pays for allocation and caching
-        return MeasureResult(job.job_id, self.init.rank, times[len(times) // 2], job.rows)
-
     def _session(self, job: SessionStart) -> None:
         """Per-call mode: the coordinator runs the sampler loop, we evaluate our band on request."""
         torch = self.torch
@@ -437,7 +343,7 @@ class _Worker:
         if plan.world_size != self.init.world_size:
             raise ValueError(f"plan for {plan.world_size} ranks sent to a pool of {self.init.world_size}")
         loads = self.loads
-        model, ctx, spec, checksum = self._model(job.model, plan.rows, plan.align if plan.ragged else 0, plan.context)
+        model, ctx, spec, checksum = self.model_for(job.model, plan.rows, plan.align if plan.ragged else 0, plan.context)
         self.session_conds = {}
         groups = None
         if plan.groups:
@@ -471,7 +377,7 @@ class _Worker:
             if msg.cancel:
                 self.channel.cancel_requested = True
             if phase is not Phase.STALE and not msg.measure_only:
-                self._agree(msg.step, msg.signature)  # a cancel stops every rank here, together
+                self.agree(msg.step, msg.signature)  # a cancel stops every rank here, together
             else:
                 self.channel.poll_cancel()  # noted; the next sync step acts on it (ranks leave together)
             slowdown = job.slowdown if msg.step >= getattr(job, "slowdown_from", 0) else 1.0  # a device busy from then
@@ -480,8 +386,8 @@ class _Worker:
                 self.channel.tick("idle in a session")
                 self.channel.send(out)
                 continue
-            cond = self._cond(msg.cond, dtype, msg.cond_key)
-            net = self._network(model, ctx, spec, cond, slowdown, compiled=compiled)
+            cond = self.cond_on_device(msg.cond, dtype, msg.cond_key)
+            net = self.band_network(model, ctx, spec, cond, slowdown, compiled=compiled)
             ctx.local_only = msg.measure_only
             try:
                 with torch.inference_mode():
@@ -496,7 +402,7 @@ class _Worker:
             self.channel.send(BandOutput(job.job_id, msg.call_id, self.init.rank, out.numpy(), busy, comm,
                                          note=note or "", sent=sent))
 
-    def _cond(self, cond: dict, dtype, key: str = "") -> dict:
+    def cond_on_device(self, cond: dict, dtype, key: str = "") -> dict:
         """A call's conditioning on the device; sent once per session and named by key afterwards."""
         if not cond and key:
             if key not in self.session_conds:
