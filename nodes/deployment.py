@@ -265,8 +265,9 @@ def call_inputs(adapter, x, timesteps, context, control, transformer_options: di
     """Check one network call's inputs and return (timesteps, conditioning) as the workers take them."""
     from stadi_core.errors import UnsupportedError
 
-    if control is not None:
-        raise UnsupportedError("STADI: ControlNet residuals reached the model; use KSampler")
+    if control is not None and not getattr(adapter, "TAKES_CONTROL", False):  # checked before the run too
+        raise UnsupportedError(f"STADI: ControlNet residuals reached a {adapter.FAMILY} model, which takes none in "
+                               "bands; use KSampler")
     unknown = sorted(k for k, v in extra.items() if v is not None and k not in adapter.COND_KEYS)
     if unknown:
         raise UnsupportedError(f"STADI: model inputs {unknown} (e.g. reference latents of an edit model, a text "
