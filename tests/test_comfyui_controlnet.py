@@ -257,3 +257,40 @@ def test_a_controlnet_on_an_sd3_model_is_refused_naming_the_model(server):
         server.run(wf, timeout=600)
     text = str(err.value.entry)
     assert "ControlNet" in text and "SD3 model" in text and "use KSampler" in text, text[-2000:]
+
+
+# -- the shipped example workflow, with the tiny files in place of the real ones --------------------------------------
+
+def test_shipped_controlnet_workflow_runs_and_equals_ksampler_in_exact_mode(server):
+    import json
+    from pathlib import Path
+
+    api = json.loads((Path(__file__).resolve().parent.parent / "workflows" / "api" /
+                      "stadi_sd15_controlnet.json").read_text())
+    api["1"]["inputs"]["ckpt_name"] = CKPT
+    api["19"]["inputs"]["control_net_name"] = CONTROLS["cn-sd15"]
+    api["17"]["inputs"]["image"] = HINT
+    api["5"]["inputs"].update(width=W, height=H)
+    api["6"]["inputs"].update(steps=4, mode="exact", strategy="bands", seed=11)
+    api["7"]["inputs"].update(devices=TWO[0], speeds=TWO[1], backend="gloo", measure=False)
+    api["30"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "latents/shipped_cn"}}
+    entry = server.run(api, timeout=900)
+    assert [b["rows"] for b in entry["outputs"]["6"]["stadi_plan"][0]["bands"]] == [16, 24]
+    assert server.output_files(entry, "9"), "the workflow's Save Image saved nothing"
+    out = load_latent_file(server.output_files(entry, "30", "latents")[0])
+
+    ref = {k: v for k, v in copy.deepcopy(api).items() if k not in ("7", "10", "11", "12")}  # KSampler has no patches
+    ref["6"] = {"class_type": "KSampler", "inputs": {k: v for k, v in ref["6"]["inputs"].items() if k in (
+        "model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image",
+        "denoise")}}
+    ref["30"]["inputs"]["filename_prefix"] = "latents/shipped_cn_ref"
+    plain = copy.deepcopy(ref)
+    plain["6"]["inputs"].update(positive=["3", 0], negative=["4", 0])
+    for nid in ("17", "19", "20"):
+        plain.pop(nid)
+    plain["30"]["inputs"]["filename_prefix"] = "latents/shipped_plain"
+
+    def latent(wf):
+        return load_latent_file(server.output_files(server.run(wf, timeout=900), "30", "latents")[0])
+
+    _assert_exact(out, latent(ref), latent(plain), "workflows/api/stadi_sd15_controlnet.json (tiny files)")
