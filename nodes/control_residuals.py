@@ -50,7 +50,7 @@ def check_controls(controls: list, model_name: str, adapter, lockstep: bool) -> 
         raise UnsupportedError(
             f"STADI: ControlNets ({', '.join(names)}) with the {model_name} model are not supported in bands yet (their "
             "residuals are image tokens, not UNet feature maps); SD1.x, SD2.x and SDXL ControlNets and T2I-Adapters "
-            "are. Use KSampler for this workflow")
+            "are; use KSampler for this workflow")
     if not lockstep:
         raise UnsupportedError(
             f"STADI Sampler with strides: a ControlNet ({', '.join(names)}) looks at the whole latent at every call, "

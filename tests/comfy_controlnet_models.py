@@ -4,7 +4,10 @@
 * ``cn-sd15`` / ``cn-sdxl``: ComfyUI's own ``comfy.cldm.cldm.ControlNet`` built from the tiny UNet's
   config (``TINY_SD15_UNET_CONFIG`` / ``TINY_SDXL_CONFIG`` without ``out_channels``, 3 hint channels),
   saved in the ldm layout (``zero_convs.0.0.weight`` at the root) that ``ControlNetLoader`` detects.
-  Weights as in random_fill: the zero convolutions are not zero, so every residual is large.
+  Weights as in random_fill: the zero convolutions are not zero, so every residual is large. The hint
+  block's eight convolutions have their weights scaled by HINT_GAIN: at PyTorch's default scale they
+  shrink the hint 200-fold (std 0.014 against 2.8 for the latent's path into the first block) and the
+  hint would hardly matter; x3.2 makes both paths of the same size.
 * ``clora-sd15``: a ControlNet-LoRA (``lora_controlnet`` key): only the hint block, zero convs and the
   middle block's output; ComfyUI copies the rest from the model's UNet at ``pre_run``.
 * ``t2i-sdxl``: a full SDXL T2I-Adapter (``Adapter``, xl: 16x pixel unshuffle, features of 320/640/1280/1280
@@ -27,7 +30,8 @@ from pathlib import Path
 
 from comfy_support import TINY_SD15_UNET_CONFIG, build_cached, comfyui_version, random_fill, require_comfyui
 
-_BUILDER_VERSION = "tiny-controlnet-v1"
+_BUILDER_VERSION = "tiny-controlnet-v2"
+HINT_GAIN = 3.2  # the hint block's weights, scaled: see the module docstring
 KINDS = {"cn-sd15": "ControlNet", "cn-sdxl": "ControlNet", "clora-sd15": "ControlLora", "t2i-sdxl": "T2IAdapter"}
 
 
@@ -65,6 +69,9 @@ def _build_main(kind: str, out: str, seed: int, comfy_dir: str) -> None:
         config = {k: v for k, v in _unet_config(kind).items() if k != "out_channels"}
         net = comfy.cldm.cldm.ControlNet(**config, hint_channels=3, dtype=torch.float32, device="meta", operations=ops)
         random_fill(sd, net, "", gen)
+        for k in sd:
+            if k.startswith("input_hint_block.") and k.endswith(".weight"):
+                sd[k] = (sd[k].float() * HINT_GAIN).to(sd[k].dtype)
         if kind == "clora-sd15":  # the ControlNet-LoRA layout: what the UNet does not have, and the marker
             sd = {k: v for k, v in sd.items()
                   if k.startswith(("input_hint_block.", "zero_convs.", "middle_block_out."))}

@@ -77,13 +77,13 @@ def _cluster(devices_speeds) -> dict:
                                                             "speeds": speeds, "exclude": "", "emulate_slowdown": ""}}
 
 
-def _parallel(wf: dict, cluster=TWO, mode: str = "exact", warmup: int = 2) -> dict:
+def _parallel(wf: dict, cluster=TWO, mode: str = "exact", warmup: int = 2, strategy: str = "bands") -> dict:
     """The same workflow with a STADI Parallel Model between the model and the sampler "6"."""
     wf = copy.deepcopy(wf)
     wf["50"] = _cluster(cluster)
     wf["51"] = {"class_type": "STADIParallelModel", "inputs": {
         "model": wf["6"]["inputs"]["model"], "mode": mode, "warmup_steps": warmup, "cluster": ["50", 0],
-        "strategy": "bands"}}
+        "strategy": strategy}}
     wf["6"]["inputs"]["model"] = ["51", 0]
     return wf
 
@@ -144,6 +144,12 @@ def _assert_exact(out, ref, plain, what: str) -> None:
     assert rel <= REL_TOL, f"{what}: relative {rel:.3g}"
 
 
+def _error_text(entry) -> str:
+    """The exception messages of a failed prompt (ComfyUI's execution_error status messages)."""
+    msgs = (entry.get("status") or {}).get("messages") or []
+    return " | ".join(str(m[1].get("exception_message", "")) for m in msgs if m and m[0] == "execution_error")
+
+
 def _rows(entry) -> list[int]:
     return [b["rows"] for b in entry["outputs"]["6"].get("stadi_plan", [{}])[0].get("bands", [])]
 
@@ -163,6 +169,9 @@ CASES = {
     "positive_only_2w": dict(cluster=TWO, controls=[("cn-sd15", dict(positive_only=True, start=0.0))]),
     "lora_2w": dict(cluster=TWO, lora=True, controls=[("cn-sd15", dict(strength=1.0, start=0.0, end=1.0))]),
     "batch2_3w": dict(cluster=THREE, batch_size=2, controls=[("cn-sd15", {})]),
+    # CFG branches on different workers (cond rows on one, uncond rows on the other): each unit gets its
+    # branch's entries of the residuals
+    "cfg_split_2w": dict(cluster=TWO, strategy="cfg_split", controls=[("cn-sd15", {})]),
 }
 
 
@@ -174,7 +183,7 @@ def test_exact_mode_with_controlnets_equals_ksampler(server, case):
     for i, (control, kw) in enumerate(spec["controls"]):
         wf = _apply(wf, f"6{i}", control, **kw)
     ref = _latent(server, wf)
-    out = _latent(server, _parallel(wf, spec["cluster"]))
+    out = _latent(server, _parallel(wf, spec["cluster"], strategy=spec.get("strategy", "bands")))
     _assert_exact(out, ref, _latent(server, plain), f"{case} ({spec['cluster'][1]})")
 
 
@@ -210,8 +219,8 @@ def test_strided_stadi_sampler_refuses_controlnet_and_strides_off_equals_ksample
     stadi = _stadi_sampler(wf, ("cpu*2", "cpu:0=1, cpu:1=0.3"), mode="displaced", strides="auto")
     with pytest.raises(ComfyExecutionError) as err:
         server.run(stadi, timeout=600)
-    text = str(err.value.entry)
-    assert "ControlNet" in text and "set strides off" in text, text[-2000:]
+    text = _error_text(err.value.entry)
+    assert "ControlNet" in text and "set strides off" in text, text
     stadi["6"]["inputs"].update(strides="off", mode="exact")  # the fix the message names
     _assert_exact(_latent(server, stadi), _latent(server, wf), _latent(server, plain), "STADI Sampler, strides off")
 
@@ -255,8 +264,8 @@ def test_a_controlnet_on_an_sd3_model_is_refused_naming_the_model(server):
     wf = _parallel(_apply(wf, "60", "cn-sd15"), TWO)
     with pytest.raises(ComfyExecutionError) as err:
         server.run(wf, timeout=600)
-    text = str(err.value.entry)
-    assert "ControlNet" in text and "SD3 model" in text and "use KSampler" in text, text[-2000:]
+    text = _error_text(err.value.entry)
+    assert "ControlNet" in text and "SD3 model" in text and "use KSampler" in text, text
 
 
 # -- the shipped example workflow, with the tiny files in place of the real ones --------------------------------------
