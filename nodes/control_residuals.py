@@ -66,7 +66,9 @@ def check_controls(controls: list, model_name: str, adapter, lockstep: bool) -> 
 def load_controls(model_patcher, conds: dict) -> list:
     """Load the conditionings' ControlNets (and other additional models) as ComfyUI's ``_prepare_sampling``
     does, without the diffusion model (the workers hold it). Returns them: the sampler's cleanup
-    (``cleanup_models``) releases them as it does after a stock run."""
+    (``cleanup_models``) releases them as it does after a stock run. Without a ControlNet: nothing, as before."""
+    if not controls_in(*conds.values()):
+        return []
     import comfy.model_management
     import comfy.sampler_helpers
 
