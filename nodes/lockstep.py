@@ -64,7 +64,7 @@ class LockstepRun:
 
     def network_call(self, x, timesteps, context, control, transformer_options, extra):
         timesteps, cond = call_inputs(self.deployment.adapter, x, timesteps, context, control, transformer_options,
-                                      extra)
+                                      extra, takes_control=True)
         step = step_index(transformer_options)
         slot = self.slots.next(step)
         if step != self.step_seen:  # a new sampler step: the place where bands may move

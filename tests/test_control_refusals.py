@@ -50,3 +50,20 @@ def test_controlnet_hooks_are_refused_and_plain_chains_pass():
 def test_nothing_is_loaded_without_a_controlnet():
     patcher = types.SimpleNamespace(model_dtype=lambda: None)
     assert load_controls(patcher, {"positive": [{}], "negative": [{}]}) == []  # no ComfyUI import needed
+
+
+def test_a_call_with_residuals_is_refused_where_nothing_would_send_them_on():
+    """The last guard: a per-rank loop (strides) never forwards residuals, so a call that carries them fails
+    instead of silently computing the band without its ControlNet."""
+    import torch
+
+    from stadi_pack.nodes.deployment import call_inputs
+
+    control = {"output": [torch.zeros(1, 4, 8, 8)]}
+    x, t, ctx = torch.zeros(1, 4, 8, 8), torch.zeros(1), torch.zeros(1, 77, 768)
+    with pytest.raises(UnsupportedError, match="set strides off"):
+        call_inputs(comfy_unet, x, t, ctx, control, {}, {})
+    with pytest.raises(UnsupportedError, match="comfy-flux model"):
+        call_inputs(comfy_flux, x, t, ctx, control, {}, {}, takes_control=True)
+    _, cond = call_inputs(comfy_unet, x, t, ctx, control, {}, {}, takes_control=True)
+    assert set(cond) == {"context"}  # the residuals travel beside the conditioning, per band
