@@ -25,10 +25,20 @@ from stadi_core.errors import UnsupportedError
 class BandNetwork(torch.nn.Module):
     """Forwards network calls to ``call``; reads anything else (dtype, patch size...) from the real one."""
 
-    def __init__(self, real: torch.nn.Module, call: Callable):
+    def __init__(self, real: torch.nn.Module, call: Callable, state: Callable | None = None):
         super().__init__()
         object.__setattr__(self, "_real", real)  # not a submodule: nothing may move or save it
         object.__setattr__(self, "_call", call)
+        object.__setattr__(self, "_state", state)
+
+    def state_dict(self, *args, **kwargs):
+        """The network's weights as the server's ComfyUI would compute with them (``state``: base weights
+        with the model's LoRA applied), else the real network's: a ControlNet-LoRA copies the UNet's
+        encoder from here in its ``pre_run``, as it does from a loaded, patched UNet in a stock run."""
+        state = object.__getattribute__(self, "_state")
+        if state is None or args or kwargs:
+            return object.__getattribute__(self, "_real").state_dict(*args, **kwargs)
+        return state()
 
     def __getattr__(self, name):
         try:

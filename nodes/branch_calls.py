@@ -19,6 +19,8 @@ from stadi_core.errors import UnsupportedError
 from stadi_core.runtime.messages import UnitInput
 from stadi_core.runtime.session_conds import ConditioningOnce, digest
 
+from .control_residuals import band_control
+
 BRANCH_OF = {0: "cond", 1: "uncond"}  # ComfyUI's cond_or_uncond codes
 
 
@@ -30,14 +32,16 @@ class Placement:
 
 
 def split_call(plan, x: torch.Tensor, timesteps: np.ndarray, cond: dict, cond_or_uncond,
-               sent: "ConditioningOnce | None" = None) -> tuple[dict, list]:
-    """({rank: [UnitInput]}, [[Placement] per rank]) for one call of a branch arrangement."""
+               sent: "ConditioningOnce | None" = None, control: dict | None = None) -> tuple[dict, list]:
+    """({rank: [UnitInput]}, [[Placement] per rank]) for one call of a branch arrangement
+    (``control``: the call's ControlNet residuals; each unit gets its entries' rows of them)."""
     codes = list(cond_or_uncond or [])
     n = x.shape[0]
     if not codes or n % len(codes) or any(c not in BRANCH_OF for c in codes):
         raise UnsupportedError(f"STADI: a network call with conditionings {codes} cannot be split by CFG branch (the "
                                "guider sends something other than one cond and one uncond): use strategy bands")
     per = n // len(codes)
+    n_rows = x.shape[2]
     xs = x.detach().cpu().float().numpy()
     for k, v in cond.items():
         if v.ndim == 0 or v.shape[0] != n:
@@ -57,7 +61,8 @@ def split_call(plan, x: torch.Tensor, timesteps: np.ndarray, cond: dict, cond_or
             span = slice(start, start + rows)
             lean = sent.lean(rank, unit_cond, key) if sent is not None else unit_cond
             units[rank].append(UnitInput(gi, np.ascontiguousarray(xs[entries][:, :, span]), timesteps[entries],
-                                         lean, key))
+                                         lean, key, control=band_control(control, n_rows, span.start, span.stop,
+                                                                         entries)))
             places[rank].append(Placement(rank, entries, span))
     return units, places
 

@@ -101,19 +101,34 @@ def _name(fn) -> str:
     return f"({module}.{name.replace('.<locals>', '')})"
 
 
-def check_guider_conds(guider) -> None:
-    """The conditioning a guider samples with (any guider: CFGGuider, PerpNeg, DualCFG...)."""
-    for conds in (getattr(guider, "conds", None) or guider.original_conds).values():
+def check_guider_conds(guider, model_patcher=None, lockstep: bool = True) -> None:
+    """The conditioning a guider samples with (any guider: CFGGuider, PerpNeg, DualCFG...); with the
+    MODEL, also whether its ControlNets can run in bands."""
+    all_conds = list((getattr(guider, "conds", None) or guider.original_conds).values())
+    for conds in all_conds:
         check_conditioning([(None, c) for c in conds])
+    if model_patcher is not None:
+        check_controls(model_patcher, *all_conds, lockstep=lockstep)
+
+
+def check_controls(model_patcher, *conds, lockstep: bool) -> None:
+    """ControlNets / T2I-Adapters in the conditionings: SD1.x/SD2.x/SDXL UNets in one sampler loop
+    (lockstep) take them; per-rank loops (strides) and the DiT families refuse them."""
+    from stadi_core.models.spec import FAMILIES
+
+    from .control_residuals import check_controls as check, controls_in
+
+    controls = controls_in(*conds)
+    if controls:
+        family = check_model(model_patcher, lockstep=True)
+        check(controls, type(model_patcher.model).__name__, FAMILIES[family], lockstep)
 
 
 def check_conditioning(*conds) -> None:
-    """ComfyUI CONDITIONING lists ([tensor, options] pairs) the workers cannot reproduce."""
+    """ComfyUI CONDITIONING lists ([tensor, options] pairs) the workers cannot reproduce
+    (ControlNets: ``check_controls``, which needs the model and the execution shape)."""
     for cond in conds:
         for _, extra in cond:
-            if extra.get("control") is not None:
-                raise UnsupportedError("STADI: ControlNet / T2I adapters are not supported by the "
-                                       "patch-parallel workers yet; use KSampler for this workflow")
             if extra.get("gligen") is not None:
                 raise UnsupportedError("STADI: GLIGEN conditioning is not supported; use KSampler")
             if extra.get("hooks") is not None:

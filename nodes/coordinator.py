@@ -38,11 +38,13 @@ class StadiRun:
     def sample(self, noise, latent_image, *, positive, negative, cfg, scheduler, denoise, noise_mask, seed,
                latent_extra: dict) -> StadiPatches:
         compatibility.check_conditioning(positive, negative)
+        compatibility.check_controls(self.model, positive, negative, lockstep=True)  # the family; strides below
         batch, _, height, width = latent_image.shape
         self.deployment.branches = cfg != 1.0  # KSampler's guider: a separate uncond pass unless cfg is 1
         plan = self.deployment.measured_plan(batch, height, width)
         while any(b.stride > 1 for b in plan.bands):
             compatibility.check_model(self.model, lockstep=False)
+            compatibility.check_controls(self.model, positive, negative, lockstep=False)
             loops = RankLoops(self.deployment, plan)
             try:
                 bands, report = loops.sample(

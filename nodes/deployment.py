@@ -271,12 +271,20 @@ def step_index(transformer_options: dict) -> int:
     return max(0, int((sample_sigmas >= s * (1 - 1e-6)).sum()) - 1)
 
 
-def call_inputs(adapter, x, timesteps, context, control, transformer_options: dict, extra: dict):
-    """Check one network call's inputs and return (timesteps, conditioning) as the workers take them."""
+def call_inputs(adapter, x, timesteps, context, control, transformer_options: dict, extra: dict,
+                takes_control: bool = False):
+    """Check one network call's inputs and return (timesteps, conditioning) as the workers take them.
+
+    ``takes_control``: the caller sends the call's ControlNet residuals on (lockstep); per-rank loops do not,
+    and both cases are refused before the run (control_residuals.check_controls): these are the last guards."""
     from stadi_core.errors import UnsupportedError
 
-    if control is not None:
-        raise UnsupportedError("STADI: ControlNet residuals reached the model; use KSampler")
+    if control is not None and not takes_control:
+        raise UnsupportedError("STADI Sampler with strides: ControlNet residuals reached a per-rank sampler loop, "
+                               "which holds only its band: set strides off")
+    if control is not None and not getattr(adapter, "TAKES_CONTROL", False):
+        raise UnsupportedError(f"STADI: ControlNet residuals reached a {adapter.FAMILY} model, which takes none in "
+                               "bands; use KSampler")
     unknown = sorted(k for k, v in extra.items() if v is not None and k not in adapter.COND_KEYS)
     if unknown:
         raise UnsupportedError(f"STADI: model inputs {unknown} (e.g. reference latents of an edit model, a text "

@@ -33,8 +33,10 @@ from stadi_core.runtime.session_conds import ConditioningOnce, digest
 from .band_network import BandNetwork, private_shell
 from .branch_calls import assemble, split_call
 from .compatibility import LOCKSTEP_KEY as WRAPPER_KEY
+from .control_residuals import band_control, load_controls
 from .deployment import CallSlots, Deployment, call_inputs, step_index, step_timings
 from .types import StadiCluster
+from .weights import patched_state_dict
 
 log = logging.getLogger("stadi")
 _RUN: contextvars.ContextVar = contextvars.ContextVar("stadi_lockstep_run", default=None)
@@ -60,7 +62,7 @@ class LockstepRun:
 
     def network_call(self, x, timesteps, context, control, transformer_options, extra):
         timesteps, cond = call_inputs(self.deployment.adapter, x, timesteps, context, control, transformer_options,
-                                      extra)
+                                      extra, takes_control=True)
         step = step_index(transformer_options)
         slot = self.slots.next(step)
         if step != self.step_seen:  # a new sampler step: the place where bands may move
@@ -68,24 +70,27 @@ class LockstepRun:
             self._maybe_replan(step)
         while True:
             try:
-                return self._scatter(x, timesteps, cond, transformer_options, step, slot)
+                return self._scatter(x, timesteps, cond, transformer_options, step, slot, control)
             except WorkerLost as lost:  # the server holds the loop's state: this call goes to the survivors
                 self._continue_without(lost, step)
 
-    def _scatter(self, x, timesteps, cond, transformer_options, step: int, slot: int):
-        """One network call on the current plan: each rank's rows (or branch units) out, outputs back."""
+    def _scatter(self, x, timesteps, cond, transformer_options, step: int, slot: int, control=None):
+        """One network call on the current plan: each rank's rows (or branch units) out, outputs back
+        (``control``: the call's ControlNet residuals, which ComfyUI computed here; each rank gets its rows)."""
         plan = self.plan
         shapes = (tuple(x.shape),) + tuple((k, v.shape) for k, v in sorted(cond.items()))
         fresh = plan.mode == "exact" or step < plan.warmup or self.filled.get(slot) != shapes
         phase = Phase.FRESH if fresh else Phase.REFRESH
         signature = hash((step, slot, shapes)) % (1 << 50)
         if plan.splits_branches:  # each rank gets its units: rows of its branches' entries
-            units, places = split_call(plan, x, timesteps, cond, transformer_options.get("cond_or_uncond"), self.sent)
+            units, places = split_call(plan, x, timesteps, cond, transformer_options.get("cond_or_uncond"), self.sent,
+                                       control=control)
             calls = {r: dict(x=None, timesteps=None, cond={}, units=units[r]) for r in units}
         else:
             key = digest(cond)  # once per call: every rank gets the same conditioning
             calls = {b.rank: dict(x=x[:, :, b.row_start:b.row_end].detach().cpu().float().contiguous().numpy(),
-                                  timesteps=timesteps, cond=self.sent.lean(b.rank, cond, key), cond_key=key)
+                                  timesteps=timesteps, cond=self.sent.lean(b.rank, cond, key), cond_key=key,
+                                  control=band_control(control, x.shape[2], b.row_start, b.row_end))
                      for b in plan.bands}
 
         def band_call(rank):
@@ -207,7 +212,7 @@ class LockstepPatch:
         from . import compatibility
 
         compatibility.check_model(patcher, lockstep=True)  # nodes applied after this one are checked too
-        compatibility.check_guider_conds(guider)
+        compatibility.check_guider_conds(guider, patcher, lockstep=True)
         steps = max(1, int(sigmas.shape[-1]) - 1)
         deployment = Deployment(patcher, cluster=self.cluster, mode=self.mode, warmup=min(self.warmup, steps),
                                 strides="off", sampler_name="lockstep", steps=steps, strategy=self.strategy, compile=self.compile,
@@ -230,7 +235,8 @@ class LockstepPatch:
         if run is None:
             raise StadiError("STADI Parallel Model: sampling started outside a STADI run (another node re-entered "
                              "the sampler); use KSampler for this workflow")
-        shell = private_shell(model, diffusion_model=BandNetwork(model.model.diffusion_model, run.network_call))
+        shell = private_shell(model, diffusion_model=BandNetwork(model.model.diffusion_model, run.network_call,
+                                                                 state=lambda: patched_state_dict(model)))
         shell.current_patcher = model  # pre_run() sets it on the shared model, the loop reads it here
-        return shell, conds, []
+        return shell, conds, load_controls(model, conds)  # ControlNets run here, in the server
 

@@ -15,7 +15,8 @@ class STADIParallelModel:
                    "previous call after the warmup steps (faster, slight deviation). 'strategy' may put the CFG "
                    "branches on different devices instead (auto: the arrangement predicted fastest, one device "
                    "alone included). "
-                   "Strides need the STADI Sampler.")
+                   "ControlNets and T2I-Adapters (SD1.x/SD2.x/SDXL) work: ComfyUI computes them here, each device "
+                   "gets its rows. Strides need the STADI Sampler.")
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
     CATEGORY = "sampling/STADI"

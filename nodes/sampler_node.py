@@ -21,7 +21,7 @@ class STADISampler:
                    "device runs its own loop and image-wide nodes are refused (set strides off). 'strategy' may split "
                    "the CFG branches across devices instead (auto: the arrangement predicted fastest). "
                    "Models: SD1.x, SD2.x, SDXL (inpainting too), SD3/SD3.5, Flux.1 incl. Fill (LoRA, fp8 weights and "
-                   "ModelSampling nodes included).")
+                   "ModelSampling nodes included). ControlNets / T2I-Adapters (SD1.x/SD2.x/SDXL) need strides off or exact mode.")
     RETURN_TYPES = ("LATENT", PATCHES_TYPE)
     RETURN_NAMES = ("LATENT", "patches")
     FUNCTION = "sample"

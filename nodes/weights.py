@@ -116,6 +116,24 @@ def _patch_entries(model_patcher, key_patches: dict) -> dict:
     return entries
 
 
+def patched_state_dict(model_patcher) -> dict:
+    """The diffusion network's state dict (names without ``diffusion_model.``) with the patcher's weight
+    patches applied as a loaded ComfyUI model has them, computed the way the workers compute them
+    (``patched_weight``, ``comfy_api.lora_bake_settings``). For a ControlNet-LoRA, which copies the
+    UNet's weights in the server."""
+    from . import comfy_api
+
+    out = {}
+    for name, patches in model_patcher.get_key_patches(_PREFIX).items():
+        weight = patches[0][0]
+        if len(patches) > 1:
+            patch_dtype, intermediate_dtype, seed_key = comfy_api.lora_bake_settings(model_patcher, name, weight)
+            weight = patched_weight(weight, patches[1:], name, patch_dtype, intermediate_dtype,
+                                    comfy_api.string_to_seed(seed_key))
+        out[name[len(_PREFIX):]] = weight
+    return out
+
+
 def shared_network(model_patcher) -> dict:
     """The ModelSpec extras that tell workers where the network's weights are.
 

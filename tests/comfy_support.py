@@ -529,7 +529,8 @@ class ComfyServer:
     """
 
     def __init__(self, comfy: Path | None = None, *, custom_nodes: dict | None = None,
-                 checkpoints=(), loras=(), diffusion_models=(), text_encoders=(), cpu: bool = True, extra_args=(), root: Path | None = None,
+                 checkpoints=(), loras=(), diffusion_models=(), text_encoders=(), controlnets=(), cpu: bool = True,
+                 extra_args=(), root: Path | None = None,
                  port: int | None = None, startup_timeout: float = 180.0, env: dict | None = None):
         self.comfy = Path(comfy) if comfy else require_comfyui()
         self.custom_nodes = dict(custom_nodes or {})
@@ -537,6 +538,7 @@ class ComfyServer:
         self._loras = [Path(p) for p in loras]
         self._diffusion_models = [Path(p) for p in diffusion_models]
         self._text_encoders = [Path(p) for p in text_encoders]
+        self._controlnets = [Path(p) for p in controlnets]
         self.cpu = cpu
         self.extra_args = list(extra_args)
         self._own_root = root is None
@@ -551,6 +553,7 @@ class ComfyServer:
         self.loras_dir = self.root / "models" / "loras"
         self.diffusion_models_dir = self.root / "models" / "diffusion_models"
         self.text_encoders_dir = self.root / "models" / "text_encoders"
+        self.controlnet_dir = self.root / "models" / "controlnet"
         self.output_dir = self.root / "output"
         self.input_dir = self.root / "input"
 
@@ -569,6 +572,7 @@ class ComfyServer:
 
     def _prepare(self) -> list[str]:
         for d in (self.checkpoints_dir, self.loras_dir, self.diffusion_models_dir, self.text_encoders_dir,
+                  self.controlnet_dir,
                   self.output_dir, self.input_dir,
                   self.root / "user", self.root / "custom_nodes"):
             d.mkdir(parents=True, exist_ok=True)
@@ -580,6 +584,8 @@ class ComfyServer:
             _place(src, self.diffusion_models_dir / src.name)
         for src in self._text_encoders:
             _place(src, self.text_encoders_dir / src.name)
+        for src in self._controlnets:
+            _place(src, self.controlnet_dir / src.name)
         for name, src in self.custom_nodes.items():
             link = self.root / "custom_nodes" / name
             if not link.exists():
@@ -593,6 +599,7 @@ class ComfyServer:
             "    loras: models/loras\n"
             "    diffusion_models: models/diffusion_models\n"
             "    text_encoders: models/text_encoders\n"
+            "    controlnet: models/controlnet\n"
             "    custom_nodes: custom_nodes\n"
         )
         if self.port is None:

@@ -78,3 +78,23 @@ def test_each_conditioning_is_sent_once_per_rank():
     other = {"context": cond["context"] + 1}
     changed, _ = split_call(plan, x, ts, other, [UNCOND, COND], sent)
     assert all(u.cond for us in changed.values() for u in us)  # new values: sent again
+
+
+def test_controlnet_residuals_follow_each_units_entries_and_rows():
+    """A branch unit gets its branch's entries and its rows of every residual, at every level."""
+    plan = make_branch_plan(48, [2, 1], strategy="cfg_split+bands", steps=4)  # cond: r0; uncond: r0 [0,16) r1 [16,48)
+    codes = [UNCOND, COND]
+    x, ts, cond = _call(codes)
+    full = x[:, :1]  # level 1: the latent's rows, distinct per entry and row
+    half = torch.nn.functional.avg_pool2d(x[:, :1], 2, ceil_mode=True)  # level 2: ceil(48 / 2) rows
+    units, _ = split_call(plan, x, ts, cond, codes, control={"output": [full, None, half]})
+    uncond_entries, cond_entries = np.arange(0, 2), np.arange(2, 4)
+    r0 = {u.group: u for u in units[0]}
+    whole = r0[1].control["output"]
+    assert np.array_equal(whole[0], full.numpy()[cond_entries]) and whole[1] is None
+    assert np.array_equal(whole[2], half.numpy()[cond_entries])
+    top, bottom = r0[0].control["output"], units[1][0].control["output"]
+    assert np.array_equal(top[0], full.numpy()[uncond_entries][:, :, 0:16])
+    assert np.array_equal(top[2], half.numpy()[uncond_entries][:, :, 0:8])
+    assert np.array_equal(bottom[0], full.numpy()[uncond_entries][:, :, 16:48])
+    assert np.array_equal(bottom[2], half.numpy()[uncond_entries][:, :, 8:24])

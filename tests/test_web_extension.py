@@ -375,9 +375,10 @@ def test_templates_menu_lists_the_ui_workflows(server):
             assert "nodes" in json.loads(r.read())
 
 
-# Inputs that name a model file: the server lists only installed files (none of the examples'
+# Inputs that name a model (or input) file: the server lists only installed files (none of the examples'
 # are installed here), so their values are not checked against its lists.
-MODEL_FILE_INPUTS = {"ckpt_name", "lora_name", "unet_name", "clip_name1", "clip_name2", "clip_name3", "vae_name"}
+MODEL_FILE_INPUTS = {"ckpt_name", "lora_name", "unet_name", "clip_name1", "clip_name2", "clip_name3", "vae_name",
+                     "control_net_name", "image"}  # image: LoadImage lists the input folder, empty here
 
 
 @comfyui_test

@@ -1,8 +1,8 @@
 """The shipped example workflows are well-formed and describe the graphs they claim to.
 
-Two formats of the same six graphs (SD1.5 / SDXL text-to-image, each with and without a LoRA, from
-one checkpoint file; SD3.5 medium and Flux.1 dev text-to-image from separate diffusion model, text
-encoder and VAE files):
+Two formats of the same seven graphs (SD1.5 / SDXL text-to-image, each with and without a LoRA, from
+one checkpoint file; SD1.5 with a ControlNet on ComfyUI's stock nodes; SD3.5 medium and Flux.1 dev
+text-to-image from separate diffusion model, text encoder and VAE files):
 
 * ``example_workflows/*.json``: UI format (drag onto the canvas; ComfyUI's templates menu lists
   this folder of an installed pack);
@@ -22,14 +22,15 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 UI_DIR = REPO / "example_workflows"
 API_DIR = REPO / "workflows" / "api"
-EXPECTED = ["stadi_flux_dev_txt2img", "stadi_sd15_txt2img", "stadi_sd15_txt2img_lora", "stadi_sd3_txt2img",
-            "stadi_sdxl_txt2img", "stadi_sdxl_txt2img_lora"]  # sorted, as the folders list them
+EXPECTED = ["stadi_flux_dev_txt2img", "stadi_sd15_controlnet", "stadi_sd15_txt2img", "stadi_sd15_txt2img_lora",
+            "stadi_sd3_txt2img", "stadi_sdxl_txt2img", "stadi_sdxl_txt2img_lora"]  # sorted, as the folders list them
 
 # --------------------------------------------------------------------------------------------
 # Node contracts: per class, inputs in INPUT_TYPES order as (name, type, required); a type in
 # LINK_TYPES is a link (a socket), anything else a widget. Outputs as (name, type).
 # --------------------------------------------------------------------------------------------
-LINK_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "STADI_CLUSTER", "STADI_PATCHES"}
+LINK_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "CONTROL_NET", "STADI_CLUSTER",
+              "STADI_PATCHES"}
 
 SAMPLERS = None  # any string: the list depends on the ComfyUI version
 SCHEDULERS = None
@@ -92,6 +93,15 @@ NODES = {
         "inputs": [("conditioning", "CONDITIONING", True), ("guidance", "FLOAT", True)],
         "outputs": [("CONDITIONING", "CONDITIONING")],
     },
+    # --- ControlNet (nodes.py) ---
+    "LoadImage": {"inputs": [("image", "COMBO", True)], "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")]},
+    "ControlNetLoader": {"inputs": [("control_net_name", "COMBO", True)], "outputs": [("CONTROL_NET", "CONTROL_NET")]},
+    "ControlNetApplyAdvanced": {
+        "inputs": [("positive", "CONDITIONING", True), ("negative", "CONDITIONING", True),
+                   ("control_net", "CONTROL_NET", True), ("image", "IMAGE", True), ("strength", "FLOAT", True),
+                   ("start_percent", "FLOAT", True), ("end_percent", "FLOAT", True), ("vae", "VAE", False)],
+        "outputs": [("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+    },
     # --- STADI (the contract the web extension and the workflows are built against) ---
     "STADIClusterProfile": {
         "inputs": [("devices", "STRING", True), ("backend", ("auto", "nccl", "gloo"), True),
@@ -119,6 +129,8 @@ NODES = {
     },
 }
 UI_ONLY = {"Note", "MarkdownNote"}  # frontend-only nodes: never sent to the server
+UI_EXTRA_VALUES = {"LoadImage": ["image"]}  # values of frontend-only widgets (the upload button), saved last
+CONTROLNET_NODES = {"LoadImage": 1, "ControlNetLoader": 1, "ControlNetApplyAdvanced": 1}
 SEED_WIDGETS = {"seed", "noise_seed"}  # the frontend adds a "control after generate" value after these
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 KSAMPLER_INPUTS = ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",
@@ -266,7 +278,8 @@ def family(path: Path) -> str:
 def trace(prompt, ref):
     """The nodes a link passes through back to its origin, nearest first: [(class, node id, output)].
     A node whose output has the type of one of its link inputs (LoraLoader, ModelSampling*,
-    FluxGuidance) is passed through along that input."""
+    FluxGuidance) is passed through along that input; with several such inputs (ControlNetApplyAdvanced:
+    positive and negative), along the one named like the output."""
     path = []
     while True:
         nid, slot = ref
@@ -276,6 +289,8 @@ def trace(prompt, ref):
         through = [n for n, t, _ in NODES[cls]["inputs"] if t == out_type]
         if not through:
             return path
+        if len(through) > 1:
+            through = [n for n in through if n == NODES[cls]["outputs"][slot][0]]
         (name,) = through
         ref = prompt[nid]["inputs"][name]
 
@@ -292,6 +307,7 @@ def test_api_workflow_graph(path):
     prompt = load(path)
     fam = FAMILIES[family(path)]
     lora = "lora" in path.stem
+    controlnet = "controlnet" in path.stem
     assert not (lora and fam["model"] != ["CheckpointLoaderSimple"]), "LoRA variants exist for checkpoints only"
     # Which nodes, and the ids the README documents.
     want = {"STADISampler": 1, "STADIClusterProfile": 1, "STADIPatchStitch": 1, "VAEDecode": 1, "SaveImage": 1,
@@ -301,6 +317,8 @@ def test_api_workflow_graph(path):
             want.setdefault(cls, 1)
     if lora:
         want["LoraLoader"] = 1
+    if controlnet:
+        want.update(CONTROLNET_NODES)
     got: dict[str, int] = {}
     for node in prompt.values():
         got[node["class_type"]] = got.get(node["class_type"], 0) + 1
@@ -331,8 +349,16 @@ def test_api_workflow_graph(path):
     assert classes(model) == lora_front + fam["model"]
     assert model[-1][2] == 0
     positive, negative = trace(prompt, sampler["positive"]), trace(prompt, sampler["negative"])
-    assert classes(positive) == fam["positive"] and positive[-1][1] == "3"
-    assert classes(negative) == ["CLIPTextEncode"] and negative[-1][1] == "4"
+    cn_front = ["ControlNetApplyAdvanced"] if controlnet else []
+    assert classes(positive) == cn_front + fam["positive"] and positive[-1][1] == "3"
+    assert classes(negative) == cn_front + ["CLIPTextEncode"] and negative[-1][1] == "4"
+    if controlnet:  # one Apply ControlNet on both conditionings, with a loaded ControlNet and an image
+        (apply_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "ControlNetApplyAdvanced"]
+        assert sampler["positive"] == [apply_id, 0] and sampler["negative"] == [apply_id, 1]
+        cn = prompt[apply_id]["inputs"]
+        assert prompt[cn["control_net"][0]]["class_type"] == "ControlNetLoader"
+        assert prompt[cn["image"][0]]["class_type"] == "LoadImage"
+        assert 0 < cn["strength"] <= 1 and 0 <= cn["start_percent"] < cn["end_percent"] <= 1
     for text_id in ("3", "4"):
         clip = trace(prompt, prompt[text_id]["inputs"]["clip"])
         assert classes(clip) == lora_front + fam["clip"]
@@ -382,7 +408,9 @@ def test_stadi_nodes_follow_the_contract(path):
         assert list(node["inputs"]) == names, f"{node['class_type']} inputs {list(node['inputs'])} != {names}"
     sampler = next(n for n in stadi.values() if n["class_type"] == "STADISampler")["inputs"]
     assert list(sampler)[:10] == KSAMPLER_INPUTS  # a drop-in KSampler: its inputs first, same order
-    assert sampler["mode"] == "displaced" and sampler["strides"] == "auto" and sampler["warmup_steps"] == 2
+    # a ControlNet looks at the whole image: strides off (the sampler refuses strides with one)
+    strides = "off" if "controlnet" in path.stem else "auto"
+    assert sampler["mode"] == "displaced" and sampler["strides"] == strides and sampler["warmup_steps"] == 2
     profile = next(n for n in stadi.values() if n["class_type"] == "STADIClusterProfile")["inputs"]
     assert profile == {"devices": "auto", "backend": "auto", "measure": True, "speeds": "", "exclude": "",
                        "emulate_slowdown": ""}
@@ -490,6 +518,9 @@ def ui_widget_values(node) -> dict:
             assert values and values[0] in CONTROL_VALUES, (
                 f"node {node['id']} ({cls}): {name} must be followed by its control value, got {values[:1]}")
             values.pop(0)
+    extra = UI_EXTRA_VALUES.get(cls, [])
+    assert values[:len(extra)] == extra, f"node {node['id']} ({cls}): frontend widget values {values} != {extra}"
+    values = values[len(extra):]
     assert not values, f"node {node['id']} ({cls}): extra widgets_values {values}"
     return named
 
@@ -541,8 +572,9 @@ def test_ui_and_api_versions_describe_the_same_graph(stem):
 
 # Model loaders: the folder under ComfyUI/models their file widgets list, and those widgets.
 MODEL_FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "UNETLoader": "diffusion_models",
-                 "DualCLIPLoader": "text_encoders", "TripleCLIPLoader": "text_encoders", "VAELoader": "vae"}
-FILE_WIDGETS = {"ckpt_name", "unet_name", "clip_name1", "clip_name2", "clip_name3", "vae_name"}
+                 "DualCLIPLoader": "text_encoders", "TripleCLIPLoader": "text_encoders", "VAELoader": "vae",
+                 "ControlNetLoader": "controlnet"}
+FILE_WIDGETS = {"ckpt_name", "unet_name", "clip_name1", "clip_name2", "clip_name3", "vae_name", "control_net_name"}
 # Files published under another name; the workflow's note says to save them under the workflow's.
 RENAMED = {"sd3.5_vae.safetensors": "diffusion_pytorch_model.safetensors"}
 

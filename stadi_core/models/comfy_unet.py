@@ -18,6 +18,7 @@ FAMILY = "comfy-unet"
 TINY_CONFIGS: dict = {}
 COMFY_CLASS = "comfy.ldm.modules.diffusionmodules.openaimodel:UNetModel"  # the ComfyUI network this adapter runs (SD1.x, SD2.x, SDXL)
 COND_KEYS = ("y",)  # extra model inputs besides the context that this family accepts
+TAKES_CONTROL = True  # ControlNet / T2I-Adapter residuals: cond["control"] (models/control_bands.py)
 ANY_SIZE = True  # ComfyUI's UNet takes any latent size (ceil-sized downsamples, upsamples to the skip size)
 
 
@@ -30,7 +31,7 @@ def latent_channels(model) -> int:
 
 
 def forward(model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-    return model(x, t, context=cond.get("context"), y=cond.get("y"))
+    return model(x, t, context=cond.get("context"), y=cond.get("y"), control=cond.get("control"))
 
 
 def make_conditioning(model, batch: int, seed: int) -> dict:

@@ -84,7 +84,10 @@ class BranchGroups:
         torch, w = self.worker.torch, self.worker
         outs, busy, comm, sent = [], 0.0, 0.0, {}
         for unit in msg.units:
-            net = self.routed(unit.group, w.band_network(model, self.router, spec, w.cond_on_device(unit.cond, dtype, unit.cond_key), slowdown))
+            cond = w.cond_on_device(unit.cond, dtype, unit.cond_key)
+            if getattr(unit, "control", None):
+                cond = w.with_control(cond, unit.control)
+            net = self.routed(unit.group, w.band_network(model, self.router, spec, cond, slowdown))
             with torch.inference_mode():
                 t0 = time.perf_counter()
                 out, c, b = net(torch.from_numpy(unit.x), torch.from_numpy(unit.timesteps), phase, msg.slot)

@@ -197,6 +197,7 @@ class UnitInput:
     timesteps: np.ndarray
     cond: dict  # batch-aligned with x; {} when cond_key names arrays this session already sent
     cond_key: str = ""
+    control: dict | None = None  # this unit's ControlNet residuals (models/control_bands.py wire form)
 
 
 @dataclass
@@ -220,6 +221,7 @@ class BandCall:
     slot: int = 0  # the n-th network call of this sampler step: context is kept per slot
     units: list = field(default_factory=list)  # [UnitInput] in a branch arrangement
     cond_key: str = ""  # names ``cond``; an empty cond with a key: the arrays sent earlier in this session
+    control: dict | None = None  # the band's ControlNet / T2I-Adapter residuals (models/control_bands.py wire form)
 
 
 @dataclass

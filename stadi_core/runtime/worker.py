@@ -387,7 +387,10 @@ class _Worker:
                 self.channel.send(out)
                 continue
             cond = self.cond_on_device(msg.cond, dtype, msg.cond_key)
-            net = self.band_network(model, ctx, spec, cond, slowdown, compiled=compiled)
+            control = getattr(msg, "control", None)
+            if control:  # ControlNet residuals change every call: eager, beside the session's conditioning
+                cond = self.with_control(cond, control)
+            net = self.band_network(model, ctx, spec, cond, slowdown, compiled="off" if control else compiled)
             ctx.local_only = msg.measure_only
             try:
                 with torch.inference_mode():
@@ -401,6 +404,12 @@ class _Worker:
             self.channel.tick("idle in a session")
             self.channel.send(BandOutput(job.job_id, msg.call_id, self.init.rank, out.numpy(), busy, comm,
                                          note=note or "", sent=sent))
+
+    def with_control(self, cond: dict, control: dict) -> dict:
+        """``cond`` plus this call's ControlNet residuals for the band's UNet (models/control_bands.py)."""
+        from ..models.control_bands import residuals_on
+
+        return {**cond, "control": residuals_on(control, self.device)}
 
     def cond_on_device(self, cond: dict, dtype, key: str = "") -> dict:
         """A call's conditioning on the device; sent once per session and named by key afterwards."""

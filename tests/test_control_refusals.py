@@ -1,0 +1,69 @@
+"""What the server refuses about ControlNets before a run (nodes/control_residuals.py), without ComfyUI."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from stadi_core.errors import UnsupportedError
+from stadi_core.models import comfy_flux, comfy_unet
+from stadi_pack.nodes.control_residuals import chain, check_controls, controls_in, load_controls
+
+
+class ControlNet:  # named like ComfyUI's: the messages name the classes
+    def __init__(self, previous=None, extra_hooks=None):
+        self.previous_controlnet, self.extra_hooks = previous, extra_hooks
+
+
+class T2IAdapter(ControlNet):
+    pass
+
+
+def test_controls_are_found_in_both_conditioning_shapes_once_each():
+    first = ControlNet()
+    second = T2IAdapter(previous=first)
+    pairs = [[None, {"control": second}], [None, {}]]  # a CONDITIONING list
+    converted = [{"control": second}, {"control": first}]  # a guider's conds
+    assert controls_in(pairs, converted) == [second, first]
+    assert chain(second) == [second, first]
+
+
+def test_strided_loops_refuse_naming_the_fix():
+    with pytest.raises(UnsupportedError, match="set strides off") as err:
+        check_controls([T2IAdapter(previous=ControlNet())], "SDXL", comfy_unet, lockstep=False)
+    assert "ControlNet, T2IAdapter" in str(err.value)
+
+
+def test_families_without_control_refuse_naming_the_model():
+    with pytest.raises(UnsupportedError, match="with the Flux model .* use KSampler"):
+        check_controls([ControlNet()], "Flux", comfy_flux, lockstep=True)
+
+
+def test_controlnet_hooks_are_refused_and_plain_chains_pass():
+    with pytest.raises(UnsupportedError, match="hooks"):
+        check_controls([ControlNet(previous=ControlNet(extra_hooks=object()))], "BaseModel", comfy_unet, lockstep=True)
+    check_controls([ControlNet(previous=ControlNet())], "BaseModel", comfy_unet, lockstep=True)
+    check_controls([], "Flux", comfy_flux, lockstep=False)  # nothing to refuse without a ControlNet
+
+
+def test_nothing_is_loaded_without_a_controlnet():
+    patcher = types.SimpleNamespace(model_dtype=lambda: None)
+    assert load_controls(patcher, {"positive": [{}], "negative": [{}]}) == []  # no ComfyUI import needed
+
+
+def test_a_call_with_residuals_is_refused_where_nothing_would_send_them_on():
+    """The last guard: a per-rank loop (strides) never forwards residuals, so a call that carries them fails
+    instead of silently computing the band without its ControlNet."""
+    import torch
+
+    from stadi_pack.nodes.deployment import call_inputs
+
+    control = {"output": [torch.zeros(1, 4, 8, 8)]}
+    x, t, ctx = torch.zeros(1, 4, 8, 8), torch.zeros(1), torch.zeros(1, 77, 768)
+    with pytest.raises(UnsupportedError, match="set strides off"):
+        call_inputs(comfy_unet, x, t, ctx, control, {}, {})
+    with pytest.raises(UnsupportedError, match="comfy-flux model"):
+        call_inputs(comfy_flux, x, t, ctx, control, {}, {}, takes_control=True)
+    _, cond = call_inputs(comfy_unet, x, t, ctx, control, {}, {}, takes_control=True)
+    assert set(cond) == {"context"}  # the residuals travel beside the conditioning, per band

@@ -1,0 +1,119 @@
+"""Step 2 of issue #15, probed: ComfyUI's ControlNet network made patch-parallel like the UNet.
+
+Two gloo processes each build the same tiny ``comfy.cldm.cldm.ControlNet`` (the SD1.5 test config),
+wrap it with ``make_patch_parallel`` and the UNet family's attention adapter, and evaluate their band
+in exact mode: the band's latent rows of ``x`` and the band's pixel rows of the hint (8 x the latent
+rows, no halo cut in advance: the hint block's 3x3 convs exchange their halos like any other conv).
+Each band's residuals must equal the whole network's rows (``control_bands.level_rows``), which is
+what the worker-side ControlNet of docs/CONTROLNET.md would need. Not wired into the workers.
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from comfy_support import TINY_SD15_UNET_CONFIG, comfyui_marks, random_fill, require_comfyui
+
+pytestmark = comfyui_marks()
+
+ROWS = [8, 16]  # uneven bands of a 24-row latent (the SD1.5 alignment is 8)
+WIDTH = 16
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, port: int, comfy_dir: str, queue) -> None:
+    import torch
+    import torch.distributed as dist
+
+    try:
+        sys.path.insert(0, comfy_dir)
+        import comfy.options  # noqa: F401
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True
+        import comfy.cldm.cldm
+        import comfy.ops
+
+        from stadi_core.models import comfy_unet
+        from stadi_core.models.control_bands import level_rows
+        from stadi_core.parallel import BandContext, Phase, make_patch_parallel
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(ROWS),
+                                timeout=timedelta(seconds=120))
+        config = {k: v for k, v in TINY_SD15_UNET_CONFIG.items() if k != "out_channels"}
+        net = comfy.cldm.cldm.ControlNet(**config, hint_channels=3, dtype=torch.float32, device="meta",
+                                         operations=comfy.ops.disable_weight_init)
+        sd: dict = {}
+        random_fill(sd, net, "", torch.Generator().manual_seed(1))
+        net = comfy.cldm.cldm.ControlNet(**config, hint_channels=3, dtype=torch.float32,
+                                         operations=comfy.ops.disable_weight_init)
+        net.load_state_dict({k: v.float() for k, v in sd.items()})
+        gen = torch.Generator().manual_seed(2)
+        height = sum(ROWS)
+        x = torch.randn(2, 4, height, WIDTH, generator=gen)
+        hint = torch.rand(2, 3, 8 * height, 8 * WIDTH, generator=gen)
+        t = torch.tensor([500.0, 500.0])
+        context = torch.randn(2, 77, 768, generator=gen)
+        with torch.inference_mode():
+            full = net(x=x, hint=hint, timesteps=t, context=context)
+            band_net = copy.deepcopy(net)
+            ctx = BandContext(ROWS, rank, dist.group.WORLD, timeout_s=120)
+            counts = make_patch_parallel(band_net, ctx, comfy_unet.patch_attention)
+            start = sum(ROWS[:rank])
+            end = start + ROWS[rank]
+            ctx.begin_call(Phase.FRESH, 0, WIDTH)
+            band = band_net(x=x[:, :, start:end], hint=hint[:, :, 8 * start:8 * end], timesteps=t, context=context)
+            ctx.end_call()
+        worst = 0.0
+        for key, items in full.items():
+            for f, b in zip(items, band[key]):
+                rows = level_rows(height, f.shape[2], start, end)
+                want = f[:, :, rows]
+                assert b.shape == want.shape, (key, b.shape, want.shape)
+                worst = max(worst, ((b - want).abs().max() / want.abs().max()).item())
+        queue.put((rank, worst, counts, None))
+    except BaseException as exc:  # report instead of hanging the parent
+        import traceback
+
+        queue.put((rank, None, None, traceback.format_exc() + repr(exc)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_a_patch_parallel_controlnet_gives_each_band_its_rows_of_every_residual():
+    import torch.multiprocessing as mp
+
+    comfy = require_comfyui()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, port, str(comfy), queue)) for r in range(len(ROWS))]
+    for p in procs:
+        p.start()
+    try:
+        results = [queue.get(timeout=600) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    errors = [e for _, _, _, e in results if e]
+    assert not errors, errors[0]
+    for rank, worst, counts, _ in sorted(results, key=lambda r: r[0]):
+        print(f"rank {rank} (rows {ROWS[rank]}): layers made patch-parallel {counts}; worst residual "
+              f"relative |band - whole network rows| {worst:.2g}")
+        assert counts["conv"] > 0 and counts["groupnorm"] > 0 and counts["attention"] > 0
+        assert worst < 1e-5, worst
