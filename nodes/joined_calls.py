@@ -30,9 +30,9 @@ class CallInputs:
         self.inputs: list[dict] = [{} for _ in rows]  # loop -> (step, slot) -> its rows of x
         self.cond = threading.Condition()
 
-    def keep(self, loop: int, key: tuple, x: torch.Tensor, oldest_step: int) -> None:
-        """Record loop ``loop``'s input of call ``key``; forget calls before ``oldest_step`` (every loop passed them)."""
-        rows = x[:, :, self.rows[loop]].detach().to("cpu", copy=True)
+    def keep(self, loop: int, key: tuple, rows: torch.Tensor, oldest_step: int) -> None:
+        """Record loop ``loop``'s real rows of its input of call ``key`` (a host copy the loop no longer
+        writes); forget calls before ``oldest_step`` (every loop passed them)."""
         with self.cond:
             self.inputs[loop][key] = rows
             for kept in self.inputs:

@@ -74,24 +74,25 @@ class RankLoops:
             ts, cond = call_inputs(adapter, x, timesteps, context, control, transformer_options, extra)
             step = step_index(transformer_options)
             slot = state.slots.next(step)
-            self.inputs.keep(state.rank, (step, slot), x, min(s.step for s in self.states) - 1)
+            rows = x[:, :, state.rows].detach().to("cpu", torch.float32, copy=True)  # what the band call sends too
+            self.inputs.keep(state.rank, (step, slot), rows, min(s.step for s in self.states) - 1)
             if self.joined is not None:
                 return self.joined.call(state.rank, (step, slot), x, timesteps, context, control,
                                         transformer_options, extra)
             try:
-                return band_call(x, ts, cond, step, slot)
+                return band_call(x, rows, ts, cond, step, slot)
             except JobCancelledError:
                 raise
             except WorkerError as exc:  # a lost worker: the loops go on, their calls joined on the survivors
                 return self._join(session, exc, x).call(state.rank, (step, slot), x, timesteps, context, control,
                                                         transformer_options, extra)
 
-        def band_call(x, ts, cond, step, slot):
+        def band_call(x, rows, ts, cond, step, slot):
             t0 = time.perf_counter()
             last = state.last_out.get(slot)
             if state.schedule.computes(step) or last is None or last[0] != tuple(x.shape):
                 phase = state.schedule.phase(step)
-                xb = x[:, :, state.rows].detach().cpu().float().contiguous().numpy()
+                xb = rows.contiguous().numpy()
                 signature = hash((step, slot, tuple(x.shape))) % (1 << 50)
                 key = digest(cond)
                 lean = self.sent.lean(state.rank, cond, key)  # once per run per rank, then by key
