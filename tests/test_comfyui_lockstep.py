@@ -30,14 +30,9 @@ LONG_PROMPT = " ".join(["a red house by a calm lake under a cloudy sky with tall
 
 @pytest.fixture(scope="module")
 def server(tiny_comfy_models):
-    import os
-
     ckpt, lora = tiny_comfy_models
-    # these tests compare displaced runs with each other: bands that move mid-run (a worker preempted on a
-    # busy machine reads as a slowdown) would make them differ; re-planning is test_comfyui_replan.py's
-    env = dict(os.environ, STADI_REPLAN="off")
     with ComfyServer(require_comfyui(), custom_nodes=ComfyServer.stadi_pack(), checkpoints=[ckpt],
-                     loras=[lora], env=env) as srv:
+                     loras=[lora]) as srv:
         assert not srv.custom_node_import_failures(), srv.log_tail()
         yield srv
 

@@ -3,6 +3,7 @@ run move its bands (in-run re-plan), and exact mode still equals stock KSampler.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,8 +25,9 @@ def test_a_worker_slowed_mid_run_moves_the_bands_and_exact_stays_exact(tiny_comf
     wf["10"] = {"class_type": "STADIClusterProfile", "inputs": {
         "devices": "cpu*2", "backend": "gloo", "measure": False, "speeds": "", "exclude": "",
         "emulate_slowdown": "cpu:1=3@2"}}
+    env = dict(os.environ, STADI_REPLAN="on")  # the suite runs with it off (conftest.py)
     with ComfyServer(require_comfyui(), custom_nodes=ComfyServer.stadi_pack(), checkpoints=[ckpt],
-                     loras=[lora]) as server:
+                     loras=[lora], env=env) as server:
         ref = load_latent_file(server.output_files(server.run(sd15_api_workflow(
             CKPT, lora_name=LORA, filename_prefix="stock", **common)), "7", "latents")[0])
         entry = server.run(wf, timeout=600)
