@@ -67,3 +67,20 @@ def test_a_call_with_residuals_is_refused_where_nothing_would_send_them_on():
         call_inputs(comfy_flux, x, t, ctx, control, {}, {}, takes_control=True)
     _, cond = call_inputs(comfy_unet, x, t, ctx, control, {}, {}, takes_control=True)
     assert set(cond) == {"context"}  # the residuals travel beside the conditioning, per band
+
+
+def test_band_network_gives_a_controlnet_lora_the_weights_and_a_parent_nothing():
+    """ControlLora.pre_run calls ``diffusion_model.state_dict()`` on the loop's shell: it gets the weights the
+    server computes with; a parent module's state_dict (which recurses with keywords) sees no weights, as before."""
+    import torch
+
+    from stadi_pack.nodes.band_network import BandNetwork
+
+    real = torch.nn.Linear(2, 2)
+    weights = {"weight": torch.ones(2, 2)}
+    band = BandNetwork(real, lambda *a: None, state=lambda: weights)
+    assert band.state_dict() is weights
+    parent = torch.nn.Module()
+    parent.diffusion_model = band
+    assert dict(parent.state_dict()) == {}
+    assert dict(BandNetwork(real, lambda *a: None).state_dict()) == {}
