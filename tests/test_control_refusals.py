@@ -84,3 +84,17 @@ def test_band_network_gives_a_controlnet_lora_the_weights_and_a_parent_nothing()
     parent.diffusion_model = band
     assert dict(parent.state_dict()) == {}
     assert dict(BandNetwork(real, lambda *a: None).state_dict()) == {}
+
+
+def test_the_report_says_what_the_residuals_cost():
+    import numpy as np
+
+    from stadi_pack.nodes.control_residuals import call_control_bytes, control_note
+
+    band = {"control": {"output": [np.zeros((2, 4, 8, 8), np.float32), None]}}
+    assert call_control_bytes(band) == 2 * 4 * 8 * 8 * 4
+    records = [[dict(control_bytes=1_000_000), dict(control_bytes=0)],  # rank 0: two calls, the first with residuals
+               [dict(control_bytes=3_000_000), dict(control_bytes=0)]]
+    (note,) = control_note(records)
+    assert "1 of 2 calls" in note and "4.0 MB in all" in note and "4.00 MB per call" in note
+    assert control_note([[dict(control_bytes=0)]]) == []
