@@ -32,13 +32,14 @@ class BandNetwork(torch.nn.Module):
         object.__setattr__(self, "_state", state)
 
     def state_dict(self, *args, **kwargs):
-        """The network's weights as the server's ComfyUI would compute with them (``state``: base weights
-        with the model's LoRA applied), else the real network's: a ControlNet-LoRA copies the UNet's
-        encoder from here in its ``pre_run``, as it does from a loaded, patched UNet in a stock run."""
+        """Called directly (``diffusion_model.state_dict()``), the network's weights as the server's ComfyUI
+        computes with them (``state``: base weights with the model's LoRA applied): a ControlNet-LoRA copies
+        the UNet's encoder from here in its ``pre_run``, as it does from a loaded, patched UNet in a stock
+        run. Inside a parent's state_dict (keyword arguments) or without ``state``: nothing, as before."""
         state = object.__getattribute__(self, "_state")
-        if state is None or args or kwargs:
-            return object.__getattribute__(self, "_real").state_dict(*args, **kwargs)
-        return state()
+        if state is not None and not args and not kwargs:
+            return state()
+        return super().state_dict(*args, **kwargs)
 
     def __getattr__(self, name):
         try:

@@ -16,7 +16,7 @@ What this module adds around that:
 from __future__ import annotations
 
 from stadi_core.errors import UnsupportedError
-from stadi_core.models.control_bands import band_residuals
+from stadi_core.models.control_bands import band_residuals, wire_bytes
 
 
 def controls_in(*conds) -> list:
@@ -83,3 +83,19 @@ def band_control(control, height: int, row_start: int, row_end: int, entries=Non
     if control is None:
         return None
     return band_residuals(control, height, row_start, row_end, entries)
+
+
+def call_control_bytes(call: dict) -> int:
+    """Bytes of ControlNet residuals in one rank's BandCall fields (its band's, or its CFG-branch units')."""
+    return wire_bytes(call.get("control")) + sum(wire_bytes(getattr(u, "control", None)) for u in call.get("units", []))
+
+
+def control_note(records: list) -> list[str]:
+    """The run report's note on what step 1 of docs/CONTROLNET.md cost: residual bytes sent to the ranks."""
+    per_call = [sum(r.get("control_bytes", 0) for r in calls) for calls in zip(*records)]
+    with_control = [b for b in per_call if b]
+    if not with_control:
+        return []
+    total = sum(with_control)
+    return [f"ControlNet: computed in the server; {len(with_control)} of {len(per_call)} calls sent the ranks their rows "
+            f"of its residuals, {total / 1e6:.1f} MB in all ({total / len(with_control) / 1e6:.2f} MB per call)"]

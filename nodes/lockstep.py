@@ -33,7 +33,7 @@ from stadi_core.runtime.session_conds import ConditioningOnce, digest
 from .band_network import BandNetwork, private_shell
 from .branch_calls import assemble, split_call
 from .compatibility import LOCKSTEP_KEY as WRAPPER_KEY
-from .control_residuals import band_control, load_controls
+from .control_residuals import band_control, call_control_bytes, control_note, load_controls
 from .deployment import CallSlots, Deployment, call_inputs, step_index, step_timings
 from .types import StadiCluster
 from .weights import patched_state_dict
@@ -104,7 +104,8 @@ class LockstepRun:
         for b in plan.bands:
             o = outs[b.rank]
             self.records[b.rank].append(dict(step=step, computed=True, phase=phase.value, busy_s=o.busy_s,
-                                             comm_s=o.comm_s, sent=o.sent, t0=t0))
+                                             comm_s=o.comm_s, sent=o.sent, t0=t0,
+                                             control_bytes=call_control_bytes(calls[b.rank])))
             if not self.fresh_plan:
                 self.recent[b.rank].append(o.busy_s)
         self.fresh_plan = False
@@ -177,7 +178,8 @@ class LockstepRun:
         note = (f"lockstep: {loop}; {len(calls)} network calls split into bands, up to "
                 f"{per_step} per step, {refresh} with displaced context")
         log.info("STADI %s", note)
-        return self.deployment.report(self.plan, self.pool, self.session, timings, wall, notes=[note] + self.replans)
+        notes = [note] + control_note(self.records) + self.replans
+        return self.deployment.report(self.plan, self.pool, self.session, timings, wall, notes=notes)
 
 
 class LockstepPatch:

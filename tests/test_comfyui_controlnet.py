@@ -207,6 +207,9 @@ def test_a_hint_that_lives_in_one_band_reaches_that_band(server):
     rows = _rows(entry)
     starts = np.cumsum([0] + rows)
     assert (starts[-2], starts[-1]) == BAND_ROWS, f"bands {rows}: the hint no longer covers exactly the last band"
+    notes = [n for n in entry["outputs"]["6"]["stadi_plan"][0]["notes"] if n.startswith("ControlNet:")]
+    print(notes)
+    assert notes and "5 of 5 calls" in notes[0], notes  # 5 euler steps, cond and uncond in one call each
     # the whole-picture hint gives a different image: the band's rows are what the ControlNet saw
     _assert_exact(out, ref, _latent(server, full), f"hint in the last band only, bands {rows}")
 

@@ -67,3 +67,34 @@ def test_a_call_with_residuals_is_refused_where_nothing_would_send_them_on():
         call_inputs(comfy_flux, x, t, ctx, control, {}, {}, takes_control=True)
     _, cond = call_inputs(comfy_unet, x, t, ctx, control, {}, {}, takes_control=True)
     assert set(cond) == {"context"}  # the residuals travel beside the conditioning, per band
+
+
+def test_band_network_gives_a_controlnet_lora_the_weights_and_a_parent_nothing():
+    """ControlLora.pre_run calls ``diffusion_model.state_dict()`` on the loop's shell: it gets the weights the
+    server computes with; a parent module's state_dict (which recurses with keywords) sees no weights, as before."""
+    import torch
+
+    from stadi_pack.nodes.band_network import BandNetwork
+
+    real = torch.nn.Linear(2, 2)
+    weights = {"weight": torch.ones(2, 2)}
+    band = BandNetwork(real, lambda *a: None, state=lambda: weights)
+    assert band.state_dict() is weights
+    parent = torch.nn.Module()
+    parent.diffusion_model = band
+    assert dict(parent.state_dict()) == {}
+    assert dict(BandNetwork(real, lambda *a: None).state_dict()) == {}
+
+
+def test_the_report_says_what_the_residuals_cost():
+    import numpy as np
+
+    from stadi_pack.nodes.control_residuals import call_control_bytes, control_note
+
+    band = {"control": {"output": [np.zeros((2, 4, 8, 8), np.float32), None]}}
+    assert call_control_bytes(band) == 2 * 4 * 8 * 8 * 4
+    records = [[dict(control_bytes=1_000_000), dict(control_bytes=0)],  # rank 0: two calls, the first with residuals
+               [dict(control_bytes=3_000_000), dict(control_bytes=0)]]
+    (note,) = control_note(records)
+    assert "1 of 2 calls" in note and "4.0 MB in all" in note and "4.00 MB per call" in note
+    assert control_note([[dict(control_bytes=0)]]) == []

@@ -14,14 +14,22 @@ from .layers import PaddedInputs, PatchConv2d, PatchGroupNorm
 AttentionAdapter = Callable[[nn.Module, BandContext, Callable[[], int]], int]
 
 
-def make_patch_parallel(model: nn.Module, ctx: BandContext, attention: AttentionAdapter | None = None) -> dict:
-    """Wrap every context-needing layer of ``model``; returns counts per layer kind.
+def make_patch_parallel(model: nn.Module, ctx: BandContext, attention: AttentionAdapter | None = None,
+                        first_id: int = 0) -> dict:
+    """Wrap every context-needing layer of ``model``; returns counts per layer kind, and in ``"ids"``
+    the layer ids it handed out (``first_id`` up to ``first_id + ids``).
 
     Convs whose kernel is 1 row tall, patchify convs (a DiT's patch embedding) and per-token
-    layers need no context and stay.
+    layers need no context and stay. A second network on the same context (a ControlNet beside
+    its UNet) starts its ids where the first one's end, so their exchanges never share a key.
     """
-    counter = iter(range(1 << 30))
-    next_id = lambda: next(counter)  # noqa: E731 - a tiny id source shared with adapters
+    counter = iter(range(first_id, 1 << 30))
+    handed = []
+
+    def next_id() -> int:  # a tiny id source shared with adapters
+        handed.append(next(counter))
+        return handed[-1]
+
     counts = {"conv": 0, "groupnorm": 0, "attention": 0}
     padded = PaddedInputs()  # one set of halo-padded input buffers for all the model's convs
     for parent in list(model.modules()):
@@ -34,6 +42,7 @@ def make_patch_parallel(model: nn.Module, ctx: BandContext, attention: Attention
                 counts["groupnorm"] += 1
     if attention is not None:
         counts["attention"] = attention(model, ctx, next_id)
+    counts["ids"] = len(handed)
     return counts
 
 
