@@ -17,9 +17,7 @@ import copy
 import socket
 import sys
 from datetime import timedelta
-from pathlib import Path
 
-import pytest
 
 from comfy_support import TINY_SD15_UNET_CONFIG, comfyui_marks, random_fill, require_comfyui
 
