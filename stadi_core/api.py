@@ -157,36 +157,19 @@ def generate(
     if lobby is not None and any(d.host for d in cluster.active()) and len(cluster.active()) > 1:
         cluster, links, link_notes = _price_links(spec, cluster, lobby, height=height, width=width, batch=batch,
                                                   cfg=cfg, align=align, **threads)
-    by_name = {d.name: d for d in cluster.devices}
-
-    def plan_on(survivors: ClusterSpec) -> Plan:
-        return plan_for(survivors, height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup,
-                        strides=strides, align=align, strategy=strategy, cfg=cfg, context=context, links=links)
-
-    def pool_on(survivors: ClusterSpec, plan: Plan):
-        devices = [b.device for b in plan.bands]
-        env = _worker_env(by_name, devices)
-        if emulate_link:
-            env = [dict(e, **{LINK_ENV: emulate_link}) for e in env]
-        joined = {"lobby": lobby} if any(by_name[d].host for d in devices) else {}  # local pools keep their keys
-        return get_pool(devices, survivors.resolved_backend(), worker_env=env, **threads, **joined)
-
-    first_plan = plan_on(cluster)
+    work = StandaloneInputs(
+        spec=spec, sigmas=sigmas, shape=shape, conditioning=cond_np, sampler=sampler, cfg=cfg, seed=seed,
+        graphs=graphs, hybrid_window=hybrid_window, by_name={d.name: d for d in cluster.devices},
+        plan_kw=dict(height=height, steps=steps, sampler=sampler, mode=mode, warmup=warmup, strides=strides,
+                     align=align, strategy=strategy, cfg=cfg, context=context, links=links),
+        pool_kw=threads, emulate_link=emulate_link, lobby=lobby)
+    first_plan = work.plan(cluster)
     _window_config(hybrid_window, first_plan, sampler)  # a run that cannot take the window fails here
-
-    def job_for(job_id: int, rank: int, plan: Plan) -> GenerateJob:
-        device = by_name[plan.bands[rank].device]
-        return GenerateJob(job_id=job_id, model=spec.to_dict(), plan=plan.to_dict(), sampler=sampler,
-                           sigmas=sigmas, cfg=cfg, seed=seed, latent_shape=shape, conditioning=cond_np,
-                           graphs=graphs, hybrid_window=_window_config(hybrid_window, plan, sampler),
-                           slowdown=device.slowdown, slowdown_from=device.slowdown_from)
-
-    outcome = ResumableRun(cluster, first_plan, plan_for=plan_on, pool_for=pool_on,
-                           job_for=job_for, stall_timeout_s=stall_timeout_s, on_step=on_step,
+    outcome = ResumableRun(cluster, first_plan, work, stall_timeout_s=stall_timeout_s, on_step=on_step,
                            should_cancel=should_cancel, resumable=hybrid_window is None,
                            policy=ReplanPolicy.from_env()).run()
     plan, results, pool = outcome.plan, outcome.results, outcome.pool
-    slowdowns = [by_name[b.device].slowdown for b in plan.bands]
+    slowdowns = [work.by_name[b.device].slowdown for b in plan.bands]
     wall = outcome.wall_s
     if plan.splits_branches:  # every rank stepped the whole latent; rank 0's is the result
         bands = [torch.from_numpy(results[0].band)]
@@ -208,6 +191,46 @@ def generate(
     if lobby is not None:
         report.notes.extend(lobby.link_notes([b.device for b in plan.bands]) + link_notes)
     return GenerateResult(torch.cat(bands, dim=2), report)
+
+
+@dataclass
+class StandaloneInputs:
+    """What every segment of one standalone run shares (resumable_run.py): the model and sampling inputs,
+    how plans are made and how the devices' workers are reached."""
+
+    spec: ModelSpec
+    sigmas: list
+    shape: tuple
+    conditioning: dict  # {"cond"|"uncond": {name: ndarray}}
+    sampler: str
+    cfg: float
+    seed: int
+    graphs: bool
+    hybrid_window: str | None
+    by_name: dict  # device name -> DeviceSpec (every device of the cluster, joined ones included)
+    plan_kw: dict  # plan_for's keywords
+    pool_kw: dict  # get_pool's keywords (threads per worker)
+    emulate_link: str | None = None
+    lobby: object = None  # runtime/lobby.py, when devices joined from other machines
+
+    def plan(self, cluster: ClusterSpec) -> Plan:
+        return plan_for(cluster, **self.plan_kw)
+
+    def pool(self, cluster: ClusterSpec, plan: Plan):
+        devices = [b.device for b in plan.bands]
+        env = _worker_env(self.by_name, devices)
+        if self.emulate_link:
+            env = [dict(e, **{LINK_ENV: self.emulate_link}) for e in env]
+        joined = {"lobby": self.lobby} if any(self.by_name[d].host for d in devices) else {}  # local pools: own keys
+        return get_pool(devices, cluster.resolved_backend(), worker_env=env, **self.pool_kw, **joined)
+
+    def job(self, job_id: int, rank: int, plan: Plan) -> GenerateJob:
+        device = self.by_name[plan.bands[rank].device]
+        return GenerateJob(job_id=job_id, model=self.spec.to_dict(), plan=plan.to_dict(), sampler=self.sampler,
+                           sigmas=self.sigmas, cfg=self.cfg, seed=self.seed, latent_shape=self.shape,
+                           conditioning=self.conditioning, graphs=self.graphs,
+                           hybrid_window=_window_config(self.hybrid_window, plan, self.sampler),
+                           slowdown=device.slowdown, slowdown_from=device.slowdown_from)
 
 
 _MEASURED: dict[tuple, float] = {}  # (model key, device, rows, width, batch) -> rows/s, measured for link pricing

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Protocol
 
 from .cluster import ClusterSpec
 from .errors import PlanError, WorkerLost
@@ -90,16 +90,24 @@ class _Segment:
         return [[t for t in ts if step is None or int(t["step"]) < step] for ts in self.timings]
 
 
+class RunInputs(Protocol):
+    """What every segment of one run shares (api.py's StandaloneInputs): plans for the devices left,
+    pools of their workers, and each rank's job."""
+
+    def plan(self, cluster: ClusterSpec) -> Plan: ...
+
+    def pool(self, cluster: ClusterSpec, plan: Plan): ...
+
+    def job(self, job_id: int, rank: int, plan: Plan) -> GenerateJob: ...
+
+
 class ResumableRun:
     """Runs one generation in segments (see the module docstring) and says what happened on the way."""
 
-    def __init__(self, cluster: ClusterSpec, plan: Plan, *, plan_for: Callable[[ClusterSpec], Plan],
-                 pool_for: Callable[[ClusterSpec, Plan], object],
-                 job_for: Callable[[int, int, Plan], GenerateJob],
+    def __init__(self, cluster: ClusterSpec, plan: Plan, work: "RunInputs", *,
                  stall_timeout_s: float, on_step=None, should_cancel=None, resumable: bool = True,
                  policy: ReplanPolicy | None = None):
-        self.cluster, self.first_plan = cluster, plan  # plan_for: the survivors' plan after a loss
-        self.plan_for, self.pool_for, self.job_for = plan_for, pool_for, job_for
+        self.cluster, self.first_plan, self.work = cluster, plan, work
         self.stall_timeout_s, self.on_step, self.should_cancel = stall_timeout_s, on_step, should_cancel
         self.resumable = resumable  # checkpoints carry the whole loop (not with a hybrid window)
         self.policy = policy if resumable else None
@@ -115,7 +123,7 @@ class ResumableRun:
             start = state.step if state is not None else 0
             seg_plan = plan if state is None else replace(plan, warmup=max(plan.warmup, start + 1))
             segment = _Segment(seg_plan, start, replanner if plan.world_size > 1 else None, self.on_step)
-            pool = segment.pool = self.pool_for(self.cluster, seg_plan)
+            pool = segment.pool = self.work.pool(self.cluster, seg_plan)
             try:
                 results = pool.run(lambda job_id: job_id, stall_timeout_s=self.stall_timeout_s,
                                    on_step=segment.on_step, should_cancel=self.should_cancel,
@@ -132,7 +140,7 @@ class ResumableRun:
                 elif not self.resumable:
                     state = None
                 self._keep(kept, segment, state.step if state is not None else 0)
-                survivors = self.plan_for(self.cluster)
+                survivors = self.work.plan(self.cluster)
                 note = loss_note(lost.device, lost.reason, segment.last_step, plan, survivors,
                                  resumed=state is not None, from_step=state.step if state is not None else None)
                 log.warning("STADI: %s", note)
@@ -157,7 +165,7 @@ class ResumableRun:
             return RunOutcome(plan, results, timings, pool, time.perf_counter() - t0, notes)
 
     def _job(self, job_id: int, rank: int, plan: Plan, state: LoopState | None) -> GenerateJob:
-        job = self.job_for(job_id, rank, plan)
+        job = self.work.job(job_id, rank, plan)
         job.checkpoints = self.resumable
         if state is not None:
             band = plan.bands[rank]
