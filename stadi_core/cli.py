@@ -18,14 +18,15 @@ def _cluster(args):
 
     text = args.devices or (f"cuda*{torch.cuda.device_count()}" if torch.cuda.device_count() else "cpu*2")
     cluster = ClusterSpec.parse(text, backend=args.backend)
-    starts = {}  # DEVICE=X@STEP: X times slower from sampler step STEP on
+    slow, starts = {}, {}  # DEVICE=X[@STEP]: X times slower (from sampler step STEP on)
     for item in args.slowdown or []:
         pair, _, step = item.partition("@")
+        [(name, factor)] = _pairs([pair])
+        slow[name] = factor
         if step:
             if not step.strip().isdigit():
                 raise StadiError(f"--slowdown {item!r}: after '@' give the step it starts at, e.g. cpu:1=2@4")
-            starts[pair.partition("=")[0].strip()] = int(step)
-    slow = dict(_pairs(item.partition("@")[0] for item in args.slowdown or []))
+            starts[name] = int(step)
     speed = dict(_pairs(args.speed))
     devices = []
     for d in cluster.devices:

@@ -1,8 +1,9 @@
 """Moving bands during a run: from the band times measured so far to new rows, only when clearly better.
 
 DESIGN §4: after warmup the planner may re-plan from measured speeds; the change takes effect at a
-sync point and is followed by one synchronous step that rebuilds the context. This module is the pure
-decision (the lockstep run in nodes/lockstep.py applies it): each rank's rate is its rows over the
+sync point and is followed by one synchronous step that rebuilds the context. This module is the
+decision (ComfyUI's lockstep run, nodes/lockstep.py, and the standalone engine's segments,
+resumable_run.py, apply it): each rank's rate is its rows over the
 median busy time of its last ``window`` calls (a median, so a single slow call moves nothing), the
 proposal is the planner's own row split for those rates, and it is taken only when it predicts the
 step at least ``gain`` faster than the current rows under the same rates, at most once every

@@ -46,8 +46,8 @@ class RunOutcome:
 class _Segment:
     """One job on one plan: its checkpoints, step timings and (when asked) the re-plan it proposes."""
 
-    def __init__(self, plan: Plan, start: int, replanner: Replanner | None, on_step):
-        self.plan, self.start, self.replanner = plan, start, replanner
+    def __init__(self, plan: Plan, replanner: Replanner | None, on_step):
+        self.plan, self.replanner = plan, replanner
         self.on_step_outer = on_step
         self.timings: list[list[dict]] = [[] for _ in plan.bands]
         self.recent: list[list[float]] = [[] for _ in plan.bands]  # busy s of computed calls (the first excluded)
@@ -120,9 +120,8 @@ class ResumableRun:
         replanner = Replanner(self.policy) if self.policy is not None else None
         t0 = time.perf_counter()
         while True:
-            start = state.step if state is not None else 0
-            seg_plan = plan if state is None else replace(plan, warmup=max(plan.warmup, start + 1))
-            segment = _Segment(seg_plan, start, replanner if plan.world_size > 1 else None, self.on_step)
+            seg_plan = plan if state is None else replace(plan, warmup=max(plan.warmup, state.step + 1))
+            segment = _Segment(seg_plan, replanner if plan.world_size > 1 else None, self.on_step)
             pool = segment.pool = self.work.pool(self.cluster, seg_plan)
             try:
                 results = pool.run(lambda job_id: job_id, stall_timeout_s=self.stall_timeout_s,
@@ -135,10 +134,10 @@ class ResumableRun:
                     self.cluster = self.cluster.without(lost.device)
                 except PlanError:
                     raise lost from None  # no device survives
-                if self.resumable and segment.complete is not None:
-                    state = segment.complete
-                elif not self.resumable:
-                    state = None
+                if not self.resumable:
+                    state = None  # from noise
+                elif segment.complete is not None:
+                    state = segment.complete  # else from where this segment began
                 self._keep(kept, segment, state.step if state is not None else 0)
                 survivors = self.work.plan(self.cluster)
                 note = loss_note(lost.device, lost.reason, segment.last_step, plan, survivors,

@@ -17,7 +17,8 @@ from .messages import BandResult, Checkpoint, GenerateJob, MeasureJob, MeasureRe
 
 class SlowdownPad:
     """An emulated slowdown that starts at sampler step ``start`` (a device that gets busy mid-run);
-    ``float(pad)`` is the factor for the step the loop is at (``step``, set as it goes)."""
+    ``float(pad)`` is the factor for the step the loop is at (``step``, set as it goes). Both job kinds
+    use it: the standalone loop here and a ComfyUI session's band calls (worker.py)."""
 
     def __init__(self, factor: float, start: int = 0, step: int = 0):
         self.factor, self.start, self.step = factor, start, step

@@ -361,6 +361,7 @@ class _Worker:
             ready["compile_note"] = compile_note
         self.channel.send(SessionReady(job.job_id, self.init.rank, ready))
         dtype = input_dtype(model)
+        pad = generate_job.SlowdownPad(job.slowdown, getattr(job, "slowdown_from", 0))
         while True:
             msg = self.channel.recv()
             if isinstance(msg, SessionEnd):
@@ -380,9 +381,9 @@ class _Worker:
                 self.agree(msg.step, msg.signature)  # a cancel stops every rank here, together
             else:
                 self.channel.poll_cancel()  # noted; the next sync step acts on it (ranks leave together)
-            slowdown = job.slowdown if msg.step >= getattr(job, "slowdown_from", 0) else 1.0  # a device busy from then
+            pad.step = msg.step  # an emulated slowdown may start at a later step (a device busy from then)
             if groups is not None and not msg.measure_only:
-                out = groups.call(msg, phase, model, spec, slowdown, dtype)
+                out = groups.call(msg, phase, model, spec, pad, dtype)
                 self.channel.tick("idle in a session")
                 self.channel.send(out)
                 continue
@@ -390,7 +391,7 @@ class _Worker:
             control = getattr(msg, "control", None)
             if control:  # ControlNet residuals change every call: eager, beside the session's conditioning
                 cond = self.with_control(cond, control)
-            net = self.band_network(model, ctx, spec, cond, slowdown, compiled="off" if control else compiled)
+            net = self.band_network(model, ctx, spec, cond, pad, compiled="off" if control else compiled)
             ctx.local_only = msg.measure_only
             try:
                 with torch.inference_mode():
