@@ -116,4 +116,7 @@ def test_overlap_hides_a_slow_link_when_compute_is_longer_than_the_transfer():
           f"{exposed['full'] * 1e3:.1f} ms, transfer {transfer_s * 1e3:.1f} ms")
     # the emulated link really costs time (part of it passes while the ranks agree on the next step)
     assert exposed["full,no-overlap"] > 0.15 * transfer_s
-    assert exposed["full"] < 0.3 * exposed["full,no-overlap"]
+    # how much overlap hides depends on how long this machine's compute takes next to the fixed
+    # transfer (a busy 2-core runner measured 0.33 and 0.39 of the no-overlap exposure, an idle one
+    # 0.02-0.05); a missing overlap exposes all of it
+    assert exposed["full"] < 0.6 * exposed["full,no-overlap"]
