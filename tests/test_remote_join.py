@@ -2,8 +2,10 @@
 
 The "other machine" is a network namespace with its own address (10.77.0.2) joined to the root
 namespace (10.77.0.1, the coordinator) by a veth pair shaped with tc to 1 Gbit/s (and 1 ms where the
-kernel has netem). Real processes: the coordinator is this test process (or a CLI subprocess), one local
-CPU worker is its child, and the remote CPU worker is started in the namespace by
+kernel has netem; where it has not, the latency check puts a user-space relay that holds every chunk 1 ms
+each way on the worker's path: bench/delay_relay.py). Real processes: the coordinator is this test process
+(or a CLI subprocess), one local CPU worker is its child, and the remote CPU worker is started in the
+namespace by
 ``python -m stadi_core worker --join 10.77.0.1:PORT`` (or torchrun), over real sockets and a real gloo
 process group. Skipped with the reason where namespaces cannot be made (not root, no ip/tc).
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stadi_core.bench.delay_relay import DelayRelay
 from stadi_core.bench.netns import DELAY_MS, RATE_GBPS, Unavailable, make_two_hosts
 from stadi_core.api import generate, reference_generate
 from stadi_core.cluster import ClusterSpec
@@ -126,9 +129,40 @@ def test_measured_link_is_the_shaped_one(hosts, address, tmp_path):
     link = lobby.links[hosts.remote_ip]
     print(f"shaping: {hosts.shaping}; measured {link.describe()}")
     assert abs(link.bandwidth_gbps - RATE_GBPS) <= 0.3 * RATE_GBPS, link.describe()
-    if not hosts.delay_shaped:
-        pytest.skip(f"bandwidth checked; latency not: {hosts.no_delay_reason}")
-    assert abs(2 * link.latency_s - 2 * DELAY_MS * 1e-3) <= 0.3 * 2 * DELAY_MS * 1e-3, link.describe()
+    if hosts.delay_shaped:
+        print(f"latency: {DELAY_MS:g} ms each way added by netem on both veth ends")
+        assert abs(2 * link.latency_s - 2 * DELAY_MS * 1e-3) <= 0.3 * 2 * DELAY_MS * 1e-3, link.describe()
+        return
+    # No netem here: the delay comes from a user-space relay in the second host (bench/delay_relay.py) that
+    # holds every chunk DELAY_MS each way on the worker's connections to a second lobby. The measured
+    # one-way latency must be the link's own, measured above without the relay, plus DELAY_MS (within 30 %
+    # of DELAY_MS); the relay's forwarding (a loopback hop, Python's copies) counts against the bound.
+    base = link.latency_s
+    relay_lobby = open_lobby(f"{hosts.coordinator_ip}:{_free_port(hosts.coordinator_ip)}", TOKEN)
+    relay = proc = None
+    try:
+        relay = DelayRelay(f"{hosts.remote_ip}:0", relay_lobby.address, DELAY_MS, prefix=hosts.remote_cmd([]))
+        hosts.procs.append(relay.proc)  # killed by hosts.close() should anything fail before relay.stop()
+        proc, _ = start_remote(hosts, relay.address, "cpu:5", tmp_path)
+        relay_lobby.wait_for(1, 60)
+        delayed = relay_lobby.links[hosts.remote_ip]
+    finally:
+        relay_lobby.close()  # tells the worker to exit (through the relay)
+        if proc is not None:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        if relay is not None:
+            relay.stop()
+    added = delayed.latency_s - base
+    print(f"latency: no netem in this kernel; {DELAY_MS:g} ms each way added by a user-space TCP relay in the "
+          f"second host (stadi_core/bench/delay_relay.py). Without the relay {link.describe()}; through it "
+          f"{delayed.describe()}: one-way {delayed.latency_s * 1e3:.3f} ms - base {base * 1e3:.3f} ms = "
+          f"{added * 1e3:.3f} ms added (bound {DELAY_MS:g} ms +- 30 %); {relay.describe()}")
+    assert relay.proc.returncode == 0, f"the relay did not stop cleanly (code {relay.proc.returncode})"
+    assert proc.returncode is not None, "the worker joined through the relay still runs after the lobby closed"
+    assert abs(added - DELAY_MS * 1e-3) <= 0.3 * DELAY_MS * 1e-3, (delayed.describe(), f"base {base * 1e3:.3f} ms")
 
 
 def test_wrong_token_is_refused_on_both_sides(hosts, address, tmp_path, caplog):

@@ -1,6 +1,7 @@
 """A second host made on this machine (tests/test_remote_join.py, bench-two-hosts): a network namespace
 with its own address, joined to the root namespace by a veth pair whose both ends are shaped with tc
-(1 Gbit/s; 1 ms delay where netem exists).
+(1 Gbit/s; 1 ms delay where netem exists -- elsewhere bench/delay_relay.py can add the delay in user
+space on the connections that need it).
 
 ``make_two_hosts()`` returns a ``TwoHosts`` or raises ``Unavailable`` with the reason (not root, no
 ``ip``/``tc``, namespaces refused); ``TwoHosts.close()`` removes everything, whatever state it is in.
