@@ -14,14 +14,17 @@ import torch
 from ..runtime.shared_memory import SharedHandle, open_blob, open_tensors
 
 _BASE: dict[str, dict[str, torch.Tensor]] = {}  # memory-file tag -> name -> tensor over the server's pages
+_BASE_KEPT = 4  # the UNet's and a few ControlNets' (runtime/worker_controls.py)
 _PREFIX = "diffusion_model."
 
 
 def base_weights(handle: dict) -> dict[str, torch.Tensor]:
-    """The server's base weights, mapped once per memory file (one model per worker)."""
+    """The server's base weights, mapped once per memory file (one UNet per worker, and its ControlNets).
+    The oldest mappings go first; a network built from them keeps its pages."""
     shared = SharedHandle.from_dict(handle)
     if shared.tag not in _BASE:
-        _BASE.clear()  # the previous model's pages go with its network
+        for old in list(_BASE)[:max(0, len(_BASE) - (_BASE_KEPT - 1))]:
+            _BASE.pop(old)
         _BASE[shared.tag] = open_tensors(shared)
     return _BASE[shared.tag]
 
