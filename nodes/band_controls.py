@@ -177,7 +177,8 @@ def worker_side(conds: dict, model_patcher, adapter) -> tuple[dict, list[str]]:
                 new.append(c)
                 continue
             if id(top) not in proxies:
-                reasons = [r for r in (why_not(link) for link in chain(top)) if r]
+                reasons = [r for r in (why_not(link) for link in chain(top)) if r] or _unshareable(chain(top),
+                                                                                              model_patcher)
                 if cross:
                     reasons.append("a ControlNet-specific text conditioning")
                 proxies[id(top)] = None if reasons else BandControlChain(top, model_patcher)
@@ -188,6 +189,24 @@ def worker_side(conds: dict, model_patcher, adapter) -> tuple[dict, list[str]]:
             new.append(c if proxy is None else {**c, "control": proxy})
         out[name] = new
     return out, notes
+
+
+def _unshareable(links: list, model_patcher) -> list[str]:
+    """Share the regular ControlNets' weights now (once per identity); why not, if they cannot be rebuilt.
+    A ControlNet-LoRA builds its network at ``pre_run`` and is shared at its first call."""
+    import comfy.controlnet
+
+    from stadi_core.errors import UnsupportedError
+
+    from .control_weights import control_spec
+
+    for link in links:
+        if type(link) is comfy.controlnet.ControlNet:
+            try:
+                control_spec(link, model_patcher)
+            except UnsupportedError as exc:
+                return [str(exc)]
+    return []
 
 
 def hint_rows(hint: torch.Tensor, height: int, start: int, end: int) -> torch.Tensor:
@@ -223,28 +242,29 @@ class ControlsOnce:
 
 
 def message_bytes(call: dict) -> tuple[int, int]:
-    """(hint bytes, bytes of the rest: entries and specs, pickled) of a rank's step-2 BandCall fields."""
+    """(bytes sent once: hint rows and ControlNet specs, bytes of this call's entries) of a rank's step-2
+    BandCall fields (specs and entries pickled, as they cross)."""
     import pickle
 
     if not call.get("controls"):
         return 0, 0
-    hints = sum(a.nbytes for a in call.get("control_hints", {}).values())
-    rest = len(pickle.dumps((call["controls"], call.get("control_models", {})), protocol=pickle.HIGHEST_PROTOCOL))
-    return hints, rest
+    once = sum(a.nbytes for a in call.get("control_hints", {}).values())
+    if call.get("control_models"):
+        once += len(pickle.dumps(call["control_models"], protocol=pickle.HIGHEST_PROTOCOL))
+    return once, len(pickle.dumps(call["controls"], protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def band_note(records: list) -> list[str]:
     """The run report's note on ControlNets that ran on the bands: calls, bytes sent, and what step 1 would have sent."""
-    per_call = [(sum(r.get("hint_bytes", 0) for r in calls), sum(r.get("control_message_bytes", 0) for r in calls),
+    per_call = [(sum(r.get("control_once_bytes", 0) for r in calls), sum(r.get("control_call_bytes", 0) for r in calls),
                  sum(r.get("control_rows_bytes", 0) for r in calls)) for calls in zip(*records)]
-    ran = [c for c in per_call if c[2] or c[1]]
+    ran = [c for c in per_call if c[1]]
     if not ran:
         return []
-    hints = sum(c[0] for c in ran)
-    message = sum(c[1] for c in ran)
+    once = sum(c[0] for c in ran)
+    each = sum(c[1] for c in ran) / len(ran)
     rows = sum(c[2] for c in ran)
-    later = [c[1] for c in ran[1:]]
     return [f"ControlNet: ran on the bands in the workers (patch-parallel beside the UNet) in {len(ran)} of "
-            f"{len(per_call)} calls; hints sent once: {hints / 1e6:.2f} MB; control messages {message / 1e3:.1f} kB "
-            f"in all ({(sum(later) / len(later) if later else message) / 1e3:.2f} kB per call after the first); "
-            f"step 1 would have sent {rows / 1e6:.1f} MB of residual rows ({rows / len(ran) / 1e6:.2f} MB per call)"]
+            f"{len(per_call)} calls; sent once per session (hint rows, ControlNet specs): {once / 1e6:.2f} MB; "
+            f"per call {each:.0f} B (which ControlNets, strengths); step 1 would have sent {rows / 1e6:.1f} MB of "
+            f"residual rows ({rows / len(ran) / 1e6:.2f} MB per call)"]

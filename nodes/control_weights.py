@@ -73,7 +73,10 @@ def _config(link, model_patcher, state: dict) -> dict:
     if type(link) is comfy.controlnet.ControlLora:
         config = dict(model_patcher.model.model_config.unet_config)
     else:
-        config = dict(comfy.model_detection.model_config_from_unet(state, "", True).unet_config)
+        detected = comfy.model_detection.model_config_from_unet(state, "", True)  # what ComfyUI's loader does
+        if detected is None:
+            raise UnsupportedError("STADI: ComfyUI detects no UNet config in the ControlNet's weights")
+        config = dict(detected.unet_config)
     config.pop("out_channels", None)
     config.pop("dtype", None)
     config.pop("device", None)

@@ -116,12 +116,12 @@ class LockstepRun:
             self.filled[slot] = shapes
         for b in plan.bands:
             o = outs[b.rank]
-            hint_bytes, message = message_bytes(calls[b.rank])
+            once, each = message_bytes(calls[b.rank])
             self.records[b.rank].append(dict(step=step, computed=True, phase=phase.value, busy_s=o.busy_s,
                                              comm_s=o.comm_s, sent=o.sent, t0=t0,
                                              control_bytes=call_control_bytes(calls[b.rank]),
-                                             control_rows_bytes=o.control_rows_bytes, hint_bytes=hint_bytes,
-                                             control_message_bytes=message))
+                                             control_rows_bytes=o.control_rows_bytes, control_once_bytes=once,
+                                             control_call_bytes=each))
             if not self.fresh_plan:
                 self.recent[b.rank].append(o.busy_s)
         self.fresh_plan = False
