@@ -34,7 +34,7 @@ from .band_controls import BandControls, ControlsOnce, band_note, message_bytes,
 from .band_network import BandNetwork, private_shell
 from .branch_calls import assemble, split_call
 from .compatibility import LOCKSTEP_KEY as WRAPPER_KEY
-from .control_residuals import band_control, call_control_bytes, control_note, load_controls
+from .control_residuals import band_control, call_control_bytes, control_note, controls_in, load_controls
 from .deployment import CallSlots, Deployment, call_inputs, step_index, step_timings
 from .types import StadiCluster
 from .weights import patched_state_dict
@@ -260,7 +260,11 @@ class LockstepPatch:
         shell = private_shell(model, diffusion_model=BandNetwork(model.model.diffusion_model, run.network_call,
                                                                  state=lambda: patched_state_dict(model)))
         shell.current_patcher = model  # pre_run() sets it on the shared model, the loop reads it here
-        if not run.plan.splits_branches:  # ControlNets that can run in the workers do (band_controls.py)
-            conds, run.control_notes = worker_side(conds, model, run.deployment.adapter)
+        if controls_in(*conds.values()):  # those that can run in the workers do (band_controls.py)
+            if run.plan.splits_branches:
+                run.control_notes = ["ControlNet: computed in the server (step 1): a CFG-branch arrangement sends "
+                                     "each unit its branches' rows of the residuals"]
+            else:
+                conds, run.control_notes = worker_side(conds, model, run.deployment.adapter)
         return shell, conds, load_controls(model, conds)  # the rest (step 1) run here, in the server
 
