@@ -116,6 +116,9 @@ class BandControlChain:
     def get_extra_hooks(self):
         return self.original.get_extra_hooks()
 
+    def get_instance_for_device(self, device):
+        return self  # newer ComfyUI's multi-GPU batching asks; the chain names networks, it holds none
+
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
         if "crossattn_controlnet" in cond:
             raise StadiError("STADI: a ControlNet-specific text conditioning (crossattn_controlnet) reached a "

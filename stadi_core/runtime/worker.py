@@ -398,12 +398,8 @@ class _Worker:
             control = getattr(msg, "control", None)
             if control:  # ControlNet residuals change every call: eager, beside the session's conditioning
                 cond = self.with_control(cond, control)
-            entries = getattr(msg, "controls", None)  # ControlNets that run here, on the band (step 2)
-            prepare = None
-            if entries:
-                self.controls.receive(msg.control_models, msg.control_hints, ctx, model)
-                prepare = self.controls.runner(entries)
-            net = self.band_network(model, ctx, spec, cond, pad, compiled="off" if control or entries else compiled,
+            prepare = self.controls.prepare(msg, ctx, model)  # ControlNets that run here, on the band (step 2)
+            net = self.band_network(model, ctx, spec, cond, pad, compiled="off" if control or prepare else compiled,
                                     prepare=prepare)
             ctx.local_only = msg.measure_only
             try:
@@ -418,7 +414,7 @@ class _Worker:
             self.channel.tick("idle in a session")
             self.channel.send(BandOutput(job.job_id, msg.call_id, self.init.rank, out.numpy(), busy, comm,
                                          note=note or "", sent=sent,
-                                         control_rows_bytes=self.controls.residual_bytes if entries else 0))
+                                         control_rows_bytes=self.controls.residual_bytes if prepare else 0))
 
     def with_control(self, cond: dict, control: dict) -> dict:
         """``cond`` plus this call's ControlNet residuals for the band's UNet (models/control_bands.py)."""

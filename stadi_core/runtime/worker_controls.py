@@ -68,6 +68,15 @@ class WorkerControls:
         for key, rows in (hints or {}).items():
             self.hints[key] = torch.from_numpy(np.ascontiguousarray(rows)).to(self.device)
 
+    def prepare(self, call, ctx, unet):
+        """For a BandCall: the ``prepare`` step of the band's network call (``runner``), or None when no
+        ControlNet runs on the band in this call."""
+        entries = getattr(call, "controls", None)
+        if not entries:
+            return None
+        self.receive(call.control_models, call.control_hints, ctx, unet)
+        return self.runner(entries)
+
     def runner(self, entries: list):
         """``(x, t, cond) -> cond`` with ``cond["control"]``: the call's merged residuals for the band's UNet."""
         def run(x: torch.Tensor, t: torch.Tensor, cond: dict) -> dict:
