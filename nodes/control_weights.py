@@ -121,7 +121,7 @@ def control_spec(link, model_patcher) -> tuple[str, dict]:
         key = hashlib.sha256(f"controlnet:{handle.pid}:{handle.tag}".encode()).hexdigest()[:16]
         spec = ModelSpec(family="comfy-unet", config=config, dtype=_name(net.dtype),
                          extra={"comfy_args": mirrored_args(comfy.cli_args.args), "shared_weights": handle.to_dict(),
-                                "weight_patches": None, "weights_key": key, "model_class": _CLASS,
+                                "weight_patches": None, "weights_key": key, "model_class": _CLASS, "keep_mapping": False,
                                 "compute_dtype": _name(link.manual_cast_dtype)}).to_dict()
         if regular:
             weakref.finalize(net, _forget, ident)

@@ -54,3 +54,17 @@ def test_the_note_counts_what_crossed_and_what_step_1_would_have_sent():
     assert "in 2 of 3 calls" in note and "(hint rows, ControlNet specs): 1.00 MB" in note
     assert "per call 200 B" in note and "4.00 MB per call" in note
     assert band_note([[dict(control_bytes=10)]]) == []
+
+
+def test_a_worker_keeps_the_controlnets_of_the_last_session_only():
+    from stadi_core.runtime.worker_controls import WorkerControls
+
+    controls = WorkerControls("cpu")
+    ctx = object()
+    controls.nets = {"a": (torch.nn.Identity(), ctx), "b": (torch.nn.Identity(), ctx)}
+    controls.used = {"a"}  # the session that just ended ran "a" only
+    controls.hints = {"h1.0": torch.zeros(1)}
+    controls.new_session()
+    assert set(controls.nets) == {"a"} and controls.hints == {} and controls.used == set()
+    controls.new_session()  # a session without ControlNets: the next one starts with none held
+    assert controls.nets == {}

@@ -14,17 +14,17 @@ import torch
 from ..runtime.shared_memory import SharedHandle, open_blob, open_tensors
 
 _BASE: dict[str, dict[str, torch.Tensor]] = {}  # memory-file tag -> name -> tensor over the server's pages
-_BASE_KEPT = 4  # the UNet's and a few ControlNets' (runtime/worker_controls.py)
 _PREFIX = "diffusion_model."
 
 
-def base_weights(handle: dict) -> dict[str, torch.Tensor]:
-    """The server's base weights, mapped once per memory file (one UNet per worker, and its ControlNets).
-    The oldest mappings go first; a network built from them keeps its pages."""
+def base_weights(handle: dict, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The server's base weights, mapped once per memory file (one model per worker). ``keep=False``
+    (a ControlNet, runtime/worker_controls.py): mapped for this build only, the network holds its pages."""
     shared = SharedHandle.from_dict(handle)
+    if not keep:
+        return open_tensors(shared)
     if shared.tag not in _BASE:
-        for old in list(_BASE)[:max(0, len(_BASE) - (_BASE_KEPT - 1))]:
-            _BASE.pop(old)
+        _BASE.clear()  # the previous model's pages go with its network
         _BASE[shared.tag] = open_tensors(shared)
     return _BASE[shared.tag]
 
@@ -60,4 +60,5 @@ def patched_weight(weight: torch.Tensor, patches: list, key: str, patch_dtype: t
 
 def comfy_state(extra: dict) -> dict[str, torch.Tensor]:
     """The network's state dict as the server's ComfyUI computes with it."""
-    return apply_patches(base_weights(extra["shared_weights"]), extra.get("weight_patches"))
+    return apply_patches(base_weights(extra["shared_weights"], keep=extra.get("keep_mapping", True)),
+                         extra.get("weight_patches"))

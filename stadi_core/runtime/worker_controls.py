@@ -38,11 +38,16 @@ class WorkerControls:
     def __init__(self, device):
         self.device = device
         self.nets: dict[str, tuple] = {}  # weights key -> (network, band context it was made parallel on)
+        self.used: set = set()  # keys the current session ran
         self.hints: dict[str, torch.Tensor] = {}
         self.residual_bytes = 0  # the last call's band residuals, as step 1 would have sent them (fp32 for bf16)
 
     def new_session(self) -> None:
+        """Hints are per session; ControlNets the last session did not run are dropped (a GPU worker holds
+        each one's weights on the device), so memory is bounded by one prompt's ControlNets."""
         self.hints = {}
+        self.nets = {k: v for k, v in self.nets.items() if k in self.used}
+        self.used = set()
 
     def receive(self, models: dict, hints: dict, ctx, unet) -> None:
         """Build the ControlNets named for the first time (or on a new band context), store new hint rows."""
@@ -51,6 +56,7 @@ class WorkerControls:
         from ..parallel import make_patch_parallel
 
         for key, spec_dict in (models or {}).items():
+            self.used.add(key)
             held = self.nets.get(key)
             if held is not None and held[1] is ctx:
                 continue
