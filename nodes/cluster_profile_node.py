@@ -232,7 +232,9 @@ class GPUClusterProfile:
                             "How workers exchange activations: auto = nccl when every worker has its own GPU, "
                             "else gloo."}),
                 "measure": ("BOOLEAN", {"default": True, "tooltip":
-                            "Measure each device's speed on the actual model before planning (cached)."}),
+                            "Measure each device's speed on the actual model before planning (cached). With devices "
+                            "of other machines they are measured anyway (links are priced against real speeds) "
+                            "unless 'speeds' sets them."}),
                 "speeds": ("STRING", {"default": "", "multiline": False, "tooltip":
                            "Manual relative speeds that replace the measurement, e.g. 'cuda:0=1, cuda:1=0.5'."}),
                 "exclude": ("STRING", {"default": "", "multiline": False, "tooltip":

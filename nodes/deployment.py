@@ -19,13 +19,12 @@ from stadi_core.errors import StadiError
 from stadi_core.models.comfy_common import mirrored_args, model_class_path
 from stadi_core.models.spec import FAMILIES, ModelSpec
 from stadi_core.parallel import Phase
-from stadi_core.arrange import choose_plan, host_shared_speeds
 from stadi_core.planner import Plan, make_plan
 from stadi_core.report import RunReport, loss_note
 from stadi_core.runtime.messages import BandCall, SessionStart
 from stadi_core.runtime.registry import get_pool
 
-from . import comfy_api, compatibility
+from . import comfy_api, compatibility, link_pricing
 from .types import StadiCluster
 from .weights import shared_network
 
@@ -90,6 +89,7 @@ class Deployment:
         self.compile = compile  # off | auto | graphs | torch.compile (parallel/compiled.py)
         self.branches = branches  # the run evaluates a separate uncond branch (CFG > 1)
         self.last_choice = None
+        self.batch = 1  # latent batch of the run being planned (measured_plan): the bytes a call sends
         base = model.model
         network = base.diffusion_model
         self.adapter = FAMILIES[family]
@@ -112,10 +112,12 @@ class Deployment:
         spec = self.cluster.spec
         spec.validate_available()
         active = spec.active()
+        measured = False  # speeds in rows/s, measured on this model at this size: links can be priced
         if speeds is None:
             cached = [CAPABILITIES.get((self.spec.key(), d.name, height, width)) for d in active]
             if not all(cached):  # measured rows/s and default relative speeds do not mix
                 cached = [None] * len(active)
+            measured = all(cached) and all(d.relative_speed is None for d in active)
             speeds = [d.relative_speed or c or d.planning_speed() for d, c in zip(active, cached)]
         align = self.align
         if width % align and not self.any_size:
@@ -125,12 +127,41 @@ class Deployment:
             raise StadiError(f"latent height {height} is not a multiple of {align} for this model: use an image "
                              f"height that is a multiple of {8 * align} px")
         names = [d.name for d in active]
-        together, alone = host_shared_speeds(names, speeds, cpu_count=os.cpu_count() or 1)
-        self.last_choice = choose_plan(height, together, devices=names, alone_speeds=alone, strategy=self.strategy,
-                                       branches=self.branches, align=align, steps=self.steps, warmup=self.warmup,
-                                       mode=self.mode, strides=self.strides, sampler=self.sampler_name,
-                                       ragged=self.any_size, context=self.context)
-        return self.last_choice.plan
+        links, note = self._links(names, measured, height, width)
+        self.last_choice = link_pricing.plan_choice(
+            height, names, speeds, links=links, strategy=self.strategy, branches=self.branches, align=align,
+            steps=self.steps, warmup=self.warmup, mode=self.mode, strides=self.strides, sampler=self.sampler_name,
+            ragged=self.any_size, context=self.context)
+        plan = self.last_choice.plan
+        if links is not None:
+            note = link_pricing.priced_note(self.last_choice, names, speeds, links[1])
+        return replace(plan, notes=plan.notes + (note,)) if note else plan
+
+    def _links(self, names: list[str], measured: bool, height: int, width: int) -> tuple[tuple | None, str | None]:
+        """(lobby, bytes per call) to price the links to other machines with, or None and why not."""
+        if len(names) < 2 or not link_pricing.joined(names):
+            return None, None
+        from .remote_workers import server_lobby
+
+        lobby = server_lobby()
+        if lobby is None:
+            return None, None
+        manual = any(d.relative_speed is not None for d in self.cluster.spec.active())
+        if not manual and not measured:
+            return None, link_pricing.unpriced_note(names, "the device speeds are not measured on this model yet")
+        exchange = link_pricing.counted_exchange(self.spec, height=height, width=width, batch=self.batch,
+                                                 branches=self.branches, align=self.align)
+        if manual:  # what crosses the links is still worth knowing
+            return None, link_pricing.unpriced_note(names, "manual speeds cannot be set against link seconds (leave "
+                                                           "'speeds' empty to have them measured)", exchange)
+        return (lobby, exchange), None
+
+    def needs_measuring(self) -> bool:
+        """Measure the devices' speeds on the model before planning: the cluster asks for it, or devices
+        joined from other machines (their links are priced against rows/s; manual speeds opt out)."""
+        active = self.cluster.spec.active()
+        joined = link_pricing.joined([d.name for d in active])
+        return self.cluster.measure or bool(joined) and all(d.relative_speed is None for d in active)
 
     @staticmethod
     def forget_measurements() -> None:
@@ -155,10 +186,12 @@ class Deployment:
         return plan
 
     def measured_plan(self, batch: int, height: int, width: int) -> Plan:
-        """The plan, from this model's measured device speeds when the cluster asks for them."""
+        """The plan, from this model's measured device speeds when the cluster asks for them (or devices joined
+        from other machines: needs_measuring)."""
+        self.batch = batch
         plan = self.plan(height, width)
         names = [d.name for d in self.cluster.spec.active()]
-        if self.cluster.measure and len(names) > 1 and not all(
+        if self.needs_measuring() and len(names) > 1 and not all(
                 (self.spec.key(), d, height, width) in CAPABILITIES for d in names):
             # every device, on equal bands: the arrangement is chosen from all of their speeds
             probe = make_plan(height, [1.0] * len(names), devices=names, align=self.align, steps=self.steps,

@@ -9,6 +9,11 @@ sends), one synchronous call runs, and every all-gather is counted exactly as th
 halos and GroupNorm statistics do not). It runs on the meta device (no memory, no compute; a second or
 so even for SDXL) and on the CPU if a model's forward cannot run on meta.
 
+A family whose adapter has ``meta_network(spec)`` (the ComfyUI families: models/comfy_common.py) is
+counted on that network only: it runs inside the ComfyUI server, where building the worker's network
+would set the server's ComfyUI options and map its weights, and its attention is routed past ComfyUI's
+memory-sized ones through ComfyUI's own override hook.
+
 The count is of synchronous calls (exact mode, warmup): full raw context. Light context options
 (partial, fp8, delta) send less; a plain byte count prices them all as full (cost_model docstring).
 """
@@ -46,11 +51,18 @@ class _CountingLoopback(BandContext):
         return None
 
 
+def _network(spec, device: str):
+    from .models.spec import build_model
+
+    meta_network = getattr(spec.adapter, "meta_network", None)
+    return meta_network(spec) if meta_network is not None else build_model(spec, device)
+
+
 def _count(spec, model_device: str, rows: int, width: int, batch: int, cfg: float) -> tuple[int, int]:
     """(bytes, all-gathers) the top band of [rows, rows] sends in one synchronous call."""
-    from .models.spec import batched_conditioning, build_model, input_dtype, make_conditioning
+    from .models.spec import batched_conditioning, input_dtype, make_conditioning
 
-    model = build_model(spec, model_device)
+    model = _network(spec, model_device)
     dtype = input_dtype(model)
     cond = batched_conditioning(make_conditioning(spec, model, batch, 0), cfg, model_device, dtype)
     n = batch * (1 if cfg == 1.0 else 2)
@@ -68,24 +80,26 @@ def _count(spec, model_device: str, rows: int, width: int, batch: int, cfg: floa
 def measure_exchange(spec, *, height: int, width: int, batch: int = 1, cfg: float = 5.0,
                      align: int = 8) -> ExchangeCost:
     """Bytes one rank contributes per synchronous call, per latent row of its band and fixed, for
-    ``spec`` at ``width`` columns (``height`` only bounds the band sizes tried)."""
-    from .models.spec import build_model
+    ``spec`` at ``width`` columns (``height`` only bounds the band sizes tried). Two band heights at least
+    one alignment unit apart are always counted, even for a latent of under four units: one height alone
+    cannot tell the per-row part from the fixed one."""
+    from .models.spec import input_dtype
 
-    rows = max(align, (height // 2) // align * align)
-    small = max(align, rows - align) if rows > align else rows
+    rows = max(2 * align, (height // 2) // align * align)
+    small = rows - align
     last: Exception | None = None
-    for device in ("meta", "cpu"):
+    for device in ("meta",) if hasattr(spec.adapter, "meta_network") else ("meta", "cpu"):
         try:
             big_b, messages = _count(spec, device, rows, width, batch, cfg)
-            small_b = _count(spec, device, small, width, batch, cfg)[0] if small != rows else big_b
+            small_b = _count(spec, device, small, width, batch, cfg)[0]
             break
         except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:  # an op without a meta kernel
             last = exc
     else:
         raise StadiError(f"could not count the context bytes of {spec.config}: {last}")
-    per_row = (big_b - small_b) / (rows - small) if rows != small else big_b / rows
+    per_row = (big_b - small_b) / (rows - small)
     fixed = max(0.0, big_b - per_row * rows)
-    model = build_model(spec, "meta")
-    dtype_bytes = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
+    model = _network(spec, "meta")
+    dtype_bytes = torch.empty((), dtype=input_dtype(model)).element_size()
     out_row = spec.adapter.latent_channels(model) * width * batch * (1 if cfg == 1.0 else 2) * dtype_bytes
     return ExchangeCost(bytes_per_row=per_row, bytes_fixed=fixed, messages=messages, output_bytes_per_row=out_row)

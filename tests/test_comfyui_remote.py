@@ -2,13 +2,17 @@
 namespace over a veth shaped to 1 Gbit/s, stadi_core/bench/netns.py), joined with
 ``python -m stadi_core worker --join``; the server listens because STADI_LISTEN and STADI_TOKEN are in its
 environment. Exact mode with one local and one remote CPU worker equals stock KSampler; the weights reach
-the remote worker by copy (it cannot map the server's memory files), a LoRA included.
+the remote worker by copy (it cannot map the server's memory files), a LoRA included. The plan is priced
+with the link (nodes/link_pricing.py): the bytes a call sends, counted on a meta copy of the server's
+network, equal what the run's transport counted, and the report says what each arrangement was predicted
+to take.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -27,6 +31,7 @@ pytestmark = comfyui_marks() + [pytest.mark.netns]
 CKPT = "stadi_tiny_sd15.safetensors"
 LORA = "stadi_tiny_lora.safetensors"
 REL_TOL = 5e-6
+BYTES_TOL = 1e-6  # the count on the meta device is exact (the note rounds it to whole bytes)
 TOKEN = "comfy-remote-token"
 COMMON = dict(seed=3, steps=5, cfg=3.0, width=128, height=192, sampler_name="dpmpp_2m")
 REPO = str(Path(__file__).resolve().parents[1])
@@ -89,14 +94,16 @@ def test_remote_worker_in_comfyui_exact_equals_ksampler(server, remote):
     inputs = {"mode": "exact", "warmup_steps": 1, "strides": "off", "strategy": "bands", "cluster": ["10", 0]}
     wf = sd15_api_workflow(CKPT, lora_name=LORA, sampler_class="STADISampler", sampler_extra_inputs=inputs,
                            save_image=False, filename_prefix="remote", **COMMON)
+    # equal speeds: both devices keep a band whatever this shared host's load does to a measurement
     wf["10"] = {"class_type": "STADIClusterProfile", "inputs": {
-        "devices": f"cpu:0, {name}", "backend": "gloo", "measure": False, "speeds": "", "exclude": "",
-        "emulate_slowdown": ""}}
+        "devices": f"cpu:0, {name}", "backend": "gloo", "measure": False, "speeds": f"cpu:0=1, {name}=1",
+        "exclude": "", "emulate_slowdown": ""}}
     entry = server.run(copy.deepcopy(wf), timeout=600)
     plan = entry["outputs"]["6"]["stadi_plan"][0]
     rel = _relative(_latent(server, entry), stock)
     print(f"ComfyUI, cpu:0 + {name}: relative diff vs KSampler {rel:.2g}; bands "
           f"{[(b['device'], b['rows']) for b in plan['bands']]}")
+    print("\n".join(plan["notes"]))
     assert [b["device"] for b in plan["bands"]] == ["cpu:0", name]
     assert rel <= REL_TOL
     assert any(n.startswith("link coordinator") and name.split("/")[0] in n for n in plan["notes"]), plan["notes"]
@@ -104,6 +111,53 @@ def test_remote_worker_in_comfyui_exact_equals_ksampler(server, remote):
     joined = [d for d in panel if d["name"] == name]
     assert joined and joined[0]["source"] == "joined" and joined[0]["link"] and joined[0]["in_cluster"], panel
     print(f"panel: {joined[0]['label']}, {joined[0]['memory_total_mb']} MB, link {joined[0]['link']}")
+    # manual speeds: the links are not priced, and the report says what crosses them all the same: the bytes
+    # counted on a meta copy of the server's network, here against what the run's transport counted
+    unpriced = [n for n in plan["notes"] if n.startswith(f"links to {name.split('/')[0]} not priced: manual speeds")]
+    assert unpriced, plan["notes"]
+    fixed, per_row = _counted_bytes(unpriced[0])
+    rows = max(b["rows"] for b in plan["bands"])  # all-gathers are padded to the largest band
+    for band in plan["bands"]:
+        per_call = band["sent_bytes"] / band["evals"]
+        print(f"{band['device']}: {band['rows']} rows, sent {per_call:.0f} B per call; counted on the meta device "
+              f"{fixed:.0f} + {per_row:.0f} x {rows} = {fixed + per_row * rows:.0f} B")
+        assert per_call == pytest.approx(fixed + per_row * rows, rel=BYTES_TOL)
+
+
+def _priced_note(notes: list[str]) -> str:
+    found = [n for n in notes if n.startswith("plan priced with the links to other machines")]
+    assert found, notes
+    return found[0]
+
+
+def _counted_bytes(note: str) -> tuple[float, float]:
+    """(fixed, per row) bytes of one synchronous call, per rank, from a report's link note."""
+    m = re.search(r"context per synchronous call, per rank: ([\d,]+) B \+ ([\d,]+) B per band row", note)
+    assert m, note
+    return float(m.group(1).replace(",", "")), float(m.group(2).replace(",", ""))
+
+
+def test_comfyui_plans_are_priced_with_the_link(server, remote):
+    """strategy auto with a remote device: every arrangement priced with the link measured at join, the
+    device speeds measured on the model (rows/s) and the counted bytes; the cheapest predicted is run."""
+    name, _ = remote
+    inputs = {"mode": "exact", "warmup_steps": 1, "strides": "off", "strategy": "auto", "cluster": ["10", 0]}
+    wf = sd15_api_workflow(CKPT, lora_name=LORA, sampler_class="STADISampler", sampler_extra_inputs=inputs,
+                           save_image=False, filename_prefix="remote_auto", **COMMON)
+    wf["10"] = {"class_type": "STADIClusterProfile", "inputs": {
+        "devices": f"cpu:0, {name}", "backend": "gloo", "measure": True, "speeds": "", "exclude": "",
+        "emulate_slowdown": ""}}
+    plan = server.run(wf, timeout=600)["outputs"]["6"]["stadi_plan"][0]
+    note = _priced_note(plan["notes"])
+    print(note)
+    print("\n".join(n for n in plan["notes"] if n.startswith(("strategy auto", "link coordinator"))))
+    predicted = dict(re.findall(r"(single [^ ]+|cfg_split\+bands|cfg_split|bands) ([\d.e+-]+) s", note.split(";")[0]))
+    assert {"bands", "cfg_split"} <= set(predicted) and any(k.startswith("single ") for k in predicted), note
+    chosen = note.split("predicted per step: ")[1].split(" ")[0]
+    assert float(predicted[chosen]) == min(float(t) for t in predicted.values())
+    assert plan["strategy"] == ("bands" if chosen.startswith("single") else chosen)
+    assert f"{name} " in note and "rows/s" in note
+    assert _counted_bytes(note)[1] > 0
 
 
 def test_a_killed_remote_worker_leaves_the_prompt_to_the_survivor(server, hosts, remote, tmp_path):
@@ -126,8 +180,8 @@ def test_a_killed_remote_worker_leaves_the_prompt_to_the_survivor(server, hosts,
     wf = sd15_api_workflow(CKPT, lora_name=LORA, sampler_class="STADISampler", sampler_extra_inputs=inputs,
                            save_image=False, filename_prefix="remote_killed", **COMMON)
     wf["10"] = {"class_type": "STADIClusterProfile", "inputs": {
-        "devices": f"cpu:0, {name}", "backend": "gloo", "measure": False, "speeds": "", "exclude": "",
-        "emulate_slowdown": ""}}
+        "devices": f"cpu:0, {name}", "backend": "gloo", "measure": False, "speeds": f"cpu:0=1, {name}=1",
+        "exclude": "", "emulate_slowdown": ""}}
     deadline = time.monotonic() + 120
     while "joined" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.2)

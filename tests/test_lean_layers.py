@@ -35,14 +35,35 @@ def test_displaced_moments_from_a_summary_equal_the_full_merge():
     torch.manual_seed(1)
     x = torch.randn(1, 6, 10, 4) * 2 - 25
     _, parts, counts = _band_moments(x, [2, 4, 4], 3)
-    eps = 1e-5
     for rank in range(3):
-        summary = moments.others_summary(parts, rank, counts, eps)
+        summary = moments.others_summary(parts, rank, counts, 2)
         w0 = counts[rank] / sum(counts)
-        mean, rstd = moments.with_summary(parts[rank][0], parts[rank][1], summary, w0)
+        mean, var = moments.with_summary(parts[rank][0], parts[rank][1], summary, w0)
         ref_mean, ref_var = moments.merge(parts, counts)
-        assert torch.allclose(mean, ref_mean, rtol=1e-6, atol=1e-6)
-        assert torch.allclose(rstd, torch.rsqrt(ref_var + eps), rtol=1e-5, atol=0)
+        assert mean.shape == var.shape == (1, 3, 2)  # per channel: each group's value on its 2 channels
+        assert torch.allclose(mean, ref_mean.unsqueeze(-1).expand(1, 3, 2), rtol=1e-6, atol=1e-6)
+        assert torch.allclose(var, ref_var.unsqueeze(-1).expand(1, 3, 2), rtol=1e-5, atol=0)
+
+
+def test_per_channel_normalize_is_the_stock_group_norm_and_follows_weight_patches():
+    """The displaced path's one fused kernel (batch_norm on given statistics) computes the stock
+    GroupNorm, with and without affine parameters, and picks up a weight changed in place."""
+    torch.manual_seed(3)
+    norm = nn.GroupNorm(4, 8, eps=1e-6)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = torch.randn(2, 8, 5, 7) * 4 + 10
+    parts = [torch.stack(moments.local_moments(x, 4))]
+    affine = moments.AffineRepeats(norm)
+    for _ in range(2):
+        mean, var = (t.unsqueeze(-1).expand(2, 4, 2) for t in moments.merge(parts, [35]))
+        y = moments.normalize_per_channel(x, mean, var, affine, norm.eps)
+        ref = norm(x)
+        assert (y - ref).abs().max() <= 5e-6 * ref.abs().max()
+        with torch.no_grad():
+            norm.weight.mul_(-2.0)  # a LoRA-style in-place patch: the repeats must follow
+    y0 = moments.normalize_per_channel(x, mean, var, None, 1e-5)
+    assert torch.allclose(y0, F.group_norm(x, 4, eps=1e-5), rtol=1e-5, atol=1e-5)
 
 
 def test_normalize_matches_the_stock_group_norm():

@@ -128,6 +128,35 @@ def model_class_path(module: nn.Module) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+def _network(spec, device, operations) -> nn.Module:
+    """The server's network class built from its config on ``device`` (no weights loaded)."""
+    module_name, _, qualname = spec.extra["model_class"].partition(":")
+    cls = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    config = dict(spec.config, dtype=getattr(torch, spec.dtype))
+    model = cls(**config, device=device, operations=operations)
+    archive_model_dtypes(model)
+    return model
+
+
+def _operations(spec):
+    """The layer classes the server built the network with: manual-cast layers keep fp8/fp16 weights
+    and compute in the server's compute dtype, scaled-fp8 layers carry their scales."""
+    import comfy.ops
+
+    extra = spec.extra
+    compute_dtype = getattr(torch, extra["compute_dtype"]) if extra.get("compute_dtype") else None
+    scaled_fp8 = getattr(torch, extra["scaled_fp8"]) if extra.get("scaled_fp8") else None
+    return pick_operations(comfy.ops.pick_operations, getattr(torch, spec.dtype), compute_dtype,
+                           scaled_fp8=scaled_fp8, fp8_optimizations=bool(extra.get("fp8_optimizations")))
+
+
+def _compute_dtype(spec) -> torch.dtype:
+    name = spec.extra.get("compute_dtype")
+    return getattr(torch, name) if name else getattr(torch, spec.dtype)
+
+
 def build_from_spec(spec, device) -> nn.Module:
     """The server's diffusion model, rebuilt from its config and the weights the server shares.
 
@@ -140,24 +169,9 @@ def build_from_spec(spec, device) -> nn.Module:
 
     extra = spec.extra
     prepare_comfy(extra.get("comfy_args", {}), cpu=torch.device(device).type == "cpu")
-    import comfy.ops
-
-    module_name, _, qualname = extra["model_class"].partition(":")
-    cls = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        cls = getattr(cls, part)
-    config = dict(spec.config)
-    weight_dtype = getattr(torch, spec.dtype)
-    compute_dtype = getattr(torch, extra["compute_dtype"]) if extra.get("compute_dtype") else None
-    scaled_fp8 = getattr(torch, extra["scaled_fp8"]) if extra.get("scaled_fp8") else None
-    # the layer classes the server built the network with: manual-cast layers keep fp8/fp16 weights
-    # and compute in the server's compute dtype, scaled-fp8 layers carry their scales
-    operations = pick_operations(comfy.ops.pick_operations, weight_dtype, compute_dtype, scaled_fp8=scaled_fp8,
-                                 fp8_optimizations=bool(extra.get("fp8_optimizations")))
-    config["dtype"] = weight_dtype
+    operations = _operations(spec)
     state = comfy_state(extra)
-    model = cls(**config, device="meta", operations=operations)
-    archive_model_dtypes(model)
+    model = _network(spec, "meta", operations)
     # like load_state_dict into a built model: each tensor takes the dtype the network was built with
     built = {k: v.dtype for k, v in model.state_dict().items()}
     state = {k: v.to(built[k]) if k in built and v.is_floating_point() and v.dtype != built[k] else v
@@ -167,8 +181,7 @@ def build_from_spec(spec, device) -> nn.Module:
         raise UnsupportedError(f"the diffusion model's weights do not match its config: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
-        model = cls(**config, device="cpu", operations=operations)
-        archive_model_dtypes(model)
+        model = _network(spec, "cpu", operations)
         model.load_state_dict(state, strict=False)
     model = model.to(device=device)
     import comfy.model_management
@@ -176,8 +189,43 @@ def build_from_spec(spec, device) -> nn.Module:
     channels_last = getattr(comfy.model_management, "force_channels_last", None)
     if channels_last is not None and channels_last():  # what BaseModel does with the server's network
         model = model.to(memory_format=torch.channels_last)
-    model._stadi_compute_dtype = compute_dtype or weight_dtype  # what inputs are cast to (spec.input_dtype)
+    model._stadi_compute_dtype = _compute_dtype(spec)  # what inputs are cast to (spec.input_dtype)
     return model
+
+
+def meta_network(spec) -> nn.Module:
+    """The server's network on the meta device, with no weights: shapes only, for counting what a call
+    sends (exchange_probe.py) inside the server itself.
+
+    Unlike ``build_from_spec`` it leaves ComfyUI's options alone (they are the server's own here) and
+    maps no weights. Its attentions are computed with ComfyUI's SDPA attention (``call_options``): the
+    one ComfyUI picks on a CPU server, sub-quadratic (or split), sizes its chunks by the device's free
+    memory, which the meta device cannot report (``KeyError: 'active_bytes.all.current'``). Attention
+    changes no shape and sends nothing, so the count is the same.
+    """
+    import comfy.ldm.modules.attention as attention
+
+    model = _network(spec, "meta", _operations(spec))
+    model._stadi_compute_dtype = _compute_dtype(spec)
+    model._stadi_plain_attention = attention.get_attention_function("pytorch")
+    return model
+
+
+def call_options(model: nn.Module, options: dict | None = None) -> dict:
+    """The ``transformer_options`` of one network call: ``options`` (a band attention's route), and on a
+    ``meta_network`` ComfyUI's own ``optimized_attention_override`` hook routing every attention to the
+    SDPA one (through the band attention where there is one). Empty for a worker's network: its calls
+    run exactly as before."""
+    plain = getattr(model, "_stadi_plain_attention", None)
+    options = dict(options or {})
+    if plain is None:
+        return options
+    band = options.get("optimized_attention_override")
+    if band is None:
+        options["optimized_attention_override"] = lambda func, *args, **kwargs: plain(*args, **kwargs)
+    else:
+        options["optimized_attention_override"] = lambda func, *args, **kwargs: band(plain, *args, **kwargs)
+    return options
 
 
 def model_sampling(model):

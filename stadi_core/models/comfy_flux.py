@@ -21,7 +21,7 @@ import torch
 
 from ..errors import UnsupportedError
 from .comfy_common import (attach_band_attention, band_attention, build_from_spec,  # noqa: F401
-                           call_by_keyword, has_parameter, model_sampling)
+                           call_by_keyword, call_options, has_parameter, meta_network, model_sampling)
 from .diffusers_sd3 import band_geometry
 
 FAMILY = "comfy-flux"
@@ -148,7 +148,7 @@ def forward(model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor
     context = cond["context"]
     txt_ids = text_ids(model, x.shape[0], context.shape[1], x)
     attention = band_attention(model)
-    options = attention.start(img.shape[1]) if attention is not None else {}
+    options = call_options(model, attention.start(img.shape[1]) if attention is not None else {})
     out = forward_orig(model, img, img_ids, context, txt_ids, t, cond.get("y"), cond.get("guidance"), options)
     if attention is not None:
         attention.finish()

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import UnsupportedError
 from .comfy_common import (attach_band_attention, band_attention, build_from_spec, call_by_keyword,  # noqa: F401
-                           model_sampling)
+                           call_options, meta_network, model_sampling)
 from .diffusers_sd3 import band_geometry
 
 FAMILY = "comfy-mmdit"
@@ -79,7 +79,7 @@ def forward(model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor
     if context is not None:
         context = model.context_embedder(context)
     attention = band_attention(model)
-    options = attention.start((rows // p) * (width // p)) if attention is not None else {}
+    options = call_options(model, attention.start((rows // p) * (width // p)) if attention is not None else {})
     # by keyword, only what this ComfyUI's signature has (0.3.64 and the newest read take
     # (x, c_mod, context, control, transformer_options); docs/COMFYUI_COMPATIBILITY.md)
     h = call_by_keyword(model.forward_core_with_concat, "MMDiT.forward_core_with_concat",

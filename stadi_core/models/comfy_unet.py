@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..errors import UnsupportedError
 from ..parallel import BandContext
-from .comfy_common import build_from_spec, model_sampling  # noqa: F401  (the family interface)
+from .comfy_common import build_from_spec, call_options, meta_network, model_sampling  # noqa: F401  (the family interface)
 
 FAMILY = "comfy-unet"
 TINY_CONFIGS: dict = {}
@@ -31,7 +31,9 @@ def latent_channels(model) -> int:
 
 
 def forward(model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-    return model(x, t, context=cond.get("context"), y=cond.get("y"), control=cond.get("control"))
+    options = call_options(model)  # empty in a worker; the exchange probe's attention route on a meta network
+    extra = {"transformer_options": options} if options else {}
+    return model(x, t, context=cond.get("context"), y=cond.get("y"), control=cond.get("control"), **extra)
 
 
 def make_conditioning(model, batch: int, seed: int) -> dict:

@@ -92,6 +92,7 @@ class PatchGroupNorm(nn.Module):
         self.inner = norm
         self.ctx = ctx
         self.layer_id = layer_id
+        self.affine = moments.AffineRepeats(norm) if norm.affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm, ctx = self.inner, self.ctx
@@ -102,11 +103,11 @@ class PatchGroupNorm(nn.Module):
         counts = ctx.sizes_like(math.prod(x.shape[2:]), rows=x.shape[2] if x.dim() > 2 else None)
         local = torch.stack([mean, var]) if ctx.sending else None
         parts, summary = ctx.summarised(self.layer_id, local, 0, [2] * ctx.world_size, moments.others_summary,
-                                        (ctx.rank, tuple(counts), float(norm.eps)))
-        if summary is None:  # fresh: every band's moments are current
-            mean, var = moments.merge(parts, counts)
-            rstd = torch.rsqrt(var + norm.eps)
-        else:
-            mean, rstd = moments.with_summary(mean, var, summary, counts[ctx.rank] / float(sum(counts)))
+                                        (ctx.rank, tuple(counts), x.shape[1] // g))
+        if summary is not None:  # displaced: our fresh moments merged with the others' stale summary
+            mean, var = moments.with_summary(mean, var, summary, counts[ctx.rank] / float(sum(counts)))
+            return moments.normalize_per_channel(x, mean, var, self.affine, float(norm.eps)).to(x.dtype)
+        mean, var = moments.merge(parts, counts)  # fresh: every band's moments are current
+        rstd = torch.rsqrt(var + norm.eps)
         return moments.normalize(x, g, mean, rstd, norm.weight if norm.affine else None,
                                  norm.bias if norm.affine else None)
