@@ -30,10 +30,11 @@ from stadi_core.runtime.messages import BandCall
 from stadi_core.runtime.pool import JobCancelledError
 from stadi_core.runtime.session_conds import ConditioningOnce, digest
 
+from .band_controls import BandControls, ControlsOnce, band_note, message_bytes, worker_side
 from .band_network import BandNetwork, private_shell
 from .branch_calls import assemble, split_call
 from .compatibility import LOCKSTEP_KEY as WRAPPER_KEY
-from .control_residuals import band_control, call_control_bytes, control_note, load_controls
+from .control_residuals import band_control, call_control_bytes, control_note, controls_in, load_controls
 from .deployment import CallSlots, Deployment, call_inputs, step_index, step_timings
 from .types import StadiCluster
 from .weights import patched_state_dict
@@ -59,6 +60,7 @@ class LockstepRun:
         self.replanner = Replanner(ReplanPolicy.from_env())  # STADI_REPLAN=off: never moves
         self.step_seen: int | None = None
         self.replans: list[str] = []
+        self.control_notes: list[str] = []  # ControlNet chains kept in the server, and why (band_controls.py)
 
     def network_call(self, x, timesteps, context, control, transformer_options, extra):
         timesteps, cond = call_inputs(self.deployment.adapter, x, timesteps, context, control, transformer_options,
@@ -78,10 +80,16 @@ class LockstepRun:
         """One network call on the current plan: each rank's rows (or branch units) out, outputs back
         (``control``: the call's ControlNet residuals, which ComfyUI computed here; each rank gets its rows)."""
         plan = self.plan
+        on_bands = isinstance(control, BandControls)  # the ControlNets run in the workers (band_controls.py)
         shapes = (tuple(x.shape),) + tuple((k, v.shape) for k, v in sorted(cond.items()))
+        if on_bands:  # other networks in the call: other layers' stored context, so a change makes it fresh
+            shapes += control.signature()
         fresh = plan.mode == "exact" or step < plan.warmup or self.filled.get(slot) != shapes
         phase = Phase.FRESH if fresh else Phase.REFRESH
         signature = hash((step, slot, shapes)) % (1 << 50)
+        if plan.splits_branches and on_bands:
+            raise StadiError("STADI: ControlNets that run in the workers reached a CFG-branch arrangement; set "
+                             "STADI_CONTROLNET=server or strategy bands")
         if plan.splits_branches:  # each rank gets its units: rows of its branches' entries
             units, places = split_call(plan, x, timesteps, cond, transformer_options.get("cond_or_uncond"), self.sent,
                                        control=control)
@@ -90,8 +98,13 @@ class LockstepRun:
             key = digest(cond)  # once per call: every rank gets the same conditioning
             calls = {b.rank: dict(x=x[:, :, b.row_start:b.row_end].detach().cpu().float().contiguous().numpy(),
                                   timesteps=timesteps, cond=self.sent.lean(b.rank, cond, key), cond_key=key,
-                                  control=band_control(control, x.shape[2], b.row_start, b.row_end))
+                                  control=None if on_bands else band_control(control, x.shape[2], b.row_start,
+                                                                             b.row_end))
                      for b in plan.bands}
+            if on_bands:
+                for b in plan.bands:
+                    calls[b.rank].update(self.band_controls.for_rank(b.rank, control, x.shape[2], b.row_start,
+                                                                     b.row_end))
 
         def band_call(rank):
             return lambda job_id, call_id: BandCall(job_id, call_id, step, phase.value, signature=signature, slot=slot,
@@ -103,9 +116,12 @@ class LockstepRun:
             self.filled[slot] = shapes
         for b in plan.bands:
             o = outs[b.rank]
+            once, each = message_bytes(calls[b.rank])
             self.records[b.rank].append(dict(step=step, computed=True, phase=phase.value, busy_s=o.busy_s,
                                              comm_s=o.comm_s, sent=o.sent, t0=t0,
-                                             control_bytes=call_control_bytes(calls[b.rank])))
+                                             control_bytes=call_control_bytes(calls[b.rank]),
+                                             control_rows_bytes=o.control_rows_bytes, control_once_bytes=once,
+                                             control_call_bytes=each))
             if not self.fresh_plan:
                 self.recent[b.rank].append(o.busy_s)
         self.fresh_plan = False
@@ -140,6 +156,7 @@ class LockstepRun:
         stored context (slot -> the input shapes it was made from), the busy times it is judged by (per rank,
         since the rows changed; the first call allocates and is not a measurement)."""
         self.sent = ConditioningOnce()
+        self.band_controls = ControlsOnce()
         self.filled: dict[int, tuple] = {}
         self.recent: list[list[float]] = [[] for _ in self.plan.bands]
         self.fresh_plan = True
@@ -178,7 +195,10 @@ class LockstepRun:
         note = (f"lockstep: {loop}; {len(calls)} network calls split into bands, up to "
                 f"{per_step} per step, {refresh} with displaced context")
         log.info("STADI %s", note)
-        notes = [note] + control_note(self.records) + self.replans
+        controls = control_note(self.records) + band_note(self.records) + self.control_notes
+        for line in controls:
+            log.info("STADI %s", line)
+        notes = [note] + controls + self.replans
         return self.deployment.report(self.plan, self.pool, self.session, timings, wall, notes=notes)
 
 
@@ -240,5 +260,11 @@ class LockstepPatch:
         shell = private_shell(model, diffusion_model=BandNetwork(model.model.diffusion_model, run.network_call,
                                                                  state=lambda: patched_state_dict(model)))
         shell.current_patcher = model  # pre_run() sets it on the shared model, the loop reads it here
-        return shell, conds, load_controls(model, conds)  # ControlNets run here, in the server
+        if controls_in(*conds.values()):  # those that can run in the workers do (band_controls.py)
+            if run.plan.splits_branches:
+                run.control_notes = ["ControlNet: computed in the server (step 1): a CFG-branch arrangement sends "
+                                     "each unit its branches' rows of the residuals"]
+            else:
+                conds, run.control_notes = worker_side(conds, model, run.deployment.adapter)
+        return shell, conds, load_controls(model, conds)  # the rest (step 1) run here, in the server
 

@@ -131,6 +131,25 @@ def _latent(server, wf, timeout=900) -> torch.Tensor:
     return _run(server, wf, timeout)[0]
 
 
+def _stadi_run(server, wf, timeout=900) -> tuple[torch.Tensor, list[str]]:
+    """The latent of a STADI run and the run report's ControlNet notes (logged by the server: the STADI
+    Parallel Model has no UI output of its own)."""
+    before = len(server.log_text())
+    out = _latent(server, wf, timeout)
+    notes = [line.split("STADI ", 1)[1] for line in server.log_text()[before:].splitlines()
+             if "STADI ControlNet" in line]
+    print(notes)
+    return out, notes
+
+
+def _assert_on_bands(notes: list[str], calls: str | None = None) -> None:
+    """The ControlNets ran in the workers, on the bands (step 2), and no residual crossed to the ranks."""
+    assert any("ran on the bands in the workers" in n for n in notes), notes
+    assert not any("computed in the server" in n for n in notes), notes
+    if calls is not None:
+        assert any(f"in {calls} calls" in n for n in notes), notes
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / b.abs().max().item()
 
@@ -171,7 +190,11 @@ CASES = {
     "batch2_3w": dict(cluster=THREE, batch_size=2, controls=[("cn-sd15", {})]),
     # CFG branches on different workers (cond rows on one, uncond rows on the other): each unit gets its
     # branch's entries of the residuals
-    "cfg_split_2w": dict(cluster=TWO, strategy="cfg_split", controls=[("cn-sd15", {})]),
+    "cfg_split_2w": dict(cluster=TWO, strategy="cfg_split", controls=[("cn-sd15", {})], server=True),
+    # two full ControlNets chained, with their own strengths and ranges (one on 0.0-0.6, one on 0.4-1.0)
+    "chained_two_controlnets_3w": dict(cluster=THREE, controls=[("cn-sd15", dict(strength=0.8, start=0.0, end=0.6)),
+                                                                ("cn-sd15", dict(strength=0.5, start=0.4, end=1.0,
+                                                                                 hint=BAND_HINT))]),
 }
 
 
@@ -183,8 +206,12 @@ def test_exact_mode_with_controlnets_equals_ksampler(server, case):
     for i, (control, kw) in enumerate(spec["controls"]):
         wf = _apply(wf, f"6{i}", control, **kw)
     ref = _latent(server, wf)
-    out = _latent(server, _parallel(wf, spec["cluster"], strategy=spec.get("strategy", "bands")))
+    out, notes = _stadi_run(server, _parallel(wf, spec["cluster"], strategy=spec.get("strategy", "bands")))
     _assert_exact(out, ref, _latent(server, plain), f"{case} ({spec['cluster'][1]})")
+    if spec.get("server"):  # a CFG-branch arrangement keeps step 1: the server computes, the units get rows
+        assert any("computed in the server" in n for n in notes), notes
+    else:
+        _assert_on_bands(notes)
 
 
 def _stadi_sampler(wf: dict, cluster, **inputs) -> dict:
@@ -207,9 +234,9 @@ def test_a_hint_that_lives_in_one_band_reaches_that_band(server):
     rows = _rows(entry)
     starts = np.cumsum([0] + rows)
     assert (starts[-2], starts[-1]) == BAND_ROWS, f"bands {rows}: the hint no longer covers exactly the last band"
-    notes = [n for n in entry["outputs"]["6"]["stadi_plan"][0]["notes"] if n.startswith("ControlNet:")]
+    notes = [n for n in entry["outputs"]["6"]["stadi_plan"][0]["notes"] if n.startswith("ControlNet")]
     print(notes)
-    assert notes and "5 of 5 calls" in notes[0], notes  # 5 euler steps, cond and uncond in one call each
+    _assert_on_bands(notes, "5 of 5")  # 5 euler steps, cond and uncond in one call each
     # the whole-picture hint gives a different image: the band's rows are what the ControlNet saw
     _assert_exact(out, ref, _latent(server, full), f"hint in the last band only, bands {rows}")
 
@@ -225,7 +252,9 @@ def test_strided_stadi_sampler_refuses_controlnet_and_strides_off_equals_ksample
     text = _error_text(err.value.entry)
     assert "ControlNet" in text and "set strides off" in text, text
     stadi["6"]["inputs"].update(strides="off", mode="exact")  # the fix the message names
-    _assert_exact(_latent(server, stadi), _latent(server, wf), _latent(server, plain), "STADI Sampler, strides off")
+    out, notes = _stadi_run(server, stadi)
+    _assert_exact(out, _latent(server, wf), _latent(server, plain), "STADI Sampler, strides off")
+    _assert_on_bands(notes)
 
 
 # -- displaced mode: approximate, reported as PSNR against stock -------------------------------------------------
@@ -236,14 +265,23 @@ def _psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
-def test_displaced_mode_with_a_controlnet_stays_closer_than_dropping_it(server):
-    plain = _sd15("displaced", steps=8)
-    wf = _apply(plain, "60", "cn-sd15", strength=1.0, start=0.0, end=1.0)
+@pytest.mark.parametrize("start,end,strength", [(0.0, 1.0, 1.0), (0.25, 0.75, 2.0)], ids=["whole_run", "mid_run"])
+def test_displaced_mode_with_a_controlnet_stays_closer_than_dropping_it(server, start, end, strength):
+    """Displaced mode with the ControlNet on the bands; in the second case it starts after warmup and ends
+    before the last step, so the calls where it comes and goes must be fresh (its layers have no stored
+    context before), and the displaced calls between them reuse its own."""
+    plain = _sd15(f"displaced{start}", steps=8)
+    wf = _apply(plain, "60", "cn-sd15", strength=strength, start=start, end=end)
     ref = _latent(server, wf)
-    out = _latent(server, _parallel(wf, TWO, mode="displaced", warmup=2))
-    p_displaced, p_dropped = _psnr(out, ref), _psnr(_latent(server, plain), ref)
-    print(f"displaced, 2 workers, 8 steps (2 warmup): PSNR vs stock with the ControlNet {p_displaced:.1f} dB; "
-          f"stock without the ControlNet {p_dropped:.1f} dB")
+    out, notes = _stadi_run(server, _parallel(wf, TWO, mode="displaced", warmup=2))
+    _assert_on_bands(notes)
+    stock_plain = _latent(server, plain)
+    p_displaced, p_dropped = _psnr(out, ref), _psnr(stock_plain, ref)
+    # the displaced error of the same run without the ControlNet, for scale: the ControlNet adds none
+    out_plain = _latent(server, _parallel(plain, TWO, mode="displaced", warmup=2))
+    print(f"displaced, 2 workers, 8 steps (2 warmup), ControlNet {strength} on {start}-{end}: PSNR vs stock with "
+          f"the ControlNet {p_displaced:.1f} dB; stock without the ControlNet {p_dropped:.1f} dB; displaced without "
+          f"it vs its own stock {_psnr(out_plain, stock_plain):.1f} dB")
     assert p_displaced > p_dropped + 10, (p_displaced, p_dropped)
 
 
@@ -255,8 +293,12 @@ def test_sdxl_controlnet_and_t2i_adapter_equal_ksampler(server, control, cluster
     kw = dict(strength=0.7, start=0.0, end=1.0) if control.startswith("t2i") else {}
     wf = _apply(plain, "60", control, **kw)
     ref = _latent(server, wf)
-    out = _latent(server, _parallel(wf, cluster))
+    out, notes = _stadi_run(server, _parallel(wf, cluster))
     _assert_exact(out, ref, _latent(server, plain), f"SDXL {control} ({cluster[1]})")
+    if control.startswith("t2i"):  # T2I-Adapters stay in the server: features computed once per run, rows per call
+        assert any("computed in the server" in n for n in notes), notes
+    else:
+        _assert_on_bands(notes)
 
 
 # -- families whose ControlNets do not run in bands ------------------------------------------------------------------
@@ -287,6 +329,7 @@ def test_shipped_controlnet_workflow_runs_and_equals_ksampler_in_exact_mode(serv
     api["7"]["inputs"].update(devices=TWO[0], speeds=TWO[1], backend="gloo", measure=False)
     api["30"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "latents/shipped_cn"}}
     entry = server.run(api, timeout=900)
+    _assert_on_bands([n for n in entry["outputs"]["6"]["stadi_plan"][0]["notes"] if n.startswith("ControlNet")])
     assert [b["rows"] for b in entry["outputs"]["6"]["stadi_plan"][0]["bands"]] == [16, 24]
     assert server.output_files(entry, "9"), "the workflow's Save Image saved nothing"
     out = load_latent_file(server.output_files(entry, "30", "latents")[0])

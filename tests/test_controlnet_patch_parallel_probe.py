@@ -7,8 +7,8 @@ exact mode as a worker would: the ControlNet on the band's latent rows of ``x`` 
 rows of the hint (8 x the latent rows, no halo cut in advance: the hint block's 3x3 convs exchange
 their halos like any other conv), then the UNet on the same rows with those residuals. Each band's
 residuals must equal the whole ControlNet's rows (``control_bands.level_rows``) and its UNet output
-the whole UNet's rows. What docs/CONTROLNET.md's worker-side ControlNet needs; not wired into the
-workers.
+the whole UNet's rows. The layers under docs/CONTROLNET.md's step 2 (stadi_core/runtime/worker_controls.py
+does this in the workers), checked here apart from the rest of the pack.
 """
 
 from __future__ import annotations

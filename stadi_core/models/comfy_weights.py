@@ -17,9 +17,12 @@ _BASE: dict[str, dict[str, torch.Tensor]] = {}  # memory-file tag -> name -> ten
 _PREFIX = "diffusion_model."
 
 
-def base_weights(handle: dict) -> dict[str, torch.Tensor]:
-    """The server's base weights, mapped once per memory file (one model per worker)."""
+def base_weights(handle: dict, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The server's base weights, mapped once per memory file (one model per worker). ``keep=False``
+    (a ControlNet, runtime/worker_controls.py): mapped for this build only, the network holds its pages."""
     shared = SharedHandle.from_dict(handle)
+    if not keep:
+        return open_tensors(shared)
     if shared.tag not in _BASE:
         _BASE.clear()  # the previous model's pages go with its network
         _BASE[shared.tag] = open_tensors(shared)
@@ -57,4 +60,5 @@ def patched_weight(weight: torch.Tensor, patches: list, key: str, patch_dtype: t
 
 def comfy_state(extra: dict) -> dict[str, torch.Tensor]:
     """The network's state dict as the server's ComfyUI computes with it."""
-    return apply_patches(base_weights(extra["shared_weights"]), extra.get("weight_patches"))
+    return apply_patches(base_weights(extra["shared_weights"], keep=extra.get("keep_mapping", True)),
+                         extra.get("weight_patches"))

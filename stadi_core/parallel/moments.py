@@ -85,13 +85,19 @@ class AffineRepeats:
         w, b = self.norm.weight, self.norm.bias
         if torch.compiler.is_compiling():  # traced once into the graph, which fuses it; no cache to guard
             return tuple(None if t is None else t.to(device=device, dtype=torch.float32).repeat(batch) for t in (w, b))
-        key = (batch, device, w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version))
+        key = (batch, device, w.data_ptr(), _version(w), None if b is None else (b.data_ptr(), _version(b)))
         if key != self._key:
             with torch.inference_mode(False):
                 self._value = tuple(None if t is None else t.detach().to(device=device, dtype=torch.float32)
                                     .repeat(batch) for t in (w, b))
             self._key = key
         return self._value
+
+
+def _version(t: torch.Tensor):
+    """The tensor's version counter; inference tensors (weights made under ``torch.inference_mode``, e.g.
+    a network deep-copied there) have none and can only change in place inside inference mode: None."""
+    return None if t.is_inference() else t._version
 
 
 def normalize(x: torch.Tensor, num_groups: int, mean: torch.Tensor, rstd: torch.Tensor, weight, bias) -> torch.Tensor:

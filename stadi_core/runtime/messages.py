@@ -222,6 +222,11 @@ class BandCall:
     units: list = field(default_factory=list)  # [UnitInput] in a branch arrangement
     cond_key: str = ""  # names ``cond``; an empty cond with a key: the arrays sent earlier in this session
     control: dict | None = None  # the band's ControlNet / T2I-Adapter residuals (models/control_bands.py wire form)
+    # ControlNets that run on the band (runtime/worker_controls.py): (model key, hint key, strength, strength type,
+    # passes y) per active one, innermost first; their ModelSpec dicts and hint rows the first time in a session
+    controls: list | None = None
+    control_models: dict = field(default_factory=dict)
+    control_hints: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -235,6 +240,7 @@ class BandOutput:
     unit_outs: list = field(default_factory=list)  # one raw output per UnitInput, in order
     note: str = ""  # for the run report, once: e.g. compiling this band failed and calls run eagerly now
     sent: dict = field(default_factory=dict)  # context bytes this rank sent in the call, per kind (parallel/links.py)
+    control_rows_bytes: int = 0  # the band's ControlNet residuals computed here: what step 1 would have sent
 
 
 @dataclass

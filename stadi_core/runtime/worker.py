@@ -155,6 +155,9 @@ class _Worker:
         self._graphs: dict = {}  # id(model) -> GraphedBand (CUDA graphs per input shape)
         self.session_conds: dict = {}  # cond_key -> conditioning on the device, for the current session
         self.dist_groups: dict = {}  # sorted ranks -> torch.distributed group of a branch group (branch_groups.py)
+        from .worker_controls import WorkerControls
+
+        self.controls = WorkerControls(self.device)  # ControlNets run on the band (worker_controls.py)
         threading.Thread(target=self._heartbeat, name="stadi-heartbeat", daemon=True).start()
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         channel.send(Ready(init.rank, os.getpid(), name))
@@ -235,14 +238,15 @@ class _Worker:
             checksum = weights_checksum(model)
             ctx = ContextRouter(BandContext(rows, self.init.rank, self.group, timeout_s=self.init.timeout_s,
                                             transport=self.transport))
-            make_patch_parallel(model, ctx, spec.adapter.patch_attention)
+            model._stadi_layer_ids = make_patch_parallel(model, ctx, spec.adapter.patch_attention)["ids"]
             self.models[key] = (model, ctx, spec, checksum)
         model, ctx, spec, checksum = self.models[key]
         ctx.deactivate()
         ctx.reset(rows, ragged_align, context)
         return model, ctx, spec, checksum
 
-    def band_network(self, model, ctx, spec, cond, slowdown, graphs: bool = False, compiled: str = "off"):
+    def band_network(self, model, ctx, spec, cond, slowdown, graphs: bool = False, compiled: str = "off",
+                     prepare=None):
         """The band's network call: exchange-aware forward plus the emulated slowdown pad (``slowdown``:
         a factor, or a SlowdownPad whose factor depends on the step).
 
@@ -252,6 +256,8 @@ class _Worker:
         stay eager. The compiled callable is kept per model in ``self._graphs`` (dropped with the
         model) and re-specialised when the context's buffers are re-created. ``call.band`` is it
         (or None); its ``take_note()`` says once when compiling failed and calls went eager.
+        ``prepare`` (eager calls): ``(x, t, cond) -> cond`` inside the call, e.g. the band's ControlNets
+        (worker_controls.py), so their layers exchange within the UNet's call.
         """
         torch = self.torch
         dtype = input_dtype(model)
@@ -285,7 +291,7 @@ class _Worker:
                 inputs = {"x": x_dev, "t": ts, **{f"c:{k}": v for k, v in cond.items()}}
                 out = graphed(inputs, phase)
             else:
-                out = forward(model, x_dev, ts, cond)
+                out = forward(model, x_dev, ts, cond if prepare is None else prepare(x_dev, ts, cond))
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             busy = max(0.0, time.perf_counter() - start - ctx.stats.comm_wait_s)  # minus every exchange wait
@@ -345,6 +351,7 @@ class _Worker:
         loads = self.loads
         model, ctx, spec, checksum = self.model_for(job.model, plan.rows, plan.align if plan.ragged else 0, plan.context)
         self.session_conds = {}
+        self.controls.new_session()
         groups = None
         if plan.groups:
             from .branch_groups import BranchGroups
@@ -391,7 +398,9 @@ class _Worker:
             control = getattr(msg, "control", None)
             if control:  # ControlNet residuals change every call: eager, beside the session's conditioning
                 cond = self.with_control(cond, control)
-            net = self.band_network(model, ctx, spec, cond, pad, compiled="off" if control else compiled)
+            prepare = self.controls.prepare(msg, ctx, model)  # ControlNets that run here, on the band (step 2)
+            net = self.band_network(model, ctx, spec, cond, pad, compiled="off" if control or prepare else compiled,
+                                    prepare=prepare)
             ctx.local_only = msg.measure_only
             try:
                 with torch.inference_mode():
@@ -404,7 +413,8 @@ class _Worker:
             note = net.band.take_note() if net.band is not None else None  # compile failed: eager from now on
             self.channel.tick("idle in a session")
             self.channel.send(BandOutput(job.job_id, msg.call_id, self.init.rank, out.numpy(), busy, comm,
-                                         note=note or "", sent=sent))
+                                         note=note or "", sent=sent,
+                                         control_rows_bytes=self.controls.residual_bytes if prepare else 0))
 
     def with_control(self, cond: dict, control: dict) -> dict:
         """``cond`` plus this call's ControlNet residuals for the band's UNet (models/control_bands.py)."""
