@@ -87,17 +87,23 @@ def _relative(out, ref) -> float:
     return (out - ref).abs().max().item() / ref.abs().max().item()
 
 
+def _exact_bands_workflow(name: str, prefix: str) -> dict:
+    """The STADI Sampler, exact bands with a LoRA, on cpu:0 and the joined device ``name``, at equal
+    speeds: both devices keep a band whatever this shared host's load does to a measurement."""
+    inputs = {"mode": "exact", "warmup_steps": 1, "strides": "off", "strategy": "bands", "cluster": ["10", 0]}
+    wf = sd15_api_workflow(CKPT, lora_name=LORA, sampler_class="STADISampler", sampler_extra_inputs=inputs,
+                           save_image=False, filename_prefix=prefix, **COMMON)
+    wf["10"] = {"class_type": "STADIClusterProfile", "inputs": {
+        "devices": f"cpu:0, {name}", "backend": "gloo", "measure": False, "speeds": f"cpu:0=1, {name}=1",
+        "exclude": "", "emulate_slowdown": ""}}
+    return wf
+
+
 def test_remote_worker_in_comfyui_exact_equals_ksampler(server, remote):
     name, log = remote
     stock = _latent(server, server.run(sd15_api_workflow(CKPT, lora_name=LORA, save_image=False,
                                                          filename_prefix="stock", **COMMON)))
-    inputs = {"mode": "exact", "warmup_steps": 1, "strides": "off", "strategy": "bands", "cluster": ["10", 0]}
-    wf = sd15_api_workflow(CKPT, lora_name=LORA, sampler_class="STADISampler", sampler_extra_inputs=inputs,
-                           save_image=False, filename_prefix="remote", **COMMON)
-    # equal speeds: both devices keep a band whatever this shared host's load does to a measurement
-    wf["10"] = {"class_type": "STADIClusterProfile", "inputs": {
-        "devices": f"cpu:0, {name}", "backend": "gloo", "measure": False, "speeds": f"cpu:0=1, {name}=1",
-        "exclude": "", "emulate_slowdown": ""}}
+    wf = _exact_bands_workflow(name, "remote")
     entry = server.run(copy.deepcopy(wf), timeout=600)
     plan = entry["outputs"]["6"]["stadi_plan"][0]
     rel = _relative(_latent(server, entry), stock)
@@ -176,12 +182,7 @@ def test_a_killed_remote_worker_leaves_the_prompt_to_the_survivor(server, hosts,
     name = f"{hosts.remote_ip}/cpu:2"
     stock = _latent(server, server.run(sd15_api_workflow(CKPT, lora_name=LORA, save_image=False,
                                                          filename_prefix="stock2", **COMMON)))
-    inputs = {"mode": "exact", "warmup_steps": 1, "strides": "off", "strategy": "bands", "cluster": ["10", 0]}
-    wf = sd15_api_workflow(CKPT, lora_name=LORA, sampler_class="STADISampler", sampler_extra_inputs=inputs,
-                           save_image=False, filename_prefix="remote_killed", **COMMON)
-    wf["10"] = {"class_type": "STADIClusterProfile", "inputs": {
-        "devices": f"cpu:0, {name}", "backend": "gloo", "measure": False, "speeds": f"cpu:0=1, {name}=1",
-        "exclude": "", "emulate_slowdown": ""}}
+    wf = _exact_bands_workflow(name, "remote_killed")
     deadline = time.monotonic() + 120
     while "joined" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.2)
