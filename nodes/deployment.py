@@ -354,5 +354,6 @@ def step_timings(records: list[dict], t_end: float) -> list[dict]:
     for i, r in enumerate(records):
         nxt = records[i + 1]["t0"] if i + 1 < len(records) else t_end
         out.append(dict(step=r["step"], computed=r["computed"], phase=r["phase"], busy_s=r["busy_s"],
-                        comm_s=r["comm_s"], wall_s=nxt - r["t0"], sent=r.get("sent", {})))
+                        comm_s=r["comm_s"], wall_s=nxt - r["t0"], sent=r.get("sent", {}),
+                        **({"rows": r["rows"]} if "rows" in r else {})))
     return out

@@ -118,7 +118,7 @@ class LockstepRun:
             o = outs[b.rank]
             once, each = message_bytes(calls[b.rank])
             self.records[b.rank].append(dict(step=step, computed=True, phase=phase.value, busy_s=o.busy_s,
-                                             comm_s=o.comm_s, sent=o.sent, t0=t0,
+                                             rows=b.rows, comm_s=o.comm_s, sent=o.sent, t0=t0,
                                              control_bytes=call_control_bytes(calls[b.rank]),
                                              control_rows_bytes=o.control_rows_bytes, control_once_bytes=once,
                                              control_call_bytes=each))

@@ -104,12 +104,23 @@ def measured_capabilities(report: RunReport) -> dict[str, float]:
     for the next run at this size: band cost is not proportional to rows (fixed per-call
     overhead, attention over the whole image), so a measurement at the operating point
     beats a micro-benchmark at another size.
+
+    A run re-planned on the way has its steps at several row counts: each timing carries the
+    rows it was computed on (``rows``; the rank's final rows when absent), and the first call
+    after the rows change is left out too (new buffers).
     """
     caps = {}
     for rank, steps in zip(report.ranks, report.steps):
-        busy = [s["busy_s"] for s in steps if s["computed"]][1:]
-        if busy:
-            caps[rank.device] = rank.rows / (sum(busy) / len(busy))
+        rows, busy, last = 0.0, 0.0, None
+        for s in steps:
+            if not s["computed"]:
+                continue
+            n = s.get("rows", rank.rows)
+            if n == last:
+                rows, busy = rows + n, busy + s["busy_s"]
+            last = n
+        if busy > 0:
+            caps[rank.device] = rows / busy
     return caps
 
 

@@ -174,4 +174,4 @@ class ResumableRun:
     @staticmethod
     def _keep(kept: dict, segment: _Segment, upto: int | None) -> None:
         for band, ts in zip(segment.plan.bands, segment.timings_before(upto)):
-            kept.setdefault(band.device, []).extend(ts)
+            kept.setdefault(band.device, []).extend(dict(t, rows=band.rows) for t in ts)  # rows: measured_capabilities

@@ -70,3 +70,25 @@ def test_rows_that_were_measured_no_faster_are_not_proposed_again():
     assert p is not None and list(p.plan.rows) == [56, 8]  # the linear model predicts 0.40 -> 0.23 s
     assert propose(plan, busy, tried={(56, 8): 0.50}) is None  # but 56/8 measured 0.50 s: no better than 0.40
     assert propose(plan, busy, tried={(56, 8): 0.30}) is not None  # measured clearly faster: allowed
+
+
+def test_speeds_of_a_re_planned_run_use_the_rows_each_call_was_computed_on():
+    """A run that moved from 32/32 to 40/24 rows: the speeds come from each call's own rows, so the
+    next run's plan is not skewed by dividing the final rows by times measured on the first ones."""
+    from stadi_core.report import RunReport, measured_capabilities
+
+    plan = _plan([5, 3])
+    assert plan.rows == (40, 24)
+    per_row = (0.01, 0.02)  # cpu:1 takes twice as long per row
+    timings = []
+    for rank, s in enumerate(per_row):
+        calls = [(32, True)] * 4 + [(plan.rows[rank], True)] * 4  # first call of each row count allocates
+        timings.append([dict(step=i, computed=c, phase="fresh", busy_s=n * s * (3 if i in (0, 4) else 1), comm_s=0.0,
+                             wall_s=1.0, rows=n) for i, (n, c) in enumerate(calls)])
+    report = RunReport.from_results(plan, timings, 1.0)
+    caps = measured_capabilities(report)
+    assert list(caps.values()) == pytest.approx([100.0, 50.0])
+    for steps in timings:  # without the per-call rows: the final rows over every call's time
+        for t in steps:
+            del t["rows"]
+    assert list(measured_capabilities(RunReport.from_results(plan, timings, 1.0)).values()) != pytest.approx([100.0, 50.0])
