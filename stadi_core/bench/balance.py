@@ -59,8 +59,7 @@ def run(args) -> list[dict]:
 
 def changing_cluster(args) -> str:
     """Static plan vs in-run re-plan when cpu:1 slows down at ``--slowdown-from`` (standalone engine)."""
-    import os
-
+    from ..replan import replan_setting
     from .replan import summarize, table_lines
     from .units import pair_baseline
 
@@ -72,17 +71,10 @@ def changing_cluster(args) -> str:
     generate(spec, cluster, **dict(kw, steps=2))  # start the pool and build the model once
     pair = pair_baseline()
     runs = []
-    before = os.environ.get("STADI_REPLAN")
-    try:
-        for replan in ("off", "on"):
-            os.environ["STADI_REPLAN"] = replan
+    for replan in ("off", "on"):
+        with replan_setting(replan):
             res = generate(spec, cluster, **kw)
-            runs.append(summarize(f"STADI_REPLAN={replan}", res.report.wall_s, res.report))
-    finally:
-        if before is None:
-            del os.environ["STADI_REPLAN"]
-        else:
-            os.environ["STADI_REPLAN"] = before
+        runs.append(summarize(f"STADI_REPLAN={replan}", res.report.wall_s, res.report))
     title = (f"bench-balance --slowdown-from {args.slowdown_from}: standalone engine, {args.model} random weights, "
              f"latent {args.height}x{args.width}, {args.steps} euler steps, cfg {args.cfg}, displaced (warmup "
              f"{args.warmup}), 2 CPU workers (gloo), bands; cpu:1 EMULATED {args.slowdown:g}x slower from step "

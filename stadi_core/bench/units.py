@@ -12,7 +12,6 @@ two cores deliver here (on the 2-core CI machine each runs at ~0.76 of one alone
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import statistics
 import time
 
@@ -21,7 +20,7 @@ import torch
 from ..api import generate, reference_generate
 from ..cluster import ClusterSpec, DeviceSpec
 from ..models.spec import model_spec_for
-from ..replan import REPLAN_ENV
+from ..replan import replan_setting
 from ..report import measured_capabilities, psnr
 from . import common
 
@@ -68,16 +67,14 @@ def _configurations(args, spec, kw, record_first):
     of the first round and returns its result)."""
     one = ClusterSpec((DeviceSpec("cpu:0"),), backend="gloo")
     disp = dict(mode="displaced", warmup=args.warmup, strides="off")
-    rows = [("both", "single device (1 worker, 1 thread)", "exact",
-             dict(cluster=one, threads_per_worker=1, strategy="bands", mode="exact"))]
+    singles = [("single device (1 worker, 1 thread)", dict(threads_per_worker=1))]
     if not args.slow_only:
-        rows.append(("both", "whole CPU in one worker (2 threads)", "exact", dict(cluster=one, strategy="bands",
-                                                                                  mode="exact")))
-    generate(spec, one, threads_per_worker=1, warmup=1, **dict(kw, steps=1))  # build the model in each pool once
-    if not args.slow_only:
-        generate(spec, one, warmup=1, **dict(kw, steps=1))
-    for r in rows:
-        record_first(*r)
+        singles.append(("whole CPU in one worker (2 threads)", {}))
+    rows = []
+    for name, pool_kw in singles:
+        generate(spec, one, warmup=1, **pool_kw, **dict(kw, steps=1))  # build the model in this pool once
+        rows.append(("both", name, "exact", dict(cluster=one, strategy="bands", mode="exact", **pool_kw)))
+        record_first(*rows[-1])
     for slow in ((2.0,) if args.slow_only else (1.0, 2.0)):
         group = "equal" if slow == 1.0 else "cpu:1 2x slower"
         equal = _cluster(slow, (1.0, 1.0))
@@ -106,9 +103,7 @@ def run(args) -> tuple[list[dict], tuple[float, float]]:
     spec = model_spec_for(args.model)
     kw = dict(height=args.height, width=args.width, batch=1, steps=args.steps, sampler="euler", cfg=args.cfg,
               seed=args.seed)
-    replan_env = os.environ.get(REPLAN_ENV)
-    os.environ[REPLAN_ENV] = "off"  # every row is the plan it names: no in-run re-planning
-    try:
+    with replan_setting("off"):  # every row is the plan it names: no in-run re-planning
         pair = pair_baseline()
         torch.set_num_threads(1)
         ref = reference_generate(spec, **kw)
@@ -127,11 +122,6 @@ def run(args) -> tuple[list[dict], tuple[float, float]]:
             for c in configs:
                 record(*c)
         pair_after = pair_baseline()
-    finally:
-        if replan_env is None:
-            os.environ.pop(REPLAN_ENV, None)
-        else:
-            os.environ[REPLAN_ENV] = replan_env
     rows = list(results.values())
     single = statistics.median(rows[0]["times"])
     for r in rows:
