@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import statistics
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -23,21 +22,6 @@ from .errors import PlanError
 from .planner import Plan, replan
 
 REPLAN_ENV = "STADI_REPLAN"  # "off" disables in-run re-planning
-
-
-@contextmanager
-def replan_setting(value: str):
-    """``STADI_REPLAN=value`` for the runs started inside (benches compare fixed and moving plans),
-    then the caller's setting back."""
-    before = os.environ.get(REPLAN_ENV)
-    os.environ[REPLAN_ENV] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(REPLAN_ENV, None)
-        else:
-            os.environ[REPLAN_ENV] = before
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -94,15 +93,3 @@ def test_speeds_of_a_re_planned_run_use_the_rows_each_call_was_computed_on():
             del t["rows"]
     assert list(measured_capabilities(RunReport.from_results(plan, timings, 1.0)).values()) != pytest.approx([100.0, 50.0])
 
-
-def test_replan_setting_restores_the_callers_setting(monkeypatch):
-    from stadi_core.replan import REPLAN_ENV, ReplanPolicy, replan_setting
-
-    monkeypatch.delenv(REPLAN_ENV, raising=False)
-    with replan_setting("off"):
-        assert ReplanPolicy.from_env() is None
-    assert REPLAN_ENV not in os.environ
-    monkeypatch.setenv(REPLAN_ENV, "on")
-    with pytest.raises(RuntimeError), replan_setting("off"):
-        raise RuntimeError("a failed run")
-    assert os.environ[REPLAN_ENV] == "on"

@@ -59,7 +59,7 @@ def run(args) -> list[dict]:
 
 def changing_cluster(args) -> str:
     """Static plan vs in-run re-plan when cpu:1 slows down at ``--slowdown-from`` (standalone engine)."""
-    from ..replan import replan_setting
+    from ..replan import REPLAN_ENV
     from .replan import summarize, table_lines
     from .units import pair_baseline
 
@@ -72,7 +72,7 @@ def changing_cluster(args) -> str:
     pair = pair_baseline()
     runs = []
     for replan in ("off", "on"):
-        with replan_setting(replan):
+        with common.env_settings({REPLAN_ENV: replan}):
             res = generate(spec, cluster, **kw)
         runs.append(summarize(f"STADI_REPLAN={replan}", res.report.wall_s, res.report))
     title = (f"bench-balance --slowdown-from {args.slowdown_from}: standalone engine, {args.model} random weights, "

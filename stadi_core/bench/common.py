@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from typing import Callable
 
 
@@ -30,3 +32,19 @@ def emit(p: argparse.ArgumentParser, argv, make_table: Callable[[argparse.Namesp
         with open(args.out, "w") as f:
             f.write(text + "\n")
     return 0
+
+
+@contextlib.contextmanager
+def env_settings(values: dict[str, str]):
+    """``os.environ.update(values)`` for the runs started inside (pools and runs read these when they
+    start), then the caller's values back."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

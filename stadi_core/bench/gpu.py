@@ -32,6 +32,7 @@ from ..cluster import ClusterSpec, DeviceSpec
 from ..models.spec import ModelSpec
 from ..report import measured_capabilities, psnr
 from ..runtime.registry import shutdown_pools
+from . import common
 
 
 def _spec(model: str, dtype: str = "float16") -> ModelSpec:
@@ -79,21 +80,15 @@ def mps_daemon():
     env = {"CUDA_MPS_PIPE_DIRECTORY": os.path.join(root, "pipe"), "CUDA_MPS_LOG_DIRECTORY": os.path.join(root, "log")}
     for d in env.values():
         os.makedirs(d, exist_ok=True)
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    subprocess.run([exe, "-d"], check=True, timeout=30)
-    try:
-        yield env
-    finally:
-        try:  # quit waits for clients; a slow exit must not lose the measurements
-            subprocess.run([exe], input="quit\n", text=True, timeout=60)
-        except subprocess.TimeoutExpired:
-            print("warning: the MPS control daemon did not quit within 60 s", flush=True)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with common.env_settings(env):
+        subprocess.run([exe, "-d"], check=True, timeout=30)
+        try:
+            yield env
+        finally:
+            try:  # quit waits for clients; a slow exit must not lose the measurements
+                subprocess.run([exe], input="quit\n", text=True, timeout=60)
+            except subprocess.TimeoutExpired:
+                print("warning: the MPS control daemon did not quit within 60 s", flush=True)
 
 
 def bench_mps(args) -> str:
@@ -149,20 +144,6 @@ def _warm_then_run(spec, cluster, kw: dict, **opts):
     run.update(opts)
     generate(spec, cluster, **dict(run, steps=run["warmup"] + 2))
     return generate(spec, cluster, **run)
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    """``os.environ[name] = value`` for the duration (read by pools started inside)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _attempt(run):
@@ -274,7 +255,7 @@ def diagnose(args, deadline: float | None = None) -> str:
         cluster = ClusterSpec(tuple(DeviceSpec(f"{args.device}:{i}" if not gpu else ("cuda:0", "cuda:0.1")[i],
                                                relative_speed=1.0, mps_percent=pct[i]) for i in range(2)),
                               backend="gloo")
-        with _env("STADI_SAME_GPU_EXCHANGE", v.exchange), mps_daemon() if v.mps else contextlib.nullcontext():
+        with common.env_settings({"STADI_SAME_GPU_EXCHANGE": v.exchange}), mps_daemon() if v.mps else contextlib.nullcontext():
             res = (_attempt(lambda: _warm_then_run(spec, cluster, kw, mode=v.mode, graphs=True)) if v.graphs
                    else _attempt(lambda: generate(spec, cluster, mode=v.mode, **kw)))
             shutdown_pools()  # the row's own pool, before the MPS daemon quits

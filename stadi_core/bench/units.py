@@ -20,7 +20,7 @@ import torch
 from ..api import generate, reference_generate
 from ..cluster import ClusterSpec, DeviceSpec
 from ..models.spec import model_spec_for
-from ..replan import replan_setting
+from ..replan import REPLAN_ENV
 from ..report import measured_capabilities, psnr
 from . import common
 
@@ -103,7 +103,7 @@ def run(args) -> tuple[list[dict], tuple[float, float]]:
     spec = model_spec_for(args.model)
     kw = dict(height=args.height, width=args.width, batch=1, steps=args.steps, sampler="euler", cfg=args.cfg,
               seed=args.seed)
-    with replan_setting("off"):  # every row is the plan it names: no in-run re-planning
+    with common.env_settings({REPLAN_ENV: "off"}):  # every row is the plan it names: no in-run re-planning
         pair = pair_baseline()
         torch.set_num_threads(1)
         ref = reference_generate(spec, **kw)
